@@ -1,0 +1,471 @@
+"""The REFINE head: a tiny module on top of a frozen LLM's top-k next-token distribution.
+
+A head maps one prompt's top-k (B, k) to a new distribution over the *same* k tokens and returns
+log-probabilities (B, k). The LLM never runs here; heads are trained by ``refine_llm.bandit`` on
+cached scores and applied at serving time by ``refine_llm.serving``.
+
+    forward(topk_logprobs (B,k), topk_ids (B,k) long | None, hidden (B,d) | None, logits (B,V) | None)
+        -> (B,k) log-probs
+
+Every variant first renormalises its input over the top-k (``log_softmax(topk_logprobs)``), so a
+head is invariant to a constant shift of its input: serving may pass the raw top-k *logits* instead
+of full-vocabulary log-probs and get the same answer, with no log-sum-exp over the vocabulary.
+
+Variants (``HeadConfig.variant``):
+- ``paper``: the authors' head, exactly as in their code (rameez-mrq/refine-lm-submission,
+  model_LLM.py): ``softmax(Linear(k,k)(softmax(topk)))`` with ``nn.init.ones_(weight)``; the bias
+  keeps PyTorch's default init U(-1/sqrt(k), 1/sqrt(k)) because their code never sets it. With all
+  weights equal, ``W p = 1`` for every probability vector p, so the untrained head outputs
+  ``softmax(1 + b)``: the same distribution for every input. And because its input is a probability
+  vector in [0,1], a softmax of it is nearly flat whatever the weights: see ``flatness``.
+- ``logit`` (default): ``log_softmax(Linear(k,k)(log p))`` initialised to the identity (bias 0), so the
+  untrained head reproduces the model's renormalised top-k exactly; training earns every change.
+- ``contextual``: ``logit`` plus a low-rank bilinear correction per top-k token j,
+  ``corr_j = c^T M u_j`` with context ``c = A_c z`` (r,), z = the LLM's logits row (V,), and token
+  code ``u_j = E[id_j]`` (r,). A_c = A - rowmean(A) has rows summing to zero, so c is the same for
+  logits and log-softmax(logits) (any per-row shift cancels). Since logits = W_out h, training passes
+  the cached hidden state h and computes ``c = (A_c W_out) h`` (r x d matmul, no V-sized logits);
+  serving passes the logits row. M (r,r) starts at zero, so the head starts as ``logit``/identity.
+  A (r,V) and E (V,r) are learned; E starts as a fixed random projection of the normalised rows of
+  W_out (so tokens with similar output embeddings start with similar codes). Saved size ~ 2 V r floats
+  (128k x 8 -> 8 MB in fp32).
+- ``uniform`` (uniform over the top-k) and ``identity`` (renormalised top-k): parameter-free baselines.
+
+Artifacts: a directory with ``config.json`` and ``model.safetensors``, written atomically; never
+pickle. ``load_head`` refuses a head built for another tokenizer or another k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from refine_llm.config import HEAD_VARIANTS, HeadConfig
+from refine_llm.errors import UserError
+
+FORMAT = "refine_llm.head"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_NEG = -1e4  # finite stand-in for -inf log-probs (the authors use -1e10 on logits)
+
+
+def _renorm(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """(B,k) -> (B,k) float32 log-probs renormalised over the top-k; -inf/nan clamped to finite."""
+    x = torch.nan_to_num(topk_logprobs.float(), nan=_NEG, neginf=_NEG).clamp_min(_NEG)
+    return torch.log_softmax(x, dim=-1)
+
+
+def _check_input(topk_logprobs: torch.Tensor, k: int) -> None:
+    if topk_logprobs.ndim != 2 or topk_logprobs.shape[-1] != k:
+        raise ValueError(f"topk_logprobs must have shape (B, {k}), got {tuple(topk_logprobs.shape)}")
+
+
+class IdentityHead(nn.Module):
+    """Returns the renormalised top-k: the model as it is (sanity baseline)."""
+
+    variant = "identity"
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, topk_logprobs, topk_ids=None, hidden=None, logits=None):
+        _check_input(topk_logprobs, self.k)
+        return _renorm(topk_logprobs)
+
+
+class UniformHead(nn.Module):
+    """Uniform over the top-k whatever the input (sanity baseline: the flattest possible head)."""
+
+    variant = "uniform"
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, topk_logprobs, topk_ids=None, hidden=None, logits=None):
+        _check_input(topk_logprobs, self.k)
+        return torch.full_like(topk_logprobs, -math.log(self.k), dtype=torch.float32)
+
+
+class PaperHead(nn.Module):
+    """The authors' head: softmax(Linear(softmax(top-k))) with weight = 1, bias = torch default."""
+
+    variant = "paper"
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+        self.out = nn.Linear(k, k)  # bias: U(-1/sqrt(k), 1/sqrt(k)) from the global torch RNG, as theirs
+        nn.init.ones_(self.out.weight)
+
+    def forward(self, topk_logprobs, topk_ids=None, hidden=None, logits=None):
+        _check_input(topk_logprobs, self.k)
+        p = _renorm(topk_logprobs).exp()  # (B,k) probabilities in [0,1]
+        return torch.log_softmax(self.out(p), dim=-1)
+
+
+class LogitHead(nn.Module):
+    """log_softmax(Linear(k,k)(renormalised top-k log-probs)), identity-initialised."""
+
+    variant = "logit"
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+        self.out = nn.Linear(k, k)
+        with torch.no_grad():
+            self.out.weight.copy_(torch.eye(k))
+            self.out.bias.zero_()
+
+    def scores(self, topk_logprobs: torch.Tensor) -> torch.Tensor:
+        """(B,k) unnormalised output logits."""
+        return self.out(_renorm(topk_logprobs))
+
+    def forward(self, topk_logprobs, topk_ids=None, hidden=None, logits=None):
+        _check_input(topk_logprobs, self.k)
+        return torch.log_softmax(self.scores(topk_logprobs), dim=-1)
+
+
+class ContextualHead(LogitHead):
+    """``logit`` head + low-rank bilinear correction c^T M u_j (see the module docstring).
+
+    Parameters: out (k,k) identity init; ctx_proj A (r,V), small random; tok_codes E (V,r) from
+    W_out; mix M (r,r) zero init. ``lm_head_weight`` (V,d) is kept as a non-saved buffer, needed only
+    for ``hidden=`` inputs (training on cached hidden states).
+    """
+
+    variant = "contextual"
+
+    def __init__(
+        self,
+        k: int,
+        rank: int,
+        vocab_size: int,
+        hidden_size: int,
+        lm_head_weight: torch.Tensor | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(k)
+        self.rank, self.vocab_size, self.hidden_size = rank, vocab_size, hidden_size
+        g = torch.Generator().manual_seed(seed)
+        self.ctx_proj = nn.Parameter(torch.randn(rank, vocab_size, generator=g) / math.sqrt(vocab_size))
+        self.mix = nn.Parameter(torch.zeros(rank, rank))
+        codes = torch.zeros(vocab_size, rank)
+        if lm_head_weight is not None:
+            q = torch.randn(hidden_size, rank, generator=g)  # (d,r), entries N(0,1)
+            w = F.normalize(lm_head_weight.detach().float(), dim=1)  # (V,d) unit rows
+            codes = w @ q  # (V,r): each entry ~ N(0,1)
+        self.tok_codes = nn.Parameter(codes)
+        self.register_buffer("lm_head_weight", None, persistent=False)
+        if lm_head_weight is not None:
+            self.attach_lm_head(lm_head_weight)
+
+    def attach_lm_head(self, lm_head_weight: torch.Tensor) -> None:
+        """Keep W_out (V,d) (frozen, not saved) so that forward(hidden=h) works."""
+        shape = (self.vocab_size, self.hidden_size)
+        if tuple(lm_head_weight.shape) != shape:
+            raise UserError(
+                f"lm_head_weight has shape {tuple(lm_head_weight.shape)} but this head was built for {shape}: "
+                "pass the output embedding of the head's base model"
+            )
+        self.lm_head_weight = lm_head_weight.detach().float().to(self.ctx_proj.device)
+
+    def centered_ctx_proj(self) -> torch.Tensor:
+        """A_c (r,V): rows sum to zero, so c ignores per-row shifts of the logits."""
+        return self.ctx_proj - self.ctx_proj.mean(dim=1, keepdim=True)
+
+    def context(self, hidden: torch.Tensor | None = None, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,r) context from the hidden state (B,d) via A_c W_out, or from the logits row (B,V)."""
+        a = self.centered_ctx_proj()
+        if logits is not None:
+            z = logits.float()[:, : self.vocab_size]  # vLLM may pad the vocabulary
+            if z.shape[-1] != self.vocab_size:
+                raise ValueError(f"logits must have >= {self.vocab_size} columns, got {logits.shape[-1]}")
+            z = torch.nan_to_num(z, nan=0.0, neginf=_NEG, posinf=-_NEG)
+            return z @ a.T
+        if hidden is not None:
+            if self.lm_head_weight is None:
+                raise UserError(
+                    "this contextual head has no lm_head_weight: pass lm_head_weight= to build_head/load_head, "
+                    "or call it with logits= instead of hidden="
+                )
+            return hidden.float() @ (a @ self.lm_head_weight).T  # (B,d) @ (d,r)
+        raise ValueError("the contextual head needs hidden= (B,d) or logits= (B,V)")
+
+    def forward(self, topk_logprobs, topk_ids=None, hidden=None, logits=None):
+        _check_input(topk_logprobs, self.k)
+        if topk_ids is None:
+            raise ValueError("the contextual head needs topk_ids (B,k) to look up each token's code")
+        c = self.context(hidden=hidden, logits=logits)  # (B,r)
+        u = self.tok_codes[topk_ids.long()]  # (B,k,r)
+        corr = torch.einsum("br,rs,bks->bk", c, self.mix, u)  # (B,k)
+        return torch.log_softmax(self.scores(topk_logprobs) + corr, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# construction, save, load
+
+
+def build_head(
+    cfg: HeadConfig,
+    lm_head_weight: torch.Tensor | None = None,
+    *,
+    vocab_size: int | None = None,
+    hidden_size: int | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """A fresh head for ``cfg``. ``contextual`` needs ``lm_head_weight`` (V,d) (or, when loading,
+    vocab_size and hidden_size). ``seed`` seeds the contextual head's random projections; the paper
+    head's bias uses the global torch RNG, like the authors' code (call torch.manual_seed first)."""
+    if cfg.variant == "identity":
+        return IdentityHead(cfg.k)
+    if cfg.variant == "uniform":
+        return UniformHead(cfg.k)
+    if cfg.variant == "paper":
+        return PaperHead(cfg.k)
+    if cfg.variant == "logit":
+        return LogitHead(cfg.k)
+    if cfg.variant == "contextual":
+        if lm_head_weight is not None:
+            if lm_head_weight.ndim != 2:
+                raise UserError(f"lm_head_weight must be (vocab, hidden), got shape {tuple(lm_head_weight.shape)}")
+            vocab_size, hidden_size = lm_head_weight.shape
+        if vocab_size is None or hidden_size is None:
+            raise UserError(
+                "the contextual head needs the LLM's output embedding: build_head(cfg, lm_head_weight=model.lm_head.weight)"
+            )
+        return ContextualHead(cfg.k, cfg.rank, int(vocab_size), int(hidden_size), lm_head_weight, seed=seed)
+    raise UserError(f"unknown head variant {cfg.variant!r}: use one of {', '.join(HEAD_VARIANTS)}")
+
+
+def head_config(head: nn.Module) -> dict[str, Any]:
+    """The architecture fields that ``load_head`` needs to rebuild ``head``."""
+    out: dict[str, Any] = {"variant": head.variant, "k": head.k, "rank": getattr(head, "rank", None)}
+    if isinstance(head, ContextualHead):
+        out.update(vocab_size=head.vocab_size, hidden_size=head.hidden_size)
+    return out
+
+
+def save_head(head: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``out_dir/config.json`` + ``out_dir/model.safetensors`` atomically (temp dir + rename).
+
+    ``meta`` (JSON-serialisable) is stored as is in config.json; the keys others read are
+    ``base_model``, ``tokenizer_fingerprint``, ``category``, ``training`` (summary dict) and
+    ``gate_token_ids`` (list of int, read by serving). Architecture keys come from the head itself.
+    """
+    out_dir = Path(out_dir)
+    meta = dict(meta or {})
+    arch = head_config(head)
+    clash = sorted(set(arch) & set(meta))
+    if clash:
+        raise ValueError(f"meta must not set architecture keys {clash}: they come from the head")
+    if "gate_token_ids" in meta and meta["gate_token_ids"] is not None:
+        meta["gate_token_ids"] = [int(t) for t in meta["gate_token_ids"]]
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, **arch, **meta}
+    try:
+        text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"head metadata is not JSON-serialisable ({e}): pass plain numbers, strings, lists, dicts") from e
+    tensors = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(text + "\n")
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_head_config(head_dir: str | os.PathLike) -> dict[str, Any]:
+    """Parse and check ``head_dir/config.json`` (no weights loaded); UserError if missing/corrupt."""
+    head_dir = Path(head_dir)
+    path = head_dir / CONFIG_NAME
+    if not head_dir.is_dir():
+        raise UserError(f"no head directory at {head_dir}: train one first or fix the path")
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {head_dir} is not a saved head (expected config.json + {WEIGHTS_NAME})")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is corrupt ({e}): retrain or re-copy the head") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise UserError(f"{path} is not a refine_llm head config (format != {FORMAT!r})")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path} has format_version {config['format_version']}: upgrade refine_llm to load it")
+    if config.get("variant") not in HEAD_VARIANTS or not isinstance(config.get("k"), int):
+        raise UserError(f"{path} has no valid variant/k: retrain or re-copy the head")
+    return config
+
+
+def load_head(
+    head_dir: str | os.PathLike,
+    expect_tokenizer_fingerprint: str | None = None,
+    expect_k: int | None = None,
+    lm_head_weight: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a head saved by ``save_head`` -> (head in eval mode, config dict).
+
+    Refuses (UserError) a head trained for another tokenizer or another top-k, and a missing or
+    corrupt directory. ``lm_head_weight`` is needed only to call a contextual head with hidden=.
+    """
+    head_dir = Path(head_dir)
+    config = read_head_config(head_dir)
+    if expect_k is not None and config["k"] != expect_k:
+        raise UserError(
+            f"head {head_dir} was trained with k={config['k']} but k={expect_k} was asked: "
+            f"score with top_k={config['k']} or train a head for k={expect_k}"
+        )
+    if expect_tokenizer_fingerprint is not None:
+        saved = config.get("tokenizer_fingerprint")
+        if saved != expect_tokenizer_fingerprint:
+            raise UserError(
+                f"head {head_dir} was trained for another tokenizer (fingerprint {saved} != "
+                f"{expect_tokenizer_fingerprint}): use a head trained on this model ({config.get('base_model')})"
+            )
+    try:
+        cfg = HeadConfig(variant=config["variant"], k=config["k"], rank=config.get("rank") or 8)
+        head = build_head(
+            cfg, vocab_size=config.get("vocab_size"), hidden_size=config.get("hidden_size")
+        )
+    except ValueError as e:
+        raise UserError(f"{head_dir / CONFIG_NAME} is invalid ({e}): retrain or re-copy the head") from e
+    wpath = head_dir / WEIGHTS_NAME
+    if not wpath.is_file():
+        raise UserError(f"{wpath} is missing: retrain or re-copy the head")
+    try:
+        tensors = load_file(str(wpath))
+    except Exception as e:  # safetensors raises several types on a truncated/garbled file
+        raise UserError(f"{wpath} is corrupt ({e}): retrain or re-copy the head") from e
+    expected = head.state_dict()
+    if set(tensors) != set(expected) or any(tensors[n].shape != expected[n].shape for n in expected):
+        got = {n: tuple(t.shape) for n, t in tensors.items()}
+        want = {n: tuple(t.shape) for n, t in expected.items()}
+        raise UserError(f"{wpath} does not match its config.json (tensors {got}, expected {want}): retrain the head")
+    head.load_state_dict(tensors, strict=True)
+    if lm_head_weight is not None and isinstance(head, ContextualHead):
+        head.attach_lm_head(lm_head_weight)
+    if device is not None:
+        head.to(device)
+    head.eval()
+    return head, config
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the vocabulary (sorted token -> id items) and the special tokens, as 'sha256:<hex>'.
+
+    Works with any object that has ``get_vocab()`` (transformers tokenizers); special tokens come
+    from ``all_special_tokens`` / ``all_special_ids`` when present.
+    """
+    try:
+        vocab = tokenizer.get_vocab()
+    except AttributeError as e:
+        raise UserError(f"cannot fingerprint {type(tokenizer).__name__}: it has no get_vocab()") from e
+    specials = sorted(
+        zip(
+            [str(t) for t in getattr(tokenizer, "all_special_tokens", [])],
+            [int(i) for i in getattr(tokenizer, "all_special_ids", [])],
+        )
+    )
+    payload = json.dumps(
+        {"vocab": sorted((str(t), int(i)) for t, i in vocab.items()), "special": specials},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# candidate probabilities and diagnostics
+
+
+def candidate_probs(head_logprobs: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+    """(B,k) head log-probs, (B,2,k) bool mask -> (B,2): the head's mass on each candidate's top-k
+    tokens (top-k renormalised convention; 0 when a candidate has no token in the top-k)."""
+    p = head_logprobs.exp()  # (B,k)
+    return (p.unsqueeze(1) * cand_mask.to(p.dtype)).sum(-1)
+
+
+def candidate_probs_full(
+    head_logprobs: torch.Tensor,
+    cand_mask: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    cand_logprobs: torch.Tensor,
+) -> torch.Tensor:
+    """Full-vocabulary candidate probabilities (B,2) after the head.
+
+    The head redistributes the original top-k mass m = sum_j exp(topk_logprobs_j) over the top-k
+    (new top-k prob = head prob x m); every token outside the top-k keeps its probability. So
+    p_c = exp(cand_logprobs_c) - sum_{j in c} p_orig_j + m * sum_{j in c} p_head_j.
+    """
+    p_orig = topk_logprobs.float().exp()  # (B,k), full-vocab probabilities
+    mass = p_orig.sum(-1, keepdim=True)  # (B,1)
+    mask = cand_mask.to(p_orig.dtype)
+    outside = (cand_logprobs.float().exp() - (p_orig.unsqueeze(1) * mask).sum(-1)).clamp_min(0.0)
+    return outside + mass * candidate_probs(head_logprobs.float(), cand_mask)
+
+
+@torch.no_grad()
+def flatness(
+    head: nn.Module,
+    topk_logprobs: torch.Tensor,
+    topk_ids: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """How much of a head's effect is only flattening, on a batch (means over rows).
+
+    entropy_in/out: entropy (nats) of the renormalised top-k and of the head's output; max_entropy =
+    log k. kl_uniform_in/out: KL(p || uniform) = log k - H(p) (0 = perfectly flat).
+    flat_share: fraction of the input's distance to uniform the head removed
+    (1 - kl_uniform_out / kl_uniform_in; 1 = output is uniform, 0 = as peaked as the input).
+    kl_out_in: KL(out || in), how far the head moved the distribution at all.
+    argmax_kept: fraction of rows whose top token is unchanged.
+    """
+    lp_in = _renorm(topk_logprobs)
+    lp_out = head(topk_logprobs, topk_ids=topk_ids, hidden=hidden, logits=logits).float()
+    k = lp_in.shape[-1]
+    h_in = -(lp_in.exp() * lp_in).sum(-1)
+    h_out = -(lp_out.exp() * lp_out).sum(-1)
+    kl_in, kl_out = math.log(k) - h_in, math.log(k) - h_out
+    kl_oi = (lp_out.exp() * (lp_out - lp_in)).sum(-1)
+    return {
+        "entropy_in": h_in.mean().item(),
+        "entropy_out": h_out.mean().item(),
+        "max_entropy": math.log(k),
+        "kl_uniform_in": kl_in.mean().item(),
+        "kl_uniform_out": kl_out.mean().item(),
+        "flat_share": (1.0 - kl_out.mean() / kl_in.mean().clamp_min(1e-12)).item(),
+        "kl_out_in": kl_oi.mean().item(),
+        "argmax_kept": (lp_in.argmax(-1) == lp_out.argmax(-1)).float().mean().item(),
+    }
+
+
+def num_parameters(head: nn.Module) -> int:
+    """Trainable parameter count."""
+    return sum(p.numel() for p in head.parameters() if p.requires_grad)
