@@ -229,6 +229,13 @@ def _reinforce_loss(head, data, tuples, g, cfg: BanditConfig, samples: int):
         pp = candidate_probs(lp, mask.bool())
         r_prob = -metrics.tuple_bias(metrics.gather_tuples(pp, local)).abs().mean()
     logs = {"reward": r.mean().item(), "reward_prob": r_prob.item()}
+    if cfg.answer_mass_weight > 0:
+        # A second bandit on the same samples: 1 when the sampled token names either subject, with a
+        # per-prompt mean baseline. Without it, "no name at all" is also a zero-bias optimum.
+        hit = ans.sum(-1)  # (4n,S) in {0,1}
+        hadv = hit - hit.mean(1, keepdim=True)
+        loss = loss - cfg.answer_mass_weight * (hadv * logp_a).mean()
+        logs["answer_rate"] = hit.mean().item()
     if cfg.utility_weight > 0 and data.spec_rows is not None and len(data.spec_rows):
         n_spec = min(len(data.spec_rows), 4 * n)
         pick = torch.randperm(len(data.spec_rows), generator=g)[:n_spec]
@@ -359,20 +366,21 @@ def train_head(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     *,
-    samples: int = 8,
+    samples: int | None = None,
     max_steps: int | None = None,
     progress: bool = True,
     log_every: int = 1,
 ) -> TrainResult:
     """Train ``head`` in place on cached scores; returns a TrainResult.
 
-    samples: joint actions drawn per tuple (reinforce only). max_steps: stop after this many steps in
+    samples: joint actions drawn per tuple (reinforce only; default cfg.samples). max_steps: stop after this many steps in
     total (a budget; a checkpoint is written there). With ``val``, μ is evaluated at step 0, every
     ``cfg.eval_every`` steps and at the end; the head ends with the weights of the best evaluation
     (early stopping after ``cfg.patience`` evaluations without improvement, if > 0).
     ``resume=True`` continues from ``checkpoint_dir`` (if a checkpoint is there) and reaches the same
     final head as an uninterrupted run.
     """
+    samples = cfg.samples if samples is None else samples
     if train.num_tuples == 0:
         raise UserError("no training tuples: generate questions for the train split first")
     if samples < 2 and cfg.objective == "reinforce":

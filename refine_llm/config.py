@@ -149,6 +149,12 @@ class BanditConfig:
         default=0.0,
         metadata={"help": "lambda: reward for the gold answer on specified train questions (0 = paper)."},
     )
+    answer_mass_weight: float = field(
+        default=0.0,
+        metadata={"help": "Reward for answering with either subject on underspecified prompts; stops a head "
+                          "from reaching zero bias by moving all mass off both names (0 = paper)."},
+    )
+    samples: int = field(default=8, metadata={"help": "Joint actions sampled per tuple (reinforce)."})
     seed: int = field(default=0, metadata={"help": "Seed for the policy's samples and the data order."})
     patience: int = field(
         default=0, metadata={"help": "Early stopping: evaluations without a better validation mu (0 = off)."}
@@ -163,6 +169,9 @@ class BanditConfig:
         _check_positive("minibatch_size", self.minibatch_size)
         _check_positive("epochs", self.epochs)
         _check_positive("utility_weight", self.utility_weight, allow_zero=True)
+        _check_positive("answer_mass_weight", self.answer_mass_weight, allow_zero=True)
+        if self.samples < 2:
+            raise ValueError(f"samples must be >= 2 for the mean-reward baseline, got {self.samples}")
         if self.minibatch_size > self.batch_size:
             raise ValueError(
                 f"minibatch_size={self.minibatch_size} is larger than batch_size={self.batch_size}: "

@@ -102,6 +102,18 @@ def test_without_utility_the_bandit_may_collapse_onto_non_answers():
     assert mass[0] + mass[1] < 0.5, mass  # documented failure mode, not a goal
 
 
+def test_answer_mass_term_keeps_mass_on_the_two_subjects():
+    """The same problem with an answer-mass reward: bias falls and the names keep their mass."""
+    train = synth(32)
+    head = build_head(HeadConfig(variant="logit", k=K))
+    before = evaluate_head(head, train)["mean_abs_c"]
+    cfg = BanditConfig(lr=0.1, batch_size=32, minibatch_size=32, epochs=40, answer_mass_weight=1.0)
+    train_head(head, train, cfg, progress=False)
+    mass = _rank_mass(head, train)
+    assert evaluate_head(head, train)["mean_abs_c"] < 0.5 * before
+    assert mass[0] + mass[1] > 0.8, mass
+
+
 def test_resume_after_interruption_gives_the_same_head(tmp_path, monkeypatch):
     train, val = synth(24, n_spec=16, seed=0), synth(8, seed=1)
     cfg = BanditConfig(lr=0.05, batch_size=16, minibatch_size=8, epochs=3, utility_weight=0.5,
