@@ -311,9 +311,14 @@ def answer_mass(p_pos) -> float:
 
 
 def topk_miss_rate(cand_in_topk) -> float:
-    """Share of prompts where neither candidate is in the top-k. cand_in_topk: (M, 2) bool."""
+    """Share of prompts where neither candidate is in the top-k.
+
+    cand_in_topk: (M, 2) bool per candidate, or (M,) bool "some candidate is in the top-k"."""
     c = np.asarray(cand_in_topk, dtype=bool)
-    return float(np.mean(~(c[:, 0] | c[:, 1]))) if len(c) else float("nan")
+    if not len(c):
+        return float("nan")
+    hit = c if c.ndim == 1 else (c[:, 0] | c[:, 1])
+    return float(np.mean(~hit))
 
 
 # ---------------------------------------------------------------------------------------------
