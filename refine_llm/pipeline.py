@@ -199,7 +199,9 @@ def _condition_name(variant: str, default: str) -> str:
     return "refine" if variant == default else f"refine-{variant}"
 
 
-def run(args) -> int:
+def run(args, loaded=None) -> int:
+    """Run the main job for parsed `args`. `loaded`: an already loaded (model, tokenizer) to reuse
+    (tests pass their session fixture; it must match --model and --quant)."""
     from refine_llm import models
 
     t_start = time.time()
@@ -235,8 +237,11 @@ def run(args) -> int:
 
     t = time.time()
     source = models.resolve(mcfg.name)
-    model, tokenizer = models.load_model(mcfg.name, quant=mcfg.quant, device=mcfg.device,
-                                         trust_remote_code=mcfg.trust_remote_code)
+    if loaded is not None:
+        model, tokenizer = loaded
+    else:
+        model, tokenizer = models.load_model(mcfg.name, quant=mcfg.quant, device=mcfg.device,
+                                             trust_remote_code=mcfg.trust_remote_code)
     info = models.summary(model)
     timing["load_model"] = time.time() - t
     log("model: " + ", ".join(f"{k}={v}" for k, v in info.items()))
