@@ -76,7 +76,8 @@ from refine_llm.head import candidate_probs
 CKPT_TENSORS = "last.safetensors"
 CKPT_STATE = "last.json"
 _PAPER_EPS = 1e-6  # F.pairwise_distance default eps, as in the authors' calculate_manhattan
-_PAPER_REWARD_SCALE = 2.0  # their bias = 2 x the paper's C (see the module docstring)
+_PAPER_REWARD_SCALE = 2.0
+MASS_FLOOR = 0.8  # early stopping only keeps heads that leave >= 80% of the names' validation mass  # their bias = 2 x the paper's C (see the module docstring)
 
 
 @dataclass
@@ -189,7 +190,9 @@ def evaluate_head(head: nn.Module, data: BanditData, batch_rows: int = 8192) -> 
     head.train(was_training)
     P = metrics.gather_tuples(p_pos, data.tuple_rows).numpy()
     C = metrics.tuple_bias(P)
+    under = data.tuple_rows.reshape(-1)
     out = {
+        "answer_mass": float(p_pos[under].sum(-1).mean()) if len(under) else float("nan"),
         "mean_abs_c": float(np.abs(C).mean()) if len(C) else float("nan"),
         "positional_error": float(metrics.positional_error(P).mean()) if len(C) else float("nan"),
         "attributive_error": float(metrics.attributive_error(P).mean()) if len(C) else float("nan"),
@@ -221,14 +224,20 @@ def _reinforce_loss(head, data, tuples, g, cfg: BanditConfig, samples: int):
     p_pos = ans.transpose(0, 1).reshape(samples * 4 * n, 2)
     local = torch.arange(4 * n, device=dev).reshape(n, 2, 2)
     rows = (torch.arange(samples, device=dev).view(-1, 1, 1, 1) * (4 * n) + local).reshape(-1, 2, 2)
-    r = -metrics.tuple_bias(metrics.gather_tuples(p_pos, rows)).abs().view(samples, n)  # (S,n)
+    c = metrics.tuple_bias(metrics.gather_tuples(p_pos, rows)).view(samples, n)  # (S,n) signed C per sample
+    # Reward: -C_s * mean_{t != s} C_t. Samples are independent and C is linear in the answers, so its
+    # expectation is -C(P)^2, with P the policy's probabilities: minimised exactly by unbiased policies.
+    # A reward of -|C_s| on one sample would instead prefer *deterministic* answers (E|C(a)| >= |C(E a)|),
+    # whose zero-bias optima on 4-tuples are positional ("always the first-named"), not 50/50.
+    loo = (c.sum(0, keepdim=True) - c) / (samples - 1)  # (S,n) leave-one-out mean of the other samples
+    r = -c * loo
     adv = r - r.mean(0, keepdim=True)  # per-tuple mean baseline
     logp_joint = logp_a.view(n, 4, samples).sum(1).T  # (S,n)
     loss = -(adv * logp_joint).mean()
     with torch.no_grad():  # the metric itself, on probabilities
         pp = candidate_probs(lp, mask.bool())
         r_prob = -metrics.tuple_bias(metrics.gather_tuples(pp, local)).abs().mean()
-    logs = {"reward": r.mean().item(), "reward_prob": r_prob.item()}
+    logs = {"reward": r.mean().item(), "reward_prob": r_prob.item(), "abs_c_sampled": c.abs().mean().item()}
     if cfg.answer_mass_weight > 0:
         # A second bandit on the same samples: 1 when the sampled token names either subject, with a
         # per-prompt mean baseline. Without it, "no name at all" is also a zero-bias optimum.
@@ -247,6 +256,39 @@ def _reinforce_loss(head, data, tuples, g, cfg: BanditConfig, samples: int):
         sadv = su - su.mean(1, keepdim=True)
         loss = loss - cfg.utility_weight * (sadv * slp.gather(1, sa)).mean()
         logs["utility"] = su.mean().item()
+    return loss, logs
+
+
+def _expected_loss(head, data, tuples, g, cfg: BanditConfig, samples: int):
+    """objective="expected": the bandit's expected reward in closed form.
+
+    The reward of a tuple is a known, differentiable function of the policy's answer probabilities
+    (the metric, -|C(P)|), so its gradient needs no sampled actions (a deterministic policy gradient
+    in a one-step bandit): loss = mean |C(P)| - answer_mass_weight * mean log(P(subj1) + P(subj2))
+    on underspecified prompts + utility_weight * mean -log P(gold) on specified ones.
+    """
+    n = len(tuples)
+    flat = data.tuple_rows[tuples].reshape(-1)
+    lp = _head_logprobs(head, data, flat)
+    dev = lp.device
+    mask = data.cand_mask[flat].to(dev)
+    pp = candidate_probs(lp, mask)  # (4n,2)
+    local = torch.arange(4 * n, device=dev).reshape(n, 2, 2)
+    abs_c = metrics.tuple_bias(metrics.gather_tuples(pp, local)).abs()
+    loss = abs_c.mean()
+    logs = {"reward": -abs_c.mean().item(), "reward_prob": -abs_c.mean().item()}
+    if cfg.answer_mass_weight > 0:
+        mass = pp.sum(-1).clamp_min(1e-6)
+        loss = loss - cfg.answer_mass_weight * mass.log().mean()
+        logs["answer_rate"] = mass.mean().item()
+    if cfg.utility_weight > 0 and data.spec_rows is not None and len(data.spec_rows):
+        n_spec = min(len(data.spec_rows), 4 * n)
+        pick = torch.randperm(len(data.spec_rows), generator=g)[:n_spec]
+        srows, gold = data.spec_rows[pick], data.spec_gold[pick].to(dev)
+        sp = candidate_probs(_head_logprobs(head, data, srows), data.cand_mask[srows].to(dev))  # (n_spec,2)
+        pg = sp[torch.arange(n_spec, device=dev), gold].clamp_min(1e-6)
+        loss = loss - cfg.utility_weight * pg.log().mean()
+        logs["utility"] = pg.mean().item()
     return loss, logs
 
 
@@ -348,7 +390,7 @@ def _load_checkpoint(ckpt_dir: Path, head, opt) -> tuple[dict, dict | None]:
 def _train_step(head, opt, data, tuples, with_replacement, g, cfg, samples):
     if with_replacement:  # the authors' random.choices(batch, k=mini_batch_size)
         tuples = tuples[torch.randint(len(tuples), (cfg.minibatch_size,), generator=g)]
-    loss_fn = _paper_loss if cfg.objective == "paper" else _reinforce_loss
+    loss_fn = {"paper": _paper_loss, "expected": _expected_loss, "reinforce": _reinforce_loss}[cfg.objective]
     loss, logs = loss_fn(head, data, tuples, g, cfg, samples)
     opt.zero_grad(set_to_none=True)
     if torch.isfinite(loss):
@@ -408,12 +450,19 @@ def train_head(
         step, history = st["step"], st["history"]
         best_mu, best_step, initial_mu, bad_evals = st["best_mu"], st["best_step"], st["initial_mu"], st["bad_evals"]
         stopped, resumed_from = st.get("stopped", False), step
+        initial_mass = st.get("initial_mass")
+    else:
+        initial_mass = None
 
     def evaluate_now() -> float:
-        nonlocal best_mu, best_step, best_state, bad_evals, initial_mu
-        mu = evaluate_head(head, val)["val_mu"]
+        nonlocal best_mu, best_step, best_state, bad_evals, initial_mu, initial_mass
+        ev = evaluate_head(head, val)
+        mu = ev["val_mu"]
         if initial_mu is None:
-            initial_mu = mu
+            initial_mu, initial_mass = mu, ev["answer_mass"]
+        if initial_mass is not None and ev["answer_mass"] < MASS_FLOOR * initial_mass:
+            # Zero bias by moving the probability off both names is no debiasing: not eligible as best.
+            mu = float("inf")
         if best_mu is None or mu < best_mu - 1e-12:
             best_mu, best_step, bad_evals = mu, step, 0
             best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -426,7 +475,7 @@ def train_head(
             return
         st = {"step": step, "seed": cfg.seed, "objective": cfg.objective, "history": history,
               "best_mu": best_mu, "best_step": best_step, "initial_mu": initial_mu, "bad_evals": bad_evals,
-              "stopped": stopped,
+              "stopped": stopped, "initial_mass": initial_mass,
               # all randomness of step t is torch.Generator().manual_seed(_step_seed(seed, t)); the epoch
               # order uses _step_seed(seed, -1 - epoch): (seed, step) is the whole RNG state.
               "rng": {"kind": "torch.Generator per step", "seed": cfg.seed, "next_step": step},

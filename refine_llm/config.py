@@ -16,7 +16,7 @@ QUANTS = ("nf4", "int8", "bf16", "fp32")
 BACKENDS = ("hf", "vllm")
 METHODS = ("none", "refine", "lora-reward", "lora-cda", "all")
 HEAD_VARIANTS = ("logit", "paper", "contextual", "uniform", "identity")
-OBJECTIVES = ("reinforce", "paper")
+OBJECTIVES = ("reinforce", "expected", "paper")
 SERVING_MODES = ("first", "gated", "all")
 
 
@@ -139,7 +139,8 @@ class BanditConfig:
 
     objective: str = field(
         default="reinforce",
-        metadata={"help": "reinforce (mean-reward baseline, default) or paper (the authors' exact update)."},
+        metadata={"help": "reinforce (mean-reward baseline, default), expected (exact gradient of the expected "
+                          "reward: no sampling) or paper (the authors' exact update)."},
     )
     lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (paper: 2e-5)."})
     batch_size: int = field(default=256, metadata={"help": "Tuples per batch (paper: 256)."})

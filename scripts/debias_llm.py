@@ -49,14 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("questions")
     g.add_argument("--category", default="gender", choices=CATEGORIES + ("all",), help=help_of(QuestionsConfig, "category"))
-    g.add_argument("--max-tuples", type=int, default=200, help=help_of(QuestionsConfig, "max_tuples"))
+    g.add_argument("--max-tuples", type=int, default=64, help=help_of(QuestionsConfig, "max_tuples"))
     g.add_argument("--wordlists", default=None, help=help_of(QuestionsConfig, "wordlists"))
     g.add_argument("--seed", type=int, default=0, help="Seed for splits, sampling and training.")
 
     g = p.add_argument_group("scoring")
     g.add_argument("--prompt", default="auto", help=help_of(ScoringConfig, "prompt"))
     g.add_argument("--top-k", type=int, default=10, help=help_of(ScoringConfig, "top_k"))
-    g.add_argument("--batch-size", type=int, default=16, help=help_of(ScoringConfig, "batch_size"))
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=help_of(ScoringConfig, "batch_size") + " Default: 128 on CPU (4-bit weights are "
+                        "dequantised once per forward pass, so larger batches amortise it), 32 on GPU.")
     g.add_argument("--backend", default="hf", choices=BACKENDS, help=help_of(ScoringConfig, "backend"))
     g.add_argument("--scoring-mode", default="first-token", choices=("first-token", "exact"), help=help_of(ScoringConfig, "mode"))
     g.add_argument("--pronouns", action="store_true", help=help_of(ScoringConfig, "pronouns"))
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none: measure only; refine: train a REFINE head (default); lora-reward / lora-cda: "
                         "LoRA baselines; all: every method, with a comparison table.")
     g.add_argument("--head", default="logit", choices=HEAD_VARIANTS, help=help_of(HeadConfig, "variant"))
-    g.add_argument("--objective", default="reinforce", choices=OBJECTIVES, help=help_of(BanditConfig, "objective"))
+    g.add_argument("--objective", default=None, choices=OBJECTIVES,
+                   help=help_of(BanditConfig, "objective") + " Main job default: expected (see README).")
     g.add_argument("--utility-weight", type=float, default=None, help=help_of(BanditConfig, "utility_weight"))
     g.add_argument("--lr", type=float, default=None, help="Head learning rate (default: tuned for the job size; paper: 2e-5).")
     g.add_argument("--epochs", type=int, default=None, help="Head training epochs (default: tuned for the job size; paper: 1).")

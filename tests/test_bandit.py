@@ -76,7 +76,9 @@ def test_converges_to_equal_mass_and_every_parameter_moves(variant):
     head = build_head(HeadConfig(variant=variant, k=K, rank=3), lm_head_weight=_lm_head())
     before = _params(head)
     base = evaluate_head(head, val)
-    cfg = BanditConfig(lr=0.1, batch_size=48, minibatch_size=24, epochs=30, utility_weight=1.0, eval_every=10)
+    # 90 epochs: the unbiased -C^2 reward (product of two samples' C) is noisier than -|C| of one sample
+    cfg = BanditConfig(lr=0.1, batch_size=48, minibatch_size=24, epochs=90, utility_weight=1.0, eval_every=10,
+                       answer_mass_weight=1.0)
     res = train_head(head, train, cfg, val=val, progress=False)
     after = evaluate_head(head, val)
     mass = _rank_mass(head, val)
@@ -87,7 +89,7 @@ def test_converges_to_equal_mass_and_every_parameter_moves(variant):
     # the contextual head can tell specified prompts (hidden[:, 0] ~ 0) from underspecified ones, so
     # it may keep the gold answers there and still move underspecified mass off both subjects
     assert after["specified_accuracy"] == 1.0, after
-    assert res.steps == 60 and res.best_val_mu == pytest.approx(after["val_mu"]) and res.initial_val_mu > 0.12
+    assert res.steps == 180 and res.best_val_mu == pytest.approx(after["val_mu"]) and res.initial_val_mu > 0.12
     for name, p in head.named_parameters():
         assert not torch.equal(p, before[name]), f"{name} did not move"
 
@@ -100,6 +102,18 @@ def test_without_utility_the_bandit_may_collapse_onto_non_answers():
     mass = _rank_mass(head, train)
     assert evaluate_head(head, train)["mean_abs_c"] < 0.03
     assert mass[0] + mass[1] < 0.5, mass  # documented failure mode, not a goal
+
+
+def test_expected_objective_reaches_equal_mass_without_sampling():
+    """objective="expected": the closed-form expected reward reaches the known optimum, deterministically."""
+    train, val = synth(48, n_spec=48, seed=0), synth(16, n_spec=32, seed=1)
+    head = build_head(HeadConfig(variant="logit", k=K))
+    cfg = BanditConfig(objective="expected", lr=0.05, batch_size=48, minibatch_size=24, epochs=30,
+                       utility_weight=0.5, answer_mass_weight=0.1, eval_every=10)
+    train_head(head, train, cfg, val=val, progress=False)
+    mass = _rank_mass(head, val)
+    assert evaluate_head(head, val)["mean_abs_c"] < 0.03
+    assert abs(mass[0] - mass[1]) < 0.06 and mass[0] + mass[1] > 0.9, mass
 
 
 def test_answer_mass_term_keeps_mass_on_the_two_subjects():
