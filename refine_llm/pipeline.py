@@ -439,16 +439,17 @@ def run_lora(args, methods, mcfg, out, splits, prompt_name, scfg, report, timing
     from refine_llm.baselines import lora
 
     prompt = prompts.load_prompt(prompt_name)
-    lcfg = _config(LoraConfig, seed=args.seed)
+    lcfg = _config(LoraConfig, seed=args.seed, top_k=args.top_k)
     for m in methods:
         if not m.startswith("lora"):
             continue
         t = time.time()
         train_fn = lora.train_lora_reward if m == "lora-reward" else lora.train_lora_cda
-        res = train_fn(mcfg.name, splits["train"], prompt, lcfg, out / "adapters" / m, quant=mcfg.quant)
+        res = train_fn(mcfg.name, splits["train"], prompt, lcfg, out / "adapters" / m, quant=mcfg.quant,
+                       pronouns=scfg.pronouns, progress=True)
         timing[f"train_{m}"] = time.time() - t
         model, tok = lora.load_adapted(mcfg.name, res.adapter_dir, quant=mcfg.quant)
-        key = f"{models.fingerprint(models.resolve(mcfg.name))}-{mcfg.quant}-{lora.adapter_fingerprint(res.adapter_dir)}"
+        key = lora.model_key(mcfg.name, res.adapter_dir, mcfg.quant)
         sc = scoring.score(model, tok, splits["test"], prompt, scfg, cache_dir=out / "scores", model_key=key)
         p_topk, p_full, in_topk = scoring.candidate_probs(sc)
         r = metrics.evaluate(splits["test"], p_topk, p_full, in_topk, seed=args.seed)

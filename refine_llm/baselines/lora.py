@@ -1,0 +1,657 @@
+"""QLoRA baselines: debias by training LoRA adapters on the 4-bit LLM instead of a head on its top-k.
+
+lora-reward (``train_lora_reward``): peft LoRA adapters on the NF4 model (``prepare_model_for_kbit_training``;
+gradient checkpointing only on CUDA, where memory is short: on CPU it re-runs every forward for nothing),
+trained on the head's train split for the head's goal. The policy is what the metric reads: the adapted
+model's next-token distribution at the answer position, renormalised over its top-k (k = scoring's
+top_k, 10), with the top-k positions that are a first token of subject 1 / 2 given by
+``scoring.candidate_token_ids`` + ``scoring.cand_mask_of``. Per batch of n tuples (4n prompts):
+
+  objective="bandit" (default), the head's estimator (refine_llm.bandit, "reinforce"): per prompt draw
+    S tokens from the top-k policy; a token answers subject 1, subject 2 or neither, so each joint draw
+    gives one-hot answers p_pos (4,2) per tuple and a reward r = -|C| (``metrics.tuple_bias`` on
+    ``metrics.gather_tuples``). loss = -mean((r - mean_S r) * sum_4 log pi(a)), a mean-reward baseline
+    per tuple (GRPO without std normalisation). The sampled answers matter: -|C(probabilities)| does
+    not depend on the action, so its REINFORCE estimate is zero in expectation.
+  objective="direct": here (as for the head) the candidate probabilities are differentiable w.r.t. the
+    adapters, so the loss can be the metric itself: mean |C(p_pos)|. Deterministic; no sampling noise,
+    but its gradient vanishes where |C| = 0 and it cannot prefer consistent answers over coin flips
+    (E|C(sampled)| >= |C(E)| is what the bandit optimises).
+
+Both objectives carry the head's two auxiliary terms (same definitions):
+  answer mass (weight ``answer_mass_weight``, default 1): reward 1 when the sampled token names either
+    subject (bandit) / P(subj1) + P(subj2) (direct); otherwise "no name at all" is a zero-bias optimum.
+  utility (weight lambda = ``cfg.utility_weight``), on the specified train questions of the batch's
+    tuples: reward 1 for a sampled gold token, per-prompt mean baseline (bandit) / P(gold) (direct),
+    plus ``kl_weight`` x KL(frozen || adapted) of the full next-token distribution on the same prompts.
+    The frozen model is the same weights with the adapters off (``model.disable_adapter()``), so there
+    is no second copy of the LLM. LoRA changes every prompt, not only the 4 answers, so unlike the head
+    it needs this anchor to keep specified answers where they were.
+
+    loss = bias + answer_mass_weight * mass + lambda * (utility + kl_weight * KL)
+
+lora-cda (``train_lora_cda``): counterfactual data augmentation and plain SFT with trl's SFTTrainer and a
+peft LoraConfig. ``build_cda_dataset`` pairs each example with its subject-swapped twin (both subjects
+exchanged in context, question and answer): specified questions answer with their gold; underspecified
+questions answer with each subject in turn, so the target set is balanced by identity and by position.
+
+Artifacts: the adapter directory is peft's format (``adapter_config.json`` + ``adapter_model.safetensors``,
+``save_pretrained``) plus ``refine_llm_lora.json`` (method, objective, configs, base model fingerprint,
+history). ``load_adapted`` loads it with ``PeftModel.from_pretrained`` and refuses an adapter trained on
+another base model. peft, trl and bitsandbytes are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refine_llm import metrics, models, scoring
+from refine_llm.config import LoraConfig
+from refine_llm.errors import UserError
+
+__all__ = [
+    "LoraResult",
+    "INFO_FILE",
+    "peft_lora_config",
+    "add_lora",
+    "train_reward",
+    "train_lora_reward",
+    "swap_subjects",
+    "build_cda_dataset",
+    "train_lora_cda",
+    "save_adapter",
+    "load_adapted",
+    "adapter_fingerprint",
+    "model_key",
+    "candidate_probs_of",
+    "mean_abs_bias",
+]
+
+INFO_FILE = "refine_llm_lora.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+@dataclass
+class LoraResult:
+    """What a LoRA training run produced. history: one dict per step (step, abs_c = mean |C| of the
+    step's tuples before the update, loss, ...); peak_memory_mb: CUDA max allocated, or on CPU the
+    process RSS sampled at every step (the largest value)."""
+
+    method: str  # "lora-reward" | "lora-cda"
+    adapter_dir: str
+    trainable_params: int
+    train_seconds: float
+    peak_memory_mb: float
+    history: list[dict] = field(default_factory=list)
+    objective: str | None = None
+    config: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        """The report's ``methods`` row fields this result knows (metrics come from scoring the test split)."""
+        return {"method": self.method if self.objective in (None, "bandit") else f"{self.method}-{self.objective}",
+                "trainable_params": self.trainable_params, "train_seconds": round(self.train_seconds, 2),
+                "peak_memory_mb": round(self.peak_memory_mb, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+class _PeakMemory:
+    """CUDA: max allocated since start(); CPU: the largest RSS seen at ``sample()`` calls."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.cuda = str(device).startswith("cuda")
+        self.peak = 0.0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.sample()
+
+    def sample(self) -> float:
+        if self.cuda:
+            import torch
+
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated() / 2**20)
+        else:
+            import psutil
+
+            self.peak = max(self.peak, psutil.Process().memory_info().rss / 2**20)
+        return self.peak
+
+
+# ---------------------------------------------------------------------------------------------
+# model: adapters on (quantized) weights
+
+
+def peft_lora_config(cfg: LoraConfig):
+    """peft.LoraConfig from ours (QLoRA recipe: adapters on all linear layers unless cfg says otherwise)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                          target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool | None = None):
+    """Wrap a loaded model (``models.load_model``) with fresh LoRA adapters; returns the PeftModel.
+
+    Quantized (nf4/int8) models go through ``prepare_model_for_kbit_training`` first (fp32 norms and
+    embeddings, frozen base). Gradient checkpointing defaults to on for CUDA, off for CPU. The model
+    is modified in place (``PeftModel.unload()`` gives the base back)."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    gc = _device(model).type == "cuda" if gradient_checkpointing is None else gradient_checkpointing
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        _cpu_fp32_compute(model)
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(cfg.seed)  # LoRA A init
+    return get_peft_model(model, peft_lora_config(cfg))
+
+
+def _cpu_fp32_compute(model) -> None:
+    """On CPU, run the 4-bit layers' matmuls in fp32 instead of bf16 (weights stay NF4).
+
+    CPUs without AVX512-BF16 emulate bf16 matmuls: one SmolLM2 forward took 4.5 s with bf16 compute and
+    0.8 s with fp32 on the 2-core test machine. The trained adapters are later scored with the paper's
+    bf16 compute (``load_adapted``), a difference at bf16 rounding level. CUDA keeps bf16."""
+    import torch
+
+    if _device(model).type != "cpu":
+        return
+    for m in model.modules():
+        if hasattr(m, "compute_dtype") and type(m).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"):
+            m.compute_dtype = torch.float32
+
+
+def _trainable(model) -> int:
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def _load_base(model_dir_or_name, quant: str, tokenizer, device):
+    if not isinstance(model_dir_or_name, (str, os.PathLike)):
+        raise UserError(f"pass a model name or directory, got {type(model_dir_or_name).__name__}; to train an already "
+                        "loaded model use lora.add_lora + lora.train_reward")
+    model, tok = models.load_model(str(model_dir_or_name), quant=quant, device=device)
+    return model, (models.prepare_tokenizer(tokenizer) if tokenizer is not None else tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# questions -> token ids, candidates, tuples
+
+
+@dataclass
+class _TrainSet:
+    """Questions as the trainer needs them. ids: prompt token ids per row; cand: [subj1 ids, subj2 ids]
+    per row (scoring.candidate_token_ids); tuple_rows (N,2,2) rows [order, polarity]; spec_of_tuple:
+    specified rows per tuple; gold_pos: row -> 0/1."""
+
+    ids: list[list[int]]
+    cand: list[list[list[int]]]
+    tuple_rows: np.ndarray
+    spec_of_tuple: list[list[int]]
+    gold_pos: dict[int, int]
+    pad_id: int
+
+
+def _col(questions, name: str) -> list:
+    return list(questions[name])
+
+
+def _prepare(questions, prompt, tokenizer, pronouns: bool = False) -> _TrainSet:
+    rows, meta = metrics.tuple_index(questions)
+    ctx, q = _col(questions, "context"), _col(questions, "question")
+    s1, s2 = _col(questions, "subj1"), _col(questions, "subj2")
+    g1, g2 = _col(questions, "subj1_group"), _col(questions, "subj2_group")
+    cat, spec, gold, tid = (_col(questions, c) for c in ("category", "specified", "gold", "tuple_id"))
+    texts = [prompt.render(c, qq, tokenizer) for c, qq in zip(ctx, q)]
+    ids = tokenizer(texts, add_special_tokens=prompt.add_special_tokens)["input_ids"]
+    memo: dict[tuple[str, str | None], list[int]] = {}
+
+    def cands(subject: str, group: str | None) -> list[int]:
+        if (subject, group) not in memo:
+            memo[(subject, group)] = scoring.candidate_token_ids(tokenizer, subject, group)
+        return memo[(subject, group)]
+
+    cand = []
+    for m in range(len(texts)):
+        by_group = pronouns and cat[m] == "gender"
+        cand.append([cands(s1[m], g1[m] if by_group else None), cands(s2[m], g2[m] if by_group else None)])
+    t_index = {t: n for n, t in enumerate(meta["tuple_id"])}
+    spec_of_tuple: list[list[int]] = [[] for _ in t_index]
+    gold_pos = {}
+    for m in range(len(texts)):
+        if spec[m] and tid[m] in t_index:
+            spec_of_tuple[t_index[tid[m]]].append(m)
+            gold_pos[m] = 0 if gold[m] == s1[m] else 1
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return _TrainSet(ids, cand, rows, spec_of_tuple, gold_pos, pad)
+
+
+def _answer_logits(model, seqs: list[list[int]], pad_id: int):
+    """(B, V) float32 next-token logits after each sequence: left padding with position ids that start
+    at each row's first real token (scoring's no-prefix-cache path computes the same), and lm_head on
+    the last position only (``logits_to_keep=1``: no (B, T, V) tensor)."""
+    import torch
+
+    dev = _device(model)
+    S = max(len(s) for s in seqs)
+    inp = torch.full((len(seqs), S), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), S), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        inp[i, S - len(s):] = torch.tensor(s)
+        mask[i, S - len(s):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                use_cache=False, logits_to_keep=1)
+    return out.logits[:, -1, :].float()
+
+
+def _policy(model, ts: _TrainSet, rows: list[int], k: int):
+    """Rows -> (full log-softmax (R,V), top-k renormalised log-probs (R,k), cand mask (R,2,k) bool).
+    Gradients flow through the top-k values; the top-k ids and the mask are constants."""
+    import torch
+
+    logp = torch.log_softmax(_answer_logits(model, [ts.ids[r] for r in rows], ts.pad_id), dim=-1)
+    top = torch.topk(logp, k, dim=-1)
+    lpk = torch.log_softmax(top.values, dim=-1)
+    mask = scoring.cand_mask_of(top.indices.detach().cpu().numpy(), [ts.cand[r] for r in rows])
+    return logp, lpk, torch.as_tensor(mask, device=lpk.device)
+
+
+def _cand_probs(lpk, mask):
+    """(R,k) top-k renormalised log-probs, (R,2,k) mask -> (R,2) candidate probabilities: the convention of
+    ``scoring.candidate_probs`` (sum over cand_mask of softmax(topk_logprobs)), in torch for gradients."""
+    return (lpk.exp().unsqueeze(1) * mask.to(lpk.dtype)).sum(-1)
+
+
+def candidate_probs_of(model, tokenizer, questions, prompt, top_k: int = 10, pronouns: bool = False,
+                       batch_size: int = 16) -> np.ndarray:
+    """(M, 2) top-k renormalised candidate probabilities of every row of ``questions`` under ``model``
+    (no grad, eval mode). For monitoring and tests; the evaluation path is ``scoring.score``."""
+    import torch
+
+    ts = _prepare(questions, prompt, tokenizer, pronouns)
+    was = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(ts.ids), batch_size):
+            _, lpk, mask = _policy(model, ts, list(range(s, min(s + batch_size, len(ts.ids)))), top_k)
+            out.append(_cand_probs(lpk, mask).cpu().numpy())
+    model.train(was)
+    return np.concatenate(out) if out else np.zeros((0, 2))
+
+
+def mean_abs_bias(model, tokenizer, questions, prompt, top_k: int = 10, pronouns: bool = False) -> float:
+    """Mean |C| over the underspecified tuples of ``questions`` under ``model`` (eval mode)."""
+    p = candidate_probs_of(model, tokenizer, questions, prompt, top_k, pronouns)
+    rows, _ = metrics.tuple_index(questions)
+    return float(np.abs(metrics.tuple_bias(metrics.gather_tuples(p, rows))).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# lora-reward
+
+
+def _step_loss(model, ts: _TrainSet, tuples: np.ndarray, cfg: LoraConfig, g) -> tuple[Any, dict]:
+    """One step's loss on tuples (n,) and its logs (see the module docstring for the terms)."""
+    import torch
+
+    k, S = int(cfg.top_k), int(cfg.samples)
+    n = len(tuples)
+    flat = ts.tuple_rows[tuples].reshape(-1).tolist()  # (4n,) in (tuple, order, polarity) order
+    lam = cfg.utility_weight
+    spec = [m for t in tuples for m in ts.spec_of_tuple[t]] if lam > 0 else []
+    logp, lpk, mask = _policy(model, ts, flat + spec, k)
+    dev = lpk.device
+    u_lpk, u_mask = lpk[: 4 * n], mask[: 4 * n]
+    local = torch.arange(4 * n, device=dev).reshape(n, 2, 2)
+    p_pos = _cand_probs(u_lpk, u_mask)  # (4n,2)
+    C = metrics.tuple_bias(metrics.gather_tuples(p_pos, local))  # (n,)
+    logs = {"abs_c": C.detach().abs().mean().item(), "answer_mass": p_pos.detach().sum(-1).mean().item()}
+    w_mass = float(cfg.answer_mass_weight)
+
+    if cfg.objective == "direct":
+        loss = C.abs().mean() - w_mass * p_pos.sum(-1).mean()
+    else:
+        a = torch.multinomial(u_lpk.detach().exp().float().cpu(), S, replacement=True, generator=g).to(dev)  # (4n,S)
+        logp_a = u_lpk.gather(1, a)  # (4n,S)
+        ans = u_mask.float().gather(2, a.unsqueeze(1).expand(-1, 2, -1)).transpose(1, 2)  # (4n,S,2) one-hot
+        # every (sample, tuple) is its own tuple of 4 one-hot rows: p (S*4n, 2), rows (S*n, 2, 2)
+        p_s = ans.transpose(0, 1).reshape(S * 4 * n, 2)
+        rows_s = (torch.arange(S, device=dev).view(-1, 1, 1, 1) * (4 * n) + local).reshape(-1, 2, 2)
+        r = -metrics.tuple_bias(metrics.gather_tuples(p_s, rows_s)).abs().view(S, n)  # (S,n)
+        adv = r - r.mean(0, keepdim=True)
+        loss = -(adv * logp_a.view(n, 4, S).sum(1).T).mean()
+        hit = ans.sum(-1).clamp(max=1.0)  # (4n,S): the sample named a subject
+        loss = loss - w_mass * ((hit - hit.mean(1, keepdim=True)) * logp_a).mean()
+        logs["reward"] = r.mean().item()
+        logs["answer_rate"] = hit.mean().item()
+
+    if spec:
+        ns = len(spec)
+        s_lpk, s_mask = lpk[4 * n:], mask[4 * n:]
+        gold = torch.tensor([ts.gold_pos[m] for m in spec], device=dev)
+        gmask = s_mask[torch.arange(ns, device=dev), gold].float()  # (ns,k) gold answer's top-k tokens
+        if cfg.objective == "direct":
+            util = -(s_lpk.exp() * gmask).sum(-1).mean()
+        else:
+            sa = torch.multinomial(s_lpk.detach().exp().float().cpu(), S, replacement=True, generator=g).to(dev)
+            su = gmask.gather(1, sa)  # (ns,S) 1 = sampled a gold token
+            util = -((su - su.mean(1, keepdim=True)) * s_lpk.gather(1, sa)).mean()
+        with torch.no_grad(), model.disable_adapter():
+            ref = torch.log_softmax(_answer_logits(model, [ts.ids[m] for m in spec], ts.pad_id), dim=-1)
+        kl = (ref.exp() * (ref - logp[4 * n:])).sum(-1).mean()
+        loss = loss + lam * (util + float(cfg.kl_weight) * kl)
+        logs["utility"] = (s_lpk.detach().exp() * gmask).sum(-1).mean().item()
+        logs["kl"] = kl.item()
+    return loss, logs
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (int(seed) * 1_000_003 + int(step) * 7_919 + 17) % (2**63 - 1)
+
+
+def _schedule(n_tuples: int, cfg: LoraConfig):
+    """cfg.steps batches of min(batch_size, N) tuples: seeded epochs of a permutation, no tuple twice per epoch."""
+    bs = min(cfg.batch_size, n_tuples)
+    per_epoch = n_tuples // bs
+    for step in range(cfg.steps):
+        epoch, b = divmod(step, per_epoch)
+        perm = np.random.default_rng(_step_seed(cfg.seed, -1 - epoch)).permutation(n_tuples)
+        yield step, np.sort(perm[b * bs: (b + 1) * bs])
+
+
+def train_reward(model, tokenizer, questions, prompt, cfg: LoraConfig, *, pronouns: bool = False,
+                 progress: bool = False) -> dict:
+    """Train the active adapter of a PeftModel in place with the head's reward (cfg.objective: bandit or
+    direct) for cfg.steps steps of cfg.batch_size tuples of ``questions`` (pass the train split).
+
+    Returns {"history", "train_seconds", "peak_memory_mb", "trainable_params"}."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if not hasattr(model, "disable_adapter"):
+        raise UserError("train_reward needs a peft model: wrap it with lora.add_lora(model, cfg) first")
+    ts = _prepare(questions, prompt, tokenizer, pronouns)
+    if len(ts.tuple_rows) == 0:
+        raise UserError("no underspecified tuples to train on: pass the train split of a questions dataset")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("the model has no trainable parameters: wrap it with lora.add_lora(model, cfg)")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    mem = _PeakMemory(_device(model))
+    model.train()
+    history = []
+    t0 = time.perf_counter()
+    for step, tuples in tqdm(_schedule(len(ts.tuple_rows), cfg), total=cfg.steps, disable=not progress,
+                             desc=f"lora[{cfg.objective}]", leave=False):
+        g = torch.Generator().manual_seed(_step_seed(cfg.seed, step))
+        loss, logs = _step_loss(model, ts, tuples, cfg, g)
+        opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            opt.step()
+        history.append({"step": step + 1, "loss": loss.item(), **logs})
+        mem.sample()
+    model.eval()
+    return {"history": history, "train_seconds": time.perf_counter() - t0, "peak_memory_mb": mem.sample(),
+            "trainable_params": _trainable(model)}
+
+
+def train_lora_reward(model_dir_or_name, questions_train, prompt, cfg: LoraConfig, out_dir, quant: str = "nf4",
+                      tokenizer=None, *, device: str | None = None, pronouns: bool = False,
+                      gradient_checkpointing: bool | None = None, progress: bool = False) -> LoraResult:
+    """Load the model, add LoRA adapters, train them with the head's reward on ``questions_train`` and save
+    them to ``out_dir`` (peft format + refine_llm_lora.json). Score with ``load_adapted`` + ``scoring.score``."""
+    model, tok = _load_base(model_dir_or_name, quant, tokenizer, device)
+    source = model.refine_llm_source
+    peft_model = add_lora(model, cfg, gradient_checkpointing)
+    res = train_reward(peft_model, tok, questions_train, prompt, cfg, pronouns=pronouns, progress=progress)
+    info = _info("lora-reward", cfg, source, quant, prompt, res, objective=cfg.objective)
+    save_adapter(peft_model, out_dir, info)
+    return LoraResult("lora-reward", str(Path(out_dir)), res["trainable_params"], res["train_seconds"],
+                      res["peak_memory_mb"], res["history"], cfg.objective, asdict(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# lora-cda
+
+
+def swap_subjects(text: str, a: str, b: str) -> str:
+    """Exchange every whole-word occurrence of ``a`` and ``b`` in ``text`` (in one pass; longer first)."""
+    if not a or not b or a == b:
+        return text
+    alts = "|".join(re.escape(x) for x in sorted((a, b), key=len, reverse=True))
+    return re.sub(rf"(?<!\w)({alts})(?!\w)", lambda m: b if m[1] == a else a, text)
+
+
+def build_cda_dataset(questions, prompt, tokenizer=None, *, include_underspecified: bool = True,
+                      dedupe: bool = True):
+    """Counterfactually augmented SFT data: a ``datasets.Dataset`` with trl's prompt/completion columns.
+
+    Each example (context, question, answer) is paired with its twin where subj1 and subj2 are exchanged
+    everywhere (context, question, answer). Specified rows answer with their gold. Underspecified rows
+    answer with subj1 and, separately, subj2 (each with its twin): one answer per row would, with its
+    twin, always name the subject in the same position. ``dedupe`` drops repeated (prompt, completion)
+    pairs (our question sets already hold both name orders, so many twins are rows of the set).
+    Extra columns (context, question, answer, subj1, subj2, specified, counterfactual,
+    source_question_id) are for inspection; ``train_lora_cda`` keeps only prompt and completion.
+    """
+    from datasets import Dataset
+
+    cols = {c: _col(questions, c) for c in ("question_id", "context", "question", "subj1", "subj2", "specified", "gold")}
+    out: dict[str, list] = {c: [] for c in ("prompt", "completion", "context", "question", "answer", "subj1", "subj2",
+                                            "specified", "counterfactual", "source_question_id")}
+    seen = set()
+
+    def add(ctx, q, ans, s1, s2, spec, cf, qid):
+        text = prompt.render(ctx, q, tokenizer)
+        completion = ("" if text[-1:].isspace() else " ") + ans
+        if dedupe and (text, completion) in seen:
+            return
+        seen.add((text, completion))
+        for c, v in zip(out, (text, completion, ctx, q, ans, s1, s2, spec, cf, qid)):
+            out[c].append(v)
+
+    for m in range(len(cols["question_id"])):
+        a, b, spec = cols["subj1"][m], cols["subj2"][m], bool(cols["specified"][m])
+        if not spec and not include_underspecified:
+            continue
+        answers = [cols["gold"][m]] if spec else [a, b]
+        ctx, q, qid = cols["context"][m], cols["question"][m], cols["question_id"][m]
+        for ans in answers:
+            add(ctx, q, ans, a, b, spec, False, qid)
+            add(swap_subjects(ctx, a, b), swap_subjects(q, a, b), swap_subjects(ans, a, b), b, a, spec, True, qid)
+    return Dataset.from_dict(out)
+
+
+def train_lora_cda(model_dir_or_name, questions_train, prompt, cfg: LoraConfig, out_dir, quant: str = "nf4",
+                   tokenizer=None, *, device: str | None = None, include_underspecified: bool = True,
+                   monitor_every: int = 1, pronouns: bool = False, gradient_checkpointing: bool | None = None,
+                   progress: bool = False) -> LoraResult:
+    """SFT of LoRA adapters (trl SFTTrainer + peft LoraConfig) on ``build_cda_dataset(questions_train)``:
+    cfg.steps steps of 4 x cfg.batch_size examples (a tuple's worth of prompts per tuple of the reward
+    trainer), constant lr cfg.lr, completion-only loss. ``monitor_every`` > 0 logs mean |C| on a fixed
+    batch of train tuples every that many steps (its forward passes are not counted in train_seconds)."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok = _load_base(model_dir_or_name, quant, tokenizer, device)
+    source = model.refine_llm_source
+    dev = _device(model)
+    gc = dev.type == "cuda" if gradient_checkpointing is None else gradient_checkpointing
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        _cpu_fp32_compute(model)
+    data = build_cda_dataset(questions_train, prompt, tok, include_underspecified=include_underspecified)
+    data = data.select_columns(["prompt", "completion"])
+    ts = _prepare(questions_train, prompt, tok, pronouns)
+    mon_tuples = np.arange(min(cfg.batch_size, len(ts.tuple_rows)))
+    mem = _PeakMemory(dev)
+    history: list[dict] = []
+    monitor_seconds = [0.0]
+
+    def abs_c(m) -> float:
+        t = time.perf_counter()
+        was = m.training
+        m.eval()
+        with torch.no_grad():
+            flat = ts.tuple_rows[mon_tuples].reshape(-1).tolist()
+            _, lpk, mask = _policy(m, ts, flat, int(cfg.top_k))
+            local = torch.arange(len(flat), device=lpk.device).reshape(-1, 2, 2)
+            c = metrics.tuple_bias(metrics.gather_tuples(_cand_probs(lpk, mask), local)).abs().mean().item()
+        m.train(was)
+        monitor_seconds[0] += time.perf_counter() - t
+        return c
+
+    class _Log(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if monitor_every and state.global_step % monitor_every == 0 and len(mon_tuples):
+                history.append({"step": state.global_step + 1, "abs_c": abs_c(model)})
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            mem.sample()
+            if logs and "loss" in logs:
+                rec = next((h for h in history if h["step"] == state.global_step), None)
+                if rec is None:
+                    rec = {"step": state.global_step}
+                    history.append(rec)
+                rec["loss"] = float(logs["loss"])
+
+    with tempfile.TemporaryDirectory(prefix="refine_llm_cda-") as tmp:
+        args = SFTConfig(
+            output_dir=tmp, max_steps=cfg.steps, per_device_train_batch_size=4 * cfg.batch_size,
+            learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+            logging_steps=1, save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+            use_cpu=dev.type == "cpu", gradient_checkpointing=gc, completion_only_loss=True, max_length=None,
+            disable_tqdm=not progress, dataloader_num_workers=0,
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                             peft_config=peft_lora_config(cfg), callbacks=[_Log()])
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0 - monitor_seconds[0]
+    peft_model = trainer.model
+    peft_model.eval()
+    history.sort(key=lambda h: h["step"])
+    res = {"history": history, "train_seconds": seconds, "peak_memory_mb": mem.sample(),
+           "trainable_params": _trainable(peft_model), "examples": len(data)}
+    info = _info("lora-cda", cfg, source, quant, prompt, res, objective=None)
+    save_adapter(peft_model, out_dir, info)
+    return LoraResult("lora-cda", str(Path(out_dir)), res["trainable_params"], seconds, res["peak_memory_mb"],
+                      history, None, asdict(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# artifacts
+
+
+def _info(method: str, cfg: LoraConfig, source, quant: str, prompt, res: dict, objective) -> dict:
+    return {"method": method, "objective": objective, "config": asdict(cfg),
+            "base_model": source.name, "hub_id": source.hub_id, "base_fingerprint": models.fingerprint(source),
+            "quant": quant, "prompt": prompt.name, "prompt_fingerprint": prompt.fingerprint,
+            "trainable_params": res["trainable_params"], "train_seconds": res["train_seconds"],
+            "peak_memory_mb": res["peak_memory_mb"], "history": res["history"]}
+
+
+def save_adapter(peft_model, out_dir, info: dict | None = None) -> Path:
+    """``save_pretrained`` (safetensors) + ``refine_llm_lora.json`` into ``out_dir``, atomically (temp dir
+    next to it, then rename; an existing adapter there is replaced)."""
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        name = peft_model.active_adapter
+        peft_model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=[name])
+        sub = tmp / name  # peft writes a non-"default" adapter into a subfolder: move it up
+        if not (tmp / ADAPTER_FILES[0]).is_file() and (sub / ADAPTER_FILES[0]).is_file():
+            for f in sub.iterdir():
+                os.replace(f, tmp / f.name)
+            sub.rmdir()
+        (tmp / INFO_FILE).write_text(json.dumps(info or {}, indent=1, default=str))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def adapter_fingerprint(adapter_dir) -> str:
+    """16 hex digits that change when the adapter's weights or config change (for score caches)."""
+    d = Path(adapter_dir)
+    missing = [f for f in ADAPTER_FILES if not (d / f).is_file()]
+    if missing:
+        raise UserError(f"{d}: not a peft adapter directory (missing {', '.join(missing)}); pass the out_dir of "
+                        "train_lora_reward / train_lora_cda")
+    h = hashlib.sha256()
+    for f in ADAPTER_FILES:
+        h.update((d / f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def model_key(model_dir_or_name: str, adapter_dir, quant: str = "nf4") -> str:
+    """The scoring cache key of base model + adapter: ``<base fingerprint>-<quant>-<adapter fingerprint>``."""
+    return f"{models.fingerprint(models.resolve(str(model_dir_or_name)))}-{quant}-{adapter_fingerprint(adapter_dir)}"
+
+
+def load_adapted(model_dir_or_name, adapter_dir, quant: str = "nf4", device: str | None = None):
+    """Base model + adapter (``PeftModel.from_pretrained``), frozen and in eval mode: ``(model, tokenizer)``.
+
+    The returned model is the transformers model with the LoRA layers injected (``peft_model.get_base_model()``,
+    adapters active), so ``scoring.score`` and serving see an ordinary causal LM; the PeftModel is at
+    ``model.peft_model``. Its ``refine_llm_quant`` is ``<quant>-<adapter fingerprint>``, so that
+    ``scoring.default_model_key(model)`` equals ``model_key(...)`` and never collides with the base model's
+    cache. Refuses an adapter trained on another base model.
+    """
+    from peft import PeftModel
+
+    fp_adapter = adapter_fingerprint(adapter_dir)
+    info_path = Path(adapter_dir) / INFO_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    source = models.resolve(str(model_dir_or_name))
+    fp = models.fingerprint(source)
+    if info.get("base_fingerprint") not in (None, fp):
+        raise UserError(f"{adapter_dir}: this adapter was trained on {info.get('base_model')!r} (fingerprint "
+                        f"{info['base_fingerprint']}), not on {model_dir_or_name!r} ({fp}); load it with its base model")
+    base, tok = models.load_model(str(model_dir_or_name), quant=quant, device=device)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    peft_model.eval()
+    inner = peft_model.get_base_model()
+    for p in inner.parameters():
+        p.requires_grad_(False)
+    inner.refine_llm_source = source
+    inner.refine_llm_quant = f"{quant}-{fp_adapter}"
+    inner.refine_llm_adapter = {"dir": str(adapter_dir), "fingerprint": fp_adapter, **{
+        k: info.get(k) for k in ("method", "objective")}}
+    object.__setattr__(inner, "peft_model", peft_model)  # not a submodule: that would be a cycle
+    return inner, tok
