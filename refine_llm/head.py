@@ -41,8 +41,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +51,7 @@ from torch import nn
 
 from refine_llm.config import HEAD_VARIANTS, HeadConfig
 from refine_llm.errors import UserError
+from refine_llm.io import atomic_dir
 
 FORMAT = "refine_llm.head"
 FORMAT_VERSION = 1
@@ -281,23 +280,9 @@ def save_head(head: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any] 
         raise UserError(f"head metadata is not JSON-serialisable ({e}): pass plain numbers, strings, lists, dicts") from e
     tensors = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(text + "\n")
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

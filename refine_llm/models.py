@@ -18,15 +18,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from refine_llm.config import QUANTS
 from refine_llm.errors import UserError
+from refine_llm.io import atomic_dir, atomic_write_json
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -123,9 +121,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
     out_dir = out_dir or cache_dir() / "models" / f"{gguf_path.stem}-{_file_key(gguf_path)}"
     if (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file():
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
-    try:
+    with atomic_dir(out_dir, replace=False) as tmp:  # another process may convert at the same time
         src, fname = str(gguf_path.parent), gguf_path.name
         tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
         gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
@@ -137,13 +133,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         AutoConfig.from_pretrained(tmp)  # sanity: the directory loads
-        if out_dir.exists():  # another process won the race; keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -321,9 +310,4 @@ def summary(model) -> dict:
 
 def save_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temp file next to `path`, then rename (no half-written files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, default=str)

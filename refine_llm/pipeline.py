@@ -435,7 +435,7 @@ def compare_quant(args, mcfg, scfg, source, test_q, prompt_name, out, base_nf4) 
 
 def run_lora(args, methods, mcfg, out, splits, prompt_name, scfg, report, timing) -> None:
     """LoRA baselines (refine_llm.baselines.lora): train, score the test split, add rows to the report."""
-    from refine_llm import metrics, models, prompts, scoring
+    from refine_llm import metrics, prompts, scoring
     from refine_llm.baselines import lora
 
     prompt = prompts.load_prompt(prompt_name)

@@ -39,15 +39,14 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from refine_llm.config import CATEGORIES, QuestionsConfig, help_of
 from refine_llm.errors import UserError
+from refine_llm.io import atomic_dir
 
 __all__ = [
     "Attribute",
@@ -537,20 +536,8 @@ def save_questions(ds, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory: choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         ds.save_to_disk(str(tmp))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

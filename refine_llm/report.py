@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from refine_llm.io import atomic_write_bytes
 
 __all__ = ["write_report"]
 
@@ -28,18 +28,6 @@ _PER_TUPLE_KEYS = ("abs_bias", "tuple_id")
 _ROW_KEYS = (("δ", "positional_error"), ("ε", "attributive_error"), ("μ", "mu"), ("η", "eta"),
              ("spec. acc.", "specified_accuracy"), ("answer mass", "answer_mass"),
              ("top-k miss", "topk_miss_rate"), ("n tuples", "n_tuples"), ("n spec.", "n_specified"))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _jsonable(x):
@@ -219,7 +207,7 @@ def write_report(run_dir, report: dict) -> None:
     plots = _plots(run_dir / "plots", report, metrics)
     small = {**{k: v for k, v in report.items() if k != "metrics"}, "metrics": metrics, "warnings": warnings,
              "plots": plots}
-    _atomic_write(run_dir / "report.json", json.dumps(_jsonable(small), indent=2, ensure_ascii=False).encode())
+    atomic_write_bytes(run_dir / "report.json", json.dumps(_jsonable(small), indent=2, ensure_ascii=False).encode())
     if any(per_tuple.values()):
-        _atomic_write(run_dir / "per_tuple.json", json.dumps(_jsonable(per_tuple)).encode())
-    _atomic_write(run_dir / "report.md", _markdown(report, metrics, warnings, plots).encode())
+        atomic_write_bytes(run_dir / "per_tuple.json", json.dumps(_jsonable(per_tuple)).encode())
+    atomic_write_bytes(run_dir / "report.md", _markdown(report, metrics, warnings, plots).encode())

@@ -47,7 +47,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -59,6 +58,7 @@ import numpy as np
 from refine_llm import metrics, models, scoring
 from refine_llm.config import LoraConfig
 from refine_llm.errors import UserError
+from refine_llm.io import atomic_dir
 
 __all__ = [
     "LoraResult",
@@ -582,9 +582,7 @@ def save_adapter(peft_model, out_dir, info: dict | None = None) -> Path:
     """``save_pretrained`` (safetensors) + ``refine_llm_lora.json`` into ``out_dir``, atomically (temp dir
     next to it, then rename; an existing adapter there is replaced)."""
     out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         name = peft_model.active_adapter
         peft_model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=[name])
         sub = tmp / name  # peft writes a non-"default" adapter into a subfolder: move it up
@@ -593,16 +591,6 @@ def save_adapter(peft_model, out_dir, info: dict | None = None) -> Path:
                 os.replace(f, tmp / f.name)
             sub.rmdir()
         (tmp / INFO_FILE).write_text(json.dumps(info or {}, indent=1, default=str))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -1,0 +1,58 @@
+"""Atomic writes: nothing half-written on disk, whatever stops the process.
+
+Files go to a temp file in the same directory and are renamed over the target (`os.replace` is
+atomic on one filesystem); directories are built in a temp directory next to the target and swapped in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj, **dump_kw) -> None:
+    dump_kw.setdefault("indent", 2)
+    atomic_write_bytes(path, (json.dumps(obj, **dump_kw) + "\n").encode())
+
+
+@contextmanager
+def atomic_dir(out_dir: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield a temp directory next to `out_dir`; when the block succeeds it becomes `out_dir`.
+
+    replace=False keeps an `out_dir` that appeared meanwhile (another process won the race)."""
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not replace:
+                return
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
