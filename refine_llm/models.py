@@ -245,6 +245,9 @@ def load_model(name: str = DEFAULT_MODEL, quant: str = "nf4", device: str | None
         raise UserError(f"--quant {quant}: unknown; choose one of {', '.join(QUANTS)}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per tensor group floods the job's log
     source = resolve(name)
     loc = model_dir(source)
     device = device or default_device()

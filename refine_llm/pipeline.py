@@ -443,7 +443,8 @@ def run_lora(args, methods, mcfg, out, splits, prompt_name, scfg, report, timing
     from refine_llm.baselines import lora
 
     prompt = prompts.load_prompt(prompt_name)
-    lcfg = _config(LoraConfig, seed=args.seed, top_k=args.top_k)
+    lcfg = _config(LoraConfig, seed=args.seed, top_k=args.top_k, objective=args.lora_objective,
+                   steps=args.lora_steps, batch_size=args.lora_batch_size, r=args.lora_r)
     for m in methods:
         if not m.startswith("lora"):
             continue

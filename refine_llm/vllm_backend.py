@@ -84,10 +84,21 @@ def make_llm(model_dir: str, dtype: str = "float32", tensor_parallel_size: int =
         max_model_len=max_model_len, enable_prefix_caching=True, logprobs_mode="raw_logprobs",
         max_logprobs=_DEFAULT_MAX_LOGPROBS, seed=0,
     )
+    if not _has_cuda():
+        # vLLM's CPU backend reserves gpu_memory_utilization x RAM (0.92 by default) for its KV cache and
+        # refuses to start when anything else holds memory; scoring needs a small cache (one-step prompts).
+        kw.setdefault("kv_cache_memory_bytes", 2 << 30)
+        kw.setdefault("enforce_eager", True)  # skips a multi-minute compile on CPU
     kw.update(engine_kw)
     if kw["logprobs_mode"] != "raw_logprobs":
         raise UserError(f"make_llm(logprobs_mode={kw['logprobs_mode']!r}): scoring needs 'raw_logprobs'")
     return LLM(**kw)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _key(model_dir, dtype, tensor_parallel_size, max_model_len, engine_kw) -> tuple:

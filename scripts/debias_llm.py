@@ -27,6 +27,7 @@ from refine_llm.config import (  # noqa: E402
     QUANTS,
     BanditConfig,
     HeadConfig,
+    LoraConfig,
     ModelConfig,
     QuestionsConfig,
     ScoringConfig,
@@ -78,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--utility-weight", type=float, default=None, help=help_of(BanditConfig, "utility_weight"))
     g.add_argument("--lr", type=float, default=None, help="Head learning rate (default: tuned for the job size; paper: 2e-5).")
     g.add_argument("--epochs", type=int, default=None, help="Head training epochs (default: tuned for the job size; paper: 1).")
+
+    g = p.add_argument_group("LoRA baselines (--method lora-reward / lora-cda / all)")
+    g.add_argument("--lora-objective", default="bandit", choices=("bandit", "direct"), help=help_of(LoraConfig, "objective"))
+    g.add_argument("--lora-steps", type=int, default=30, help=help_of(LoraConfig, "steps"))
+    g.add_argument("--lora-batch-size", type=int, default=8, help=help_of(LoraConfig, "batch_size"))
+    g.add_argument("--lora-r", type=int, default=8, help=help_of(LoraConfig, "r"))
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="Run directory (default: runs/<model>-<category>-<method>).")
