@@ -286,6 +286,9 @@ def run(args, loaded=None) -> int:
         report["quant_shift"] = compare_quant(args, mcfg, scfg, source, splits["test"], prompt_name, out,
                                               report["metrics"]["base"])
     if any(m.startswith("lora") for m in methods):
+        # The frozen model's scores are cached; free it before each LoRA run loads its own trainable copy.
+        del model, scorer
+        _free_memory()
         run_lora(args, methods, mcfg, out, splits, prompt_name, scfg, report, timing)
 
     timing["total"] = time.time() - t_start
@@ -457,11 +460,22 @@ def run_lora(args, methods, mcfg, out, splits, prompt_name, scfg, report, timing
         key = lora.model_key(mcfg.name, res.adapter_dir, mcfg.quant)
         sc = scoring.score(model, tok, splits["test"], prompt, scfg, cache_dir=out / "scores", model_key=key)
         p_topk, p_full, in_topk = scoring.candidate_probs(sc)
+        del model
+        _free_memory()
         r = metrics.evaluate(splits["test"], p_topk, p_full, in_topk, seed=args.seed)
         report["metrics"][m] = r
         report["significance"][m] = metrics.compare(report["metrics"]["base"], r)
         report["methods"].append(_method_row(m, r, res.trainable_params, res.train_seconds, res.peak_memory_mb))
-        del model
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _print_summary(report: dict, out: Path) -> None:

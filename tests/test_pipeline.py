@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 from refine_llm import pipeline
 from scripts_path import debias_parser  # noqa: F401  (tests/scripts_path.py puts scripts/ on sys.path)
@@ -14,7 +16,7 @@ def _args(tmp_path, *extra):
 
 
 def test_method_none_end_to_end(tmp_path, smollm2_dir, smollm2_nf4):
-    args = _args(tmp_path, "--model", smollm2_dir, "--method", "none")
+    args = _args(tmp_path, "--model", smollm2_dir, "--method", "none", "--compare-quant")
     assert pipeline.run(args, loaded=smollm2_nf4) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     base = report["metrics"]["base"]
@@ -23,6 +25,9 @@ def test_method_none_end_to_end(tmp_path, smollm2_dir, smollm2_nf4):
     assert base["n_tuples"] == 3
     assert 0 < base["answer_mass"] <= 1
     assert "full_vocab" in base and "timing" in report and report["config"]["method"] == "none"
+    shift = report["quant_shift"]  # --compare-quant: the same test questions scored in bf16
+    assert set(shift) >= {"bf16", "nf4", "shift"} and 0 < shift["bf16"]["answer_mass"] <= 1
+    assert shift["shift"]["answer_mass"] == pytest.approx(base["answer_mass"] - shift["bf16"]["answer_mass"])
     assert (tmp_path / "report.md").read_text().count("base") >= 1
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     # a re-run reuses questions and scores: the model is not needed any more
