@@ -81,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                                      return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
             first = torch.log_softmax(out.scores[0].float(), -1)  # (4n, V): the only step the paper uses
             lp, ids = first.topk(k, dim=-1)
-            mask = torch.zeros(len(flat), 2, k, dtype=torch.bool)
-            for r, i in enumerate(flat.tolist()):
-                for c in range(2):
-                    mask[r, c] = torch.isin(ids[r], torch.tensor(cand[i][c]))
+            mask = torch.from_numpy(scoring.cand_mask_of(ids.numpy(), [cand[i] for i in flat.tolist()]))
             hp = candidate_probs(head(lp), mask)
             local = torch.arange(len(flat)).reshape(-1, 2, 2)
             loss = metrics.tuple_bias(metrics.gather_tuples(hp, local)).abs().mean()
