@@ -105,6 +105,48 @@ def test_bandit_smoke_moves_every_lora_param(trainable, train_q, prompt):
     assert np.isfinite(h["loss"]) and res["peak_memory_mb"] > 0
 
 
+def test_shared_prefix_forward_matches_whole_prompts(trainable, train_q):
+    """The trainer's shared-prefix forward (few-shot prefix once, KV expanded to the batch) gives the same
+    logits and the same LoRA gradients as running every prompt in full, on the real qa prompt."""
+    import torch
+
+    from refine_llm.baselines import lora
+    from refine_llm.config import LoraConfig
+    from refine_llm.prompts import load_prompt
+
+    model, tok = trainable
+    cfg = LoraConfig(dropout=0.0, seed=3)
+    model.add_adapter("prefix", lora.peft_lora_config(cfg))
+    model.set_adapter("prefix")
+    try:
+        with torch.no_grad():  # non-zero B, so the adapters change the prefix's keys and values too
+            g = torch.Generator().manual_seed(0)
+            for n, p in model.named_parameters():
+                if "lora_B" in n and ".prefix." in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        ts = lora._prepare(train_q, load_prompt("qa"), tok)
+        seqs = [ts.ids[m] for m in ts.tuple_rows[0].reshape(-1)]  # 4 prompts of one tuple, 2 lengths
+        assert ts.prefix_len > 100 and len({len(s) for s in seqs}) > 1, (ts.prefix_len, [len(s) for s in seqs])
+        model.train()
+        outs, grads = [], []
+        for L in (0, ts.prefix_len):
+            model.zero_grad(set_to_none=True)
+            logits = lora._answer_logits(model, seqs, ts.pad_id, L)
+            torch.log_softmax(logits, -1)[:, :50].sum().backward()
+            outs.append(logits.detach())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and grads[0]
+        torch.testing.assert_close(torch.log_softmax(outs[1], -1), torch.log_softmax(outs[0], -1), atol=2e-4, rtol=0)
+        for n, g0 in grads[0].items():
+            scale = g0.abs().max().item()
+            assert scale > 0, n
+            assert (grads[1][n] - g0).abs().max().item() <= 1e-3 * scale, n
+    finally:
+        model.eval()
+        model.set_adapter("default")
+        model.delete_adapter("prefix")
+
+
 def test_adapter_round_trip(trainable, direct_run, train_q, prompt, smollm2_dir, tmp_path):
     import torch
 
