@@ -217,7 +217,7 @@ def run(args, loaded=None) -> int:
     qcfg = _config(QuestionsConfig, category=args.category, seed=args.seed, max_tuples=args.max_tuples,
                    wordlists=args.wordlists)
     methods = {"none": [], "refine": ["refine"], "lora-reward": ["lora-reward"], "lora-cda": ["lora-cda"],
-               "all": ["refine", "lora-reward", "lora-cda"]}[args.method]
+               "all": ["refine", "lora-reward", "lora-reward-direct", "lora-cda"]}[args.method]
     train_heads = "refine" in methods
     variants = _head_variants(args) if train_heads else []
     if args.backend == "vllm" and "contextual" in variants:
@@ -354,7 +354,8 @@ def run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, 
             results[name] = metrics.evaluate(test_q, *head_probs(head, test_data, test_s), in_topk, seed=args.seed)
             results[name]["flatness"] = H.flatness(head, test_data.topk_logprobs, test_data.topk_ids,
                                                    hidden=test_data.hidden)
-            methods_rows.append(_method_row(name, results[name], H.num_parameters(head), secs, None))
+            # res.seconds: the bandit's training time, summed over resumes (a re-run resumes a finished head)
+            methods_rows.append(_method_row(name, results[name], H.num_parameters(head), res.seconds, None))
     frontier = flattening_frontier(test_q, test_data, args.seed)
     for name, r in results.items():
         if name.startswith("refine"):
@@ -446,16 +447,28 @@ def run_lora(args, methods, mcfg, out, splits, prompt_name, scfg, report, timing
     from refine_llm.baselines import lora
 
     prompt = prompts.load_prompt(prompt_name)
-    lcfg = _config(LoraConfig, seed=args.seed, top_k=args.top_k, objective=args.lora_objective,
-                   steps=args.lora_steps, batch_size=args.lora_batch_size, r=args.lora_r)
     for m in methods:
         if not m.startswith("lora"):
             continue
+        # --method all trains lora-reward with both objectives; --method lora-reward with --lora-objective
+        objective = "direct" if m == "lora-reward-direct" else args.lora_objective
+        steps = args.cda_steps if (m == "lora-cda" and args.cda_steps) else args.lora_steps
+        lcfg = _config(LoraConfig, seed=args.seed, top_k=args.top_k, objective=objective, lr=args.lora_lr,
+                       steps=steps, batch_size=args.lora_batch_size, r=args.lora_r)
+        if m == "lora-reward" and objective != "bandit":
+            m = f"lora-reward-{objective}"
+        kind = "lora-cda" if m == "lora-cda" else "lora-reward"
         t = time.time()
-        train_fn = lora.train_lora_reward if m == "lora-reward" else lora.train_lora_cda
-        res = train_fn(mcfg.name, splits["train"], prompt, lcfg, out / "adapters" / m, quant=mcfg.quant,
-                       pronouns=scfg.pronouns, progress=True)
-        timing[f"train_{m}"] = time.time() - t
+        res = lora.reusable(out / "adapters" / m, kind, lcfg, mcfg.name, mcfg.quant, prompt, splits["train"],
+                            pronouns=scfg.pronouns)
+        if res is not None:
+            log(f"{m}: reusing the adapter in {res.adapter_dir} (same config, model, prompt and train split)")
+        else:
+            log(f"{m}: {lcfg.steps} steps of {lcfg.batch_size} tuples, lr {lcfg.lr}")
+            train_fn = lora.train_lora_cda if kind == "lora-cda" else lora.train_lora_reward
+            res = train_fn(mcfg.name, splits["train"], prompt, lcfg, out / "adapters" / m, quant=mcfg.quant,
+                           pronouns=scfg.pronouns, progress=True)
+            timing[f"train_{m}"] = time.time() - t
         model, tok = lora.load_adapted(mcfg.name, res.adapter_dir, quant=mcfg.quant)
         key = lora.model_key(mcfg.name, res.adapter_dir, mcfg.quant)
         sc = scoring.score(model, tok, splits["test"], prompt, scfg, cache_dir=out / "scores", model_key=key)

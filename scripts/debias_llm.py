@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("debiasing")
     g.add_argument("--method", default="refine", choices=METHODS,
                    help="none: measure only; refine: train a REFINE head (default); lora-reward / lora-cda: "
-                        "LoRA baselines; all: every method, with a comparison table.")
+                        "LoRA baselines; all: refine, lora-reward with both objectives (bandit, direct) and lora-cda, in one table.")
     g.add_argument("--head", default="logit", choices=HEAD_VARIANTS, help=help_of(HeadConfig, "variant"))
     g.add_argument("--objective", default=None, choices=OBJECTIVES,
                    help=help_of(BanditConfig, "objective") + " Main job default: expected (see README).")
@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-steps", type=int, default=30, help=help_of(LoraConfig, "steps"))
     g.add_argument("--lora-batch-size", type=int, default=8, help=help_of(LoraConfig, "batch_size"))
     g.add_argument("--lora-r", type=int, default=8, help=help_of(LoraConfig, "r"))
+    g.add_argument("--lora-lr", type=float, default=2e-4, help=help_of(LoraConfig, "lr"))
+    g.add_argument("--cda-steps", type=int, default=None,
+                   help="Optimizer steps of lora-cda (default: --lora-steps). Its SFT runs whole prompts with logits "
+                        "at every position, several times the cost per example of lora-reward.")
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="Run directory (default: runs/<model>-<category>-<method>).")

@@ -48,3 +48,53 @@ def test_method_refine_end_to_end(tmp_path, smollm2_dir, smollm2_nf4):
 
     head, cfg = load_head(tmp_path / "heads" / "logit" / "head")
     assert cfg["variant"] == "logit" and cfg["k"] == 10 and cfg["gate_token_ids"]
+
+
+def test_compare_methods_all(tmp_path, smollm2_dir, capsys):
+    """eval/compare_methods.py = the main job with --method all: one row per method (heads, lora-reward with
+    both objectives, lora-cda), each LoRA adapter saved in peft's format, the table on stdout."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "compare_methods.py"
+    spec = importlib.util.spec_from_file_location("compare_methods", path)
+    cm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cm)
+
+    prompt = tmp_path / "short.txt"
+    prompt.write_text("Text: [context] Question: [question] Answer:")
+    out = tmp_path / "run"
+    argv = ["--model", smollm2_dir, "--max-tuples", "2", "--prompt", str(prompt), "--epochs", "2",
+            "--lora-steps", "1", "--lora-batch-size", "1", "--out", str(out)]
+    assert cm.main(argv + ["--method", "refine"]) == 2  # the flag is fixed to all
+    assert cm.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["method"]: r for r in report["methods"]}
+    assert {"base", "uniform", "refine", "lora-reward", "lora-reward-direct", "lora-cda"} <= set(rows), rows
+    for m in ("lora-reward", "lora-reward-direct", "lora-cda"):
+        r = rows[m]
+        assert r["trainable_params"] > 0 and r["train_seconds"] > 0 and r["peak_memory_mb"] > 0, r
+        assert 0 <= r["mu"] <= 1 and 0 <= r["specified_accuracy"] <= 1, r
+        assert m in report["metrics"] and m in report["significance"]
+        assert (out / "adapters" / m / "adapter_model.safetensors").is_file()
+    assert rows["lora-reward"]["trainable_params"] == rows["lora-cda"]["trainable_params"]
+    info = json.loads((out / "adapters" / "lora-reward-direct" / "refine_llm_lora.json").read_text())
+    assert info["objective"] == "direct" and info["config"]["steps"] == 1
+    table = capsys.readouterr().out
+    assert all(f"| {m} |" in table for m in ("refine", "lora-reward", "lora-reward-direct", "lora-cda")), table
+    assert (out / "plots" / "bias_vs_utility.png").is_file()
+
+    # a re-run with the same flags reuses every adapter (same config, model, prompt, train split) ...
+    stamps = {m: (out / "adapters" / m / "adapter_model.safetensors").stat().st_mtime_ns for m in
+              ("lora-reward", "lora-reward-direct", "lora-cda")}
+    assert cm.main(argv) == 0
+    again = {r["method"]: r for r in json.loads((out / "report.json").read_text())["methods"]}
+    for m, t in stamps.items():
+        assert (out / "adapters" / m / "adapter_model.safetensors").stat().st_mtime_ns == t, m
+        assert again[m]["train_seconds"] == rows[m]["train_seconds"] and again[m]["mu"] == rows[m]["mu"], m
+    # ... and a changed LoRA setting retrains only what it changes
+    assert cm.main(argv + ["--cda-steps", "2"]) == 0
+    assert (out / "adapters" / "lora-reward" / "adapter_model.safetensors").stat().st_mtime_ns == stamps["lora-reward"]
+    assert (out / "adapters" / "lora-cda" / "adapter_model.safetensors").stat().st_mtime_ns != stamps["lora-cda"]
+    info = json.loads((out / "adapters" / "lora-cda" / "refine_llm_lora.json").read_text())
+    assert info["config"]["steps"] == 2
