@@ -442,7 +442,7 @@ def train_head(
 
     step, history, best_state = 0, [], None
     best_mu, best_step, initial_mu, bad_evals, stopped = None, None, None, 0, False
-    resumed_from = None
+    resumed_from, seconds_before = None, 0.0
     if resume and ckpt_dir is not None and (ckpt_dir / CKPT_STATE).exists():
         st, best_state = _load_checkpoint(ckpt_dir, head, opt)
         if st.get("seed") != cfg.seed or st.get("objective") != cfg.objective:
@@ -450,6 +450,7 @@ def train_head(
         step, history = st["step"], st["history"]
         best_mu, best_step, initial_mu, bad_evals = st["best_mu"], st["best_step"], st["initial_mu"], st["bad_evals"]
         stopped, resumed_from = st.get("stopped", False), step
+        seconds_before = float(st.get("seconds", 0.0))  # training time spent before the checkpoint
         initial_mass = st.get("initial_mass")
     else:
         initial_mass = None
@@ -476,6 +477,7 @@ def train_head(
         st = {"step": step, "seed": cfg.seed, "objective": cfg.objective, "history": history,
               "best_mu": best_mu, "best_step": best_step, "initial_mu": initial_mu, "bad_evals": bad_evals,
               "stopped": stopped, "initial_mass": initial_mass,
+              "seconds": seconds_before + time.perf_counter() - t0,
               # all randomness of step t is torch.Generator().manual_seed(_step_seed(seed, t)); the epoch
               # order uses _step_seed(seed, -1 - epoch): (seed, step) is the whole RNG state.
               "rng": {"kind": "torch.Generator per step", "seed": cfg.seed, "next_step": step},
@@ -516,7 +518,7 @@ def train_head(
         head.load_state_dict(best_state)
     return TrainResult(
         steps=step,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds_before + time.perf_counter() - t0,  # across resumes: what training this head cost
         best_step=best_step,
         best_val_mu=best_mu,
         initial_val_mu=initial_mu,

@@ -159,6 +159,9 @@ def test_resume_after_interruption_gives_the_same_head(tmp_path, monkeypatch):
     head = fresh()
     res = train_head(head, train, cfg, val=val, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert res.resumed_from == 7 and res.steps == 9
+    assert res.seconds >= part.seconds > 0  # training time accumulates across resumes
+    again = train_head(fresh(), train, cfg, val=val, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert again.resumed_from == 9 and again.seconds >= res.seconds  # a finished run reports what it cost
     for name, p in ref.state_dict().items():
         assert torch.equal(p, head.state_dict()[name]), name
     assert res.best_step == ref_res.best_step and res.best_val_mu == ref_res.best_val_mu
