@@ -471,13 +471,13 @@ def train_head(
             bad_evals += 1
         return mu
 
-    def checkpoint() -> None:
+    def checkpoint(seconds: float | None = None) -> None:
         if ckpt_dir is None:
             return
         st = {"step": step, "seed": cfg.seed, "objective": cfg.objective, "history": history,
               "best_mu": best_mu, "best_step": best_step, "initial_mu": initial_mu, "bad_evals": bad_evals,
               "stopped": stopped, "initial_mass": initial_mass,
-              "seconds": seconds_before + time.perf_counter() - t0,
+              "seconds": seconds_before + time.perf_counter() - t0 if seconds is None else seconds,
               # all randomness of step t is torch.Generator().manual_seed(_step_seed(seed, t)); the epoch
               # order uses _step_seed(seed, -1 - epoch): (seed, step) is the whole RNG state.
               "rng": {"kind": "torch.Generator per step", "seed": cfg.seed, "next_step": step},
@@ -513,12 +513,13 @@ def train_head(
     bar.close()
     if val is not None and history and "val_mu" not in history[-1] and step > 0:
         history.append({"step": step, "val_mu": evaluate_now()})
-    checkpoint()
+    seconds = seconds_before + time.perf_counter() - t0  # across resumes: what training this head cost
+    checkpoint(seconds)  # the same total, so a resumed run reports at least what this one does
     if best_state is not None:
         head.load_state_dict(best_state)
     return TrainResult(
         steps=step,
-        seconds=seconds_before + time.perf_counter() - t0,  # across resumes: what training this head cost
+        seconds=seconds,
         best_step=best_step,
         best_val_mu=best_mu,
         initial_val_mu=initial_mu,
