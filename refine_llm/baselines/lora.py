@@ -272,15 +272,16 @@ def common_prefix_len(seqs: list[list[int]]) -> int:
     return max(n, 0)
 
 
-def _prefix_ok(model, L: int) -> bool:
+def _prefix_ok(model, L: int, total: int | None = None) -> bool:
     """Whether the shared-prefix path is exact for this model: not under gradient checkpointing in training
-    (transformers drops past_key_values there) and not past a sliding window."""
+    (transformers drops past_key_values there) and, with a sliding window, only while the whole sequence
+    (``total`` tokens, default the prefix) fits in it."""
     if L <= 0:
         return False
     if model.training and getattr(model, "is_gradient_checkpointing", False):
         return False
     window = getattr(getattr(model, "config", None), "sliding_window", None)
-    return not (window and L >= window)
+    return not (window and max(L, total or 0) >= window)
 
 
 def prefix_kv(model, prefix: list[int]):
@@ -311,7 +312,7 @@ def _answer_logits(model, seqs: list[list[int]], pad_id: int, prefix_len: int = 
 
     dev = _device(model)
     b = len(seqs)
-    if prefix_len > 0 and _prefix_ok(model, prefix_len):
+    if prefix_len > 0 and _prefix_ok(model, prefix_len, max(len(s) for s in seqs)):
         L = prefix_len
         if kv is None:
             kv = prefix_kv(model, seqs[0][:L])
