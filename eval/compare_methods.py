@@ -19,20 +19,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-KEYS = ("trainable_params", "train_seconds", "peak_memory_mb", "positional_error", "attributive_error", "mu", "eta",
-        "specified_accuracy")
-
-
-def table(report: dict) -> str:
-    """The report's method rows as a Markdown table."""
-    def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else ("–" if v is None else str(v))
-
-    lines = ["| method | " + " | ".join(KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
-    lines += [f"| {row['method']} | " + " | ".join(fmt(row.get(k)) for k in KEYS) + " |"
-              for row in report.get("methods") or []]
-    return "\n".join(lines)
-
 
 def main(argv: list[str] | None = None) -> int:
     import debias_llm
@@ -46,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     if rc:
         return rc
     from refine_llm.pipeline import run_dir_for
+    from refine_llm.report import methods_table
 
-    print(table(json.loads((run_dir_for(args) / "report.json").read_text())))
+    print("\n".join(methods_table(json.loads((run_dir_for(args) / "report.json").read_text()))))
     return 0
 
 

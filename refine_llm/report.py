@@ -22,7 +22,7 @@ from pathlib import Path
 
 from refine_llm.io import atomic_write_bytes
 
-__all__ = ["write_report"]
+__all__ = ["methods_table", "write_report"]
 
 _PER_TUPLE_KEYS = ("abs_bias", "tuple_id")
 _ROW_KEYS = (("δ", "positional_error"), ("ε", "attributive_error"), ("μ", "mu"), ("η", "eta"),
@@ -72,6 +72,15 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out
 
 
+def methods_table(report: dict) -> list[str]:
+    """The report's method rows (trainable params, train time, peak memory, δ, ε, μ, η, spec. acc.) as
+    Markdown table lines: the "Methods" section of report.md, also printed by eval/compare_methods.py."""
+    keys = ("method", "trainable_params", "train_seconds", "peak_memory_mb", "positional_error",
+            "attributive_error", "mu", "eta", "specified_accuracy")
+    return _table(["method", "trainable params", "train s", "peak MB", "δ", "ε", "μ", "η", "spec. acc."],
+                  [[m.get(k) for k in keys] for m in report.get("methods") or []])
+
+
 def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]) -> str:
     lines = ["# refine_llm report", ""]
     cfg = report.get("config") or {}
@@ -108,13 +117,8 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
         lines += _table(["comparison", "Wilcoxon p", "n", "μ CI base", "μ CI new", "Δδ", "Δε", "Δμ", "Δη"], srows)
         lines += [""]
 
-    methods = report.get("methods") or []
-    if methods:
-        keys = ("method", "trainable_params", "train_seconds", "peak_memory_mb", "positional_error",
-                "attributive_error", "mu", "eta", "specified_accuracy")
-        lines += ["## Methods", ""]
-        lines += _table(["method", "trainable params", "train s", "peak MB", "δ", "ε", "μ", "η", "spec. acc."],
-                        [[m.get(k) for k in keys] for m in methods]) + [""]
+    if report.get("methods"):
+        lines += ["## Methods", ""] + methods_table(report) + [""]
 
     sweep = report.get("prompt_sweep") or []
     if sweep:
