@@ -11,6 +11,12 @@
 The model comes back frozen (no grads) and in eval mode; the tokenizer has a real pad token (an
 existing special token, never a new literal "[PAD]") and left padding, as batched scoring needs.
 Every user mistake raises `UserError` with one line that says what to do.
+
+CPU-independent numerics: bitsandbytes (0.50) repacks a `Linear4bit`'s weights in place at its first
+no-grad eval forward on CPUs with `avx512_bf16` and then computes through a bf16 kernel (`gemv_4bit`)
+that has no autograd: log-probs moved by up to 0.34 and LoRA gradients were silently wrong on such a
+CPU. `load_model` pins every 4-bit layer to the portable unpacked kernel (`pin_unpacked_4bit`), so a
+run computes the same numbers on every CPU; `cpu_info()` records the CPU for report.json.
 """
 
 from __future__ import annotations
@@ -263,6 +269,7 @@ def load_model(name: str = DEFAULT_MODEL, quant: str = "nf4", device: str | None
     model = _from_pretrained(AutoModelForCausalLM, loc, name, **kw)
     if qcfg is None:
         model = model.to(device)
+    pin_unpacked_4bit(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -270,6 +277,63 @@ def load_model(name: str = DEFAULT_MODEL, quant: str = "nf4", device: str | None
     model.refine_llm_source = source
     model.refine_llm_quant = quant
     return model, tokenizer
+
+
+def pin_unpacked_4bit(model) -> int:
+    """Keep every bitsandbytes `Linear4bit` of `model` on the unpacked kernel on every CPU; return their count.
+
+    bitsandbytes sets `support_avx512bf16_for_cpu` per module from the CPU at construction, and its
+    forward then packs the weights for a bf16-only kernel at the first no-grad eval call (see the module
+    docstring). Switching the flag off keeps the fp32-capable, differentiable path everywhere. Weights
+    that were packed already (a forward ran before this call) are unpacked by bitsandbytes' inverse,
+    which is best-effort (packing rounded the scales to bf16); `load_model` pins before any forward.
+    """
+    n = 0
+    for m in model.modules():
+        if not hasattr(m, "support_avx512bf16_for_cpu"):  # duck-typed: Linear4bit and its subclasses
+            continue
+        m.support_avx512bf16_for_cpu = False
+        state = getattr(m.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, state)
+        n += 1
+    return n
+
+
+def cpu_info() -> dict:
+    """The CPU and numeric stack a run computed on, for report.json's environment."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
+                name = val.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(val.split())
+    except OSError:  # not Linux: the name from platform, flags unknown
+        pass
+
+    def _v(pkg: str) -> str | None:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "cpu": name,
+        "cores": os.cpu_count(),
+        "avx512_bf16": "avx512_bf16" in flags if flags else None,
+        "amx_bf16": "amx_bf16" in flags if flags else None,
+        "bnb_4bit_kernel": "unpacked",  # pinned on every CPU by pin_unpacked_4bit
+        "torch": _v("torch"),
+        "bitsandbytes": _v("bitsandbytes"),
+        "transformers": _v("transformers"),
+    }
 
 
 def _ensure_hub_reachable(hub_id: str, name: str) -> None:

@@ -281,6 +281,7 @@ def run(args, loaded=None) -> int:
 
     report = run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, info, timing)
     report.update(config=config, prompt=prompt_name, prompt_sweep=sweep, model=info)
+    report.setdefault("environment", {}).update(models.cpu_info())  # CPU + numeric stack (README: Reproducibility)
 
     if args.compare_quant and mcfg.quant != "bf16":
         report["quant_shift"] = compare_quant(args, mcfg, scfg, source, splits["test"], prompt_name, out,
