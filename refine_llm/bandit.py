@@ -64,7 +64,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -72,9 +73,13 @@ from refine_llm import metrics
 from refine_llm.config import BanditConfig
 from refine_llm.errors import UserError
 from refine_llm.head import candidate_probs
+from refine_llm.io import atomic_write_bytes, kill_point
 
-CKPT_TENSORS = "last.safetensors"
-CKPT_STATE = "last.json"
+# A checkpoint is ONE file: head + best head + optimizer tensors, with the JSON trainer state in the
+# safetensors metadata, replaced atomically (temp + rename), so no kill can leave a tensors/state pair
+# from two different steps. Both names point at it (CKPT_STATE's existence means "a checkpoint is here").
+CKPT_TENSORS = CKPT_STATE = "last.safetensors"
+_CKPT_META_KEY = "refine_llm_trainer_state"
 _PAPER_EPS = 1e-6  # F.pairwise_distance default eps, as in the authors' calculate_manhattan
 _PAPER_REWARD_SCALE = 2.0
 MASS_FLOOR = 0.8  # early stopping only keeps heads that leave >= 80% of the names' validation mass  # their bias = 2 x the paper's C (see the module docstring)
@@ -346,7 +351,7 @@ def _make_optimizer(head: nn.Module, cfg: BanditConfig) -> torch.optim.Optimizer
 
 
 def _save_checkpoint(ckpt_dir: Path, head, opt, state: dict, best_state: dict | None) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint as one safetensors file (tensors + JSON state in its metadata), atomically."""
     tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     if best_state is not None:
         tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
@@ -355,19 +360,22 @@ def _save_checkpoint(ckpt_dir: Path, head, opt, state: dict, best_state: dict | 
         for key, val in pstate.items():
             tensors[f"optim.{pid}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
     state = {**state, "optimizer_param_groups": osd["param_groups"]}
-    tmp_t, tmp_s = ckpt_dir / (CKPT_TENSORS + ".tmp"), ckpt_dir / (CKPT_STATE + ".tmp")
-    save_file(tensors, str(tmp_t), metadata={"step": str(state["step"])})
-    tmp_s.write_text(json.dumps(state, indent=1, allow_nan=True))
-    os.replace(tmp_t, ckpt_dir / CKPT_TENSORS)  # tensors first, the JSON (which names the step) last
-    os.replace(tmp_s, ckpt_dir / CKPT_STATE)
+    meta = {_CKPT_META_KEY: json.dumps(state, allow_nan=True), "step": str(state["step"])}
+    atomic_write_bytes(Path(ckpt_dir) / CKPT_TENSORS, save(tensors, metadata=meta))
+    kill_point("head")  # test hook (refine_llm.io): a kill -9 right after a checkpoint
 
 
 def _load_checkpoint(ckpt_dir: Path, head, opt) -> tuple[dict, dict | None]:
+    path = Path(ckpt_dir) / CKPT_TENSORS
     try:
-        state = json.loads((ckpt_dir / CKPT_STATE).read_text())
-        tensors = load_file(str(ckpt_dir / CKPT_TENSORS))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if _CKPT_META_KEY not in meta:
+            raise ValueError("no trainer state in its metadata (written by an older refine_llm?)")
+        state = json.loads(meta[_CKPT_META_KEY])
     except Exception as e:
-        raise UserError(f"checkpoint in {ckpt_dir} is unreadable ({e}): delete it or run with resume=False") from e
+        raise UserError(f"checkpoint {path} is unreadable ({e}): delete it or run with resume=False") from e
     head_sd = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
     try:
         head.load_state_dict(head_sd, strict=True)

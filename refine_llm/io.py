@@ -56,3 +56,26 @@ def atomic_dir(out_dir: str | os.PathLike, replace: bool = True) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Test hook for the kill -9 tests (tests/test_resume.py): with REFINE_LLM_TEST_KILL_AT=<point>:<n>, the
+# n-th call of kill_point("<point>") in this process SIGKILLs it, right after the durable write that
+# precedes the call. Points: "scoring" (a score shard written), "head" (a head checkpoint written),
+# "lora" (a LoRA checkpoint written). Unset (always, outside tests) it costs one dict lookup.
+KILL_ENV = "REFINE_LLM_TEST_KILL_AT"
+_kill_calls: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process at the n-th call for ``name`` when ``$REFINE_LLM_TEST_KILL_AT`` is ``name:n``."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    point, _, n = spec.partition(":")
+    if point != name:
+        return
+    _kill_calls[name] = _kill_calls.get(name, 0) + 1
+    if _kill_calls[name] == int(n or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -42,7 +42,8 @@ from refine_llm.errors import UserError
 # REINFORCE on sampled answers sharpened the head to one-hot answers and never beat the untrained
 # head on validation; "expected" cut test mu by ~75% (see README, "Results").
 DEFAULT_TRAIN = {"objective": "expected", "lr": 1e-2, "epochs": 60, "batch_size": 64, "minibatch_size": 32,
-                 "utility_weight": 0.5, "answer_mass_weight": 0.1, "eval_every": 10, "patience": 0}
+                 "utility_weight": 0.5, "answer_mass_weight": 0.1, "eval_every": 10, "patience": 0,
+                 "checkpoint_every": 10}  # a kill -9 loses at most 10 head steps (tests/test_resume.py)
 AUTO_PROMPTS = ("qa", "paper", "chat")
 MIN_ANSWER_MASS = 0.5
 SWEEP_TUPLES = 32  # validation tuples (with their specified questions) scored per candidate prompt

@@ -18,7 +18,14 @@ ids under the full distribution (first-token mode), or the sum of the log-probs 
 the subject's continuation (exact mode: " " + subject, or subject alone when the prompt already ends
 in whitespace), log-sum-exp'd with the pronoun tokens when they are credited.
 
-Speed. Prompts are tokenized whole, sorted by length and batched. The few-shot prefix is the same in
+Batches. A batch is a FIXED index range of the unique questions (``batch_ranges``): rows
+[0, B), [B, 2B), ... in the order of the question set, whatever is cached already, so a resumed run
+(or a distributed one that hands out ranges) computes each row in exactly the batch, with exactly the
+padding, that an uninterrupted run uses, and its numbers are bit-identical. A range is the unit of work
+and of the cache: it is scored whole and written as one shard (HF: one forward batch; vLLM: ranges of
+``max(flush_rows, batch_size)`` rows, one engine call each).
+
+Speed. Prompts are tokenized whole and batched by range. The few-shot prefix is the same in
 every prompt: its KV cache is computed once; each batch uses as prefix the longest token prefix
 that all its prompts share with the tokenized prefix string (checked, since tokenization at the
 boundary may differ), copies the cache to the batch, and feeds the right-padded suffixes with
@@ -27,7 +34,8 @@ through lm_head. Without the prefix cache, whole prompts are left-padded with po
 start at each row's first real token, so both paths compute the same thing (tests check it).
 
 Cache. Results are Arrow IPC shards under ``cache_dir/<model_key>/<prompt fp>-k<k>-<mode>-...``,
-written atomically as scoring goes, so a re-run scores nothing twice and an interrupted run resumes.
+written atomically as scoring goes (one shard per range), so a re-run scores nothing twice and an
+interrupted run (even by kill -9) resumes, losing at most the range in flight.
 """
 
 from __future__ import annotations
@@ -45,10 +53,12 @@ import numpy as np
 
 from refine_llm.config import ScoringConfig
 from refine_llm.errors import UserError
+from refine_llm.io import kill_point
 from refine_llm.prompts import PromptTemplate
 
 __all__ = [
     "score",
+    "batch_ranges",
     "candidate_token_ids",
     "candidate_probs",
     "score_stats",
@@ -307,9 +317,20 @@ class _HFRunner:
         return h, logits
 
 
+def batch_ranges(n_rows: int, batch_size: int) -> list[tuple[int, int]]:
+    """[(start, stop)) index ranges of ``batch_size`` rows (the last may be shorter) over ``n_rows`` rows.
+
+    The one definition of a batch: scoring forms its batches (and cache shards) from these ranges of
+    the unique questions, independent of what is cached, and a distributed backend that hands ranges to
+    workers reproduces the single-process numbers by scoring the same ranges."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [(a, min(a + batch_size, n_rows)) for a in range(0, n_rows, batch_size)]
+
+
 def _batches(order: list, batch_size: int):
-    for i in range(0, len(order), batch_size):
-        yield order[i: i + batch_size]
+    for a, b in batch_ranges(len(order), batch_size):
+        yield order[a:b]
 
 
 def _lse(lp_row, ids: list[int]) -> float:
@@ -335,7 +356,7 @@ def _score_hf(model, tokenizer, plan: _Plan, idx: list[int], prompt: PromptTempl
     if cfg.store_hidden:
         out["hidden"] = np.zeros((n, model.config.hidden_size), np.float16)
     local = {r: j for j, r in enumerate(idx)}
-    order = sorted(idx, key=lambda r: -len(plan.ids[r]))  # longest first: an OOM shows at once
+    order = list(idx)  # the caller's range, in question order: batch composition never depends on the cache
     for batch in _batches(order, cfg.batch_size):
         seqs = [plan.ids[r] for r in batch]
         h, logits = runner.logits_at(seqs, [[len(s) - 1] for s in seqs], cfg.prefix_cache)
@@ -501,6 +522,8 @@ def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfi
 
     ``model_key`` names the model in the cache (default: fingerprint + quant of a load_model model).
     With ``cfg.backend == "vllm"`` the model may be None; pass ``model_dir`` (the weights directory).
+    Batches are ``batch_ranges(len(unique questions), cfg.batch_size)`` (vLLM: ranges of
+    ``max(flush_rows, cfg.batch_size)`` rows per engine call); each range is one cache shard.
     """
     from datasets import Dataset
     from datasets.table import InMemoryTable
@@ -521,10 +544,14 @@ def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfi
     path = _cache_path(cache_dir, model_key, prompt, cfg) if cache_dir is not None else None
     cached = _read_cache(path, cfg.store_hidden) if path is not None else _schema(cfg.store_hidden).empty_table()
     have = set(cached.column("question_id").to_pylist())
-    todo = [q for q in uniq if q not in have]
+    # Fixed ranges of the unique questions; a range with any row missing is scored whole (same batch,
+    # same padding as an uninterrupted run), and only its missing rows are kept: a cached row never changes.
+    unit = cfg.batch_size if cfg.backend == "hf" else max(flush_rows, cfg.batch_size)
+    ranges = [(a, b) for a, b in batch_ranges(len(uniq), unit) if any(q not in have for q in uniq[a:b])]
 
     tables = [cached]
-    if todo:
+    if ranges:
+        todo = [uniq[i] for a, b in ranges for i in range(a, b)]  # plan rows, range after range
         first = {q: i for i, q in reversed(list(enumerate(qids_all)))}
         need = ["question_id", "context", "question", "subj1", "subj2", "subj1_group", "subj2_group", "category"]
         rows = {c: _col(questions, c) for c in need}
@@ -533,7 +560,6 @@ def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfi
         n_coll = sum(plan.collision)
         if n_coll:
             log.warning("%d of %d questions have subjects sharing a first token: scored in exact mode", n_coll, len(todo))
-        chunk = max(flush_rows, cfg.batch_size)
         runner = None
         if cfg.backend == "hf":
             prefix_ids = None
@@ -542,16 +568,22 @@ def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfi
             runner = _HFRunner(model, tokenizer, prefix_ids)
         total = len(todo) + sum(p is not None for p in plan.cont_ids)
         with tqdm(total=total, desc=f"scoring ({prompt.name})", unit="prompt", disable=not progress or None) as pbar:
-            for start in range(0, len(todo), chunk):
-                idx = list(range(start, min(start + chunk, len(todo))))
+            start = 0
+            for a, b in ranges:
+                idx = list(range(start, start + b - a))
+                start += b - a
                 if cfg.backend == "hf":
                     res = _score_hf(model, tokenizer, plan, idx, prompt, cfg, runner, pbar)
                 else:
                     res = _score_vllm(model_dir, plan, idx, cfg, vllm_dtype)
                     pbar.update(len(idx))
                 table = _to_table(_finish(plan, idx, res, cfg), cfg.store_hidden)
+                keep = [j for j, r in enumerate(idx) if plan.qids[r] not in have]
+                if len(keep) < len(idx):
+                    table = table.take(keep)
                 if path is not None:
-                    _write_shard(path, table)  # each chunk on disk at once: an interrupted run resumes here
+                    _write_shard(path, table)  # each range on disk at once: an interrupted run resumes here
+                    kill_point("scoring")
                 tables.append(table)
     import pyarrow as pa
 
