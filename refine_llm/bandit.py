@@ -66,12 +66,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from refine_llm import metrics
 from refine_llm.config import BanditConfig
 from refine_llm.errors import UserError
 from refine_llm.head import candidate_probs
+from refine_llm.progress import progress as progress_bar
 
 CKPT_TENSORS = "last.safetensors"
 CKPT_STATE = "last.json"
@@ -489,7 +489,7 @@ def train_head(
         history.append({"step": 0, "val_mu": mu0})
 
     t0 = time.perf_counter()
-    bar = tqdm(total=total, initial=step, disable=not progress, desc=f"bandit[{cfg.objective}]", leave=False)
+    bar = progress_bar(total=total, initial=step, disable=not progress, desc=f"bandit[{cfg.objective}]", leave=False)
     for i, (epoch, tuples, with_repl) in enumerate(_schedule(train.num_tuples, cfg)):
         if stopped or i >= total:
             break

@@ -209,7 +209,9 @@ def run(args, loaded=None) -> int:
     """Run the main job for parsed `args`. `loaded`: an already loaded (model, tokenizer) to reuse
     (tests pass their session fixture; it must match --model and --quant)."""
     from refine_llm import models
+    from refine_llm.progress import quiet_library_bars
 
+    quiet_library_bars()  # a log (stderr not a TTY) gets no per-shard bars of datasets / the hub
     t_start = time.time()
     timing: dict[str, float] = {}
     mcfg = _config(ModelConfig, name=args.model, quant=args.quant, device=args.device,

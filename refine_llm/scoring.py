@@ -504,7 +504,8 @@ def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfi
     """
     from datasets import Dataset
     from datasets.table import InMemoryTable
-    from tqdm.auto import tqdm
+
+    from refine_llm.progress import progress as progress_bar
 
     qids_all = _col(questions, "question_id")
     uniq = list(dict.fromkeys(qids_all))
@@ -541,7 +542,7 @@ def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfi
                 prefix_ids = tokenizer(prompt.prefix(tokenizer), add_special_tokens=prompt.add_special_tokens)["input_ids"]
             runner = _HFRunner(model, tokenizer, prefix_ids)
         total = len(todo) + sum(p is not None for p in plan.cont_ids)
-        with tqdm(total=total, desc=f"scoring ({prompt.name})", unit="prompt", disable=not progress or None) as pbar:
+        with progress_bar(total=total, desc=f"scoring ({prompt.name})", unit="prompt", disable=not progress or None) as pbar:
             for start in range(0, len(todo), chunk):
                 idx = list(range(start, min(start + chunk, len(todo))))
                 if cfg.backend == "hf":
