@@ -202,8 +202,21 @@ def preflight(model: str, heads_dir: str, host: str, port: int, dtype: str = "au
             bound, hint = int(gib * GiB), f"--kv-cache-gib {gib:g}"
             kv_bytes = bound
         check_memory(model_dir, bound, dtype, extra, hint)
+    # The server imports this refine_llm (a checkout run without installing, or one of several worktrees
+    # sharing an environment), and loads the processor even where no entry point is installed.
+    root = str(Path(__file__).resolve().parents[2])
+    pypath = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root])
     return ServerPlan(model_dir=model_dir, heads_dir=Path(heads_dir).resolve(), heads=names, kv_cache_bytes=kv_bytes,
-                      env={"REFINE_HEADS_DIR": str(Path(heads_dir).resolve())})
+                      env={"REFINE_HEADS_DIR": str(Path(heads_dir).resolve()), "PYTHONPATH": pypath})
+
+
+PROCESSOR = "refine_llm.serving.vllm:RefineHeadLogitsProcessor"
+
+
+def _entry_point_installed() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.value == PROCESSOR for ep in entry_points(group="vllm.logits_processors"))
 
 
 def server_command(plan: ServerPlan, served_name: str, host: str, port: int, dtype: str,
@@ -214,4 +227,6 @@ def server_command(plan: ServerPlan, served_name: str, host: str, port: int, dty
            "--logprobs-mode", "processed_logprobs"]
     if plan.kv_cache_bytes is not None:
         cmd += ["--kv-cache-memory-bytes", str(plan.kv_cache_bytes)]
+    if not _entry_point_installed() and "--logits-processors" not in (extra or []):
+        cmd += ["--logits-processors", PROCESSOR]
     return cmd + list(extra or [])
