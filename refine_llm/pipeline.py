@@ -241,6 +241,9 @@ def run(args, loaded=None) -> int:
             train_kw[k] = getattr(args, k)
     bcfg = _config(BanditConfig, seed=args.seed, **train_kw)
     out = run_dir_for(args)
+    from refine_llm.preflight import check_run
+
+    check_run(args)  # model path / .gguf, word lists, prompt file, LoRA flags: one line before anything loads
     check_writable(out)
     config = {"model": asdict(mcfg), "questions": asdict(qcfg), "scoring": asdict(scfg),
               "bandit": asdict(bcfg), "method": args.method, "head": args.head}

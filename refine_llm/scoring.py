@@ -445,12 +445,23 @@ def _read_cache(path: Path, store_hidden: bool):
     import pyarrow as pa
 
     tables = []
+    schema = _schema(store_hidden)
     for f in sorted(path.glob("shard-*.arrow")):
         try:
             with pa.ipc.open_file(f) as r:
-                tables.append(r.read_all())
-        except (pa.ArrowInvalid, OSError) as e:  # a foreign or damaged file: skip it, rescore its rows
-            log.warning("ignoring unreadable score shard %s (%s)", f, e)
+                t = r.read_all()
+            if not t.schema.equals(schema):
+                raise pa.ArrowInvalid("its columns are not a score shard's")
+            tables.append(t)
+        except (pa.ArrowInvalid, OSError) as e:  # a damaged or foreign file: set it aside, rescore its rows
+            bad = f.with_name(f.name + ".corrupt")
+            try:
+                os.replace(f, bad)
+            except OSError:  # another process set it aside first, or a read-only cache: rescore anyway
+                pass
+            reason = " ".join(str(e).split())[:160]
+            log.warning("score cache: %s is unreadable (%s); moved to %s, its rows are scored again", f, reason,
+                        bad.name)
     if not tables:
         return _schema(store_hidden).empty_table()
     return pa.concat_tables(tables)
