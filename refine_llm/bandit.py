@@ -67,13 +67,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
-from tqdm.auto import tqdm
 
 from refine_llm import metrics
 from refine_llm.config import BanditConfig
 from refine_llm.errors import UserError
 from refine_llm.head import candidate_probs
 from refine_llm.io import atomic_write_bytes, kill_point
+from refine_llm.progress import progress as progress_bar
 
 # A checkpoint is ONE file: head + best head + optimizer tensors, with the JSON trainer state in the
 # safetensors metadata, replaced atomically (temp + rename), so no kill can leave a tensors/state pair
@@ -497,7 +497,7 @@ def train_head(
         history.append({"step": 0, "val_mu": mu0})
 
     t0 = time.perf_counter()
-    bar = tqdm(total=total, initial=step, disable=not progress, desc=f"bandit[{cfg.objective}]", leave=False)
+    bar = progress_bar(total=total, initial=step, disable=not progress, desc=f"bandit[{cfg.objective}]", leave=False)
     for i, (epoch, tuples, with_repl) in enumerate(_schedule(train.num_tuples, cfg)):
         if stopped or i >= total:
             break

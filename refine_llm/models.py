@@ -25,6 +25,7 @@ import difflib
 import hashlib
 import importlib.util
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,41 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
 
 
+_GGUF_ERRORS = (ValueError, OSError, KeyError, IndexError, EOFError, UnicodeDecodeError, struct.error)
+
+
+def check_gguf(gguf_path: str | os.PathLike) -> None:
+    """Raise a one-line UserError unless `gguf_path` looks like a whole GGUF file: the magic bytes, a
+    header that parses, and every tensor inside the file (a truncated download fails here, in
+    milliseconds, instead of deep inside transformers' loader)."""
+    path = Path(gguf_path)
+    fix = "re-download it, or pass a model directory or an alias"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise UserError(f"--model {path}: cannot read it ({e.strerror}); {fix}") from None
+    if magic != b"GGUF":
+        raise UserError(f"--model {path}: not a GGUF file (it does not start with the GGUF magic bytes); {fix}")
+    try:
+        from transformers.integrations.gguf.reader import GgufHeader
+    except ImportError:  # another transformers: its loader will check the rest
+        return
+    try:
+        header = GgufHeader.from_file(str(path))
+        end = max((header.data_start + t.offset + t.nbytes for t in header.tensors), default=header.data_start)
+    except _GGUF_ERRORS as e:
+        raise UserError(f"--model {path}: damaged GGUF header ({_one_line(e)}); {fix}") from None
+    if end > size:
+        raise UserError(f"--model {path}: truncated GGUF file ({size} bytes, its tensors need {end}); {fix}")
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
     """Dequantise a .gguf file once into a safetensors directory (fp32) in the cache; return the directory.
 
@@ -127,10 +163,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
     out_dir = out_dir or cache_dir() / "models" / f"{gguf_path.stem}-{_file_key(gguf_path)}"
     if (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file():
         return out_dir
+    check_gguf(gguf_path)
     with atomic_dir(out_dir, replace=False) as tmp:  # another process may convert at the same time
         src, fname = str(gguf_path.parent), gguf_path.name
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
-        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+            gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+        except _GGUF_ERRORS as e:  # a file that passed check_gguf but still does not load
+            raise UserError(f"--model {gguf_path}: cannot load this GGUF file ({_one_line(e)}); re-download it, "
+                            "or pass a model directory or an alias") from None
         cfg = gguf_model.config
         if hasattr(cfg, "quantization_config"):
             del cfg.quantization_config

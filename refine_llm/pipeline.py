@@ -210,7 +210,9 @@ def run(args, loaded=None) -> int:
     """Run the main job for parsed `args`. `loaded`: an already loaded (model, tokenizer) to reuse
     (tests pass their session fixture; it must match --model and --quant)."""
     from refine_llm import models
+    from refine_llm.progress import quiet_library_bars
 
+    quiet_library_bars()  # a log (stderr not a TTY) gets no per-shard bars of datasets / the hub
     t_start = time.time()
     timing: dict[str, float] = {}
     mcfg = _config(ModelConfig, name=args.model, quant=args.quant, device=args.device,
@@ -240,6 +242,9 @@ def run(args, loaded=None) -> int:
             train_kw[k] = getattr(args, k)
     bcfg = _config(BanditConfig, seed=args.seed, **train_kw)
     out = run_dir_for(args)
+    from refine_llm.preflight import check_run
+
+    check_run(args)  # model path / .gguf, word lists, prompt file, LoRA flags: one line before anything loads
     check_writable(out)
     config = {"model": asdict(mcfg), "questions": asdict(qcfg), "scoring": asdict(scfg),
               "bandit": asdict(bcfg), "method": args.method, "head": args.head}

@@ -466,12 +466,23 @@ def _read_cache(path: Path, store_hidden: bool):
     import pyarrow as pa
 
     tables = []
+    schema = _schema(store_hidden)
     for f in sorted(path.glob("shard-*.arrow")):
         try:
             with pa.ipc.open_file(f) as r:
-                tables.append(r.read_all())
-        except (pa.ArrowInvalid, OSError) as e:  # a foreign or damaged file: skip it, rescore its rows
-            log.warning("ignoring unreadable score shard %s (%s)", f, e)
+                t = r.read_all()
+            if not t.schema.equals(schema):
+                raise pa.ArrowInvalid("its columns are not a score shard's")
+            tables.append(t)
+        except (pa.ArrowInvalid, OSError) as e:  # a damaged or foreign file: set it aside, rescore its rows
+            bad = f.with_name(f.name + ".corrupt")
+            try:
+                os.replace(f, bad)
+            except OSError:  # another process set it aside first, or a read-only cache: rescore anyway
+                pass
+            reason = " ".join(str(e).split())[:160]
+            log.warning("score cache: %s is unreadable (%s); moved to %s, its rows are scored again", f, reason,
+                        bad.name)
     if not tables:
         return _schema(store_hidden).empty_table()
     return pa.concat_tables(tables)
@@ -527,7 +538,8 @@ def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfi
     """
     from datasets import Dataset
     from datasets.table import InMemoryTable
-    from tqdm.auto import tqdm
+
+    from refine_llm.progress import progress as progress_bar
 
     qids_all = _col(questions, "question_id")
     uniq = list(dict.fromkeys(qids_all))
@@ -567,7 +579,7 @@ def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfi
                 prefix_ids = tokenizer(prompt.prefix(tokenizer), add_special_tokens=prompt.add_special_tokens)["input_ids"]
             runner = _HFRunner(model, tokenizer, prefix_ids)
         total = len(todo) + sum(p is not None for p in plan.cont_ids)
-        with tqdm(total=total, desc=f"scoring ({prompt.name})", unit="prompt", disable=not progress or None) as pbar:
+        with progress_bar(total=total, desc=f"scoring ({prompt.name})", unit="prompt", disable=not progress or None) as pbar:
             start = 0
             for a, b in ranges:
                 idx = list(range(start, start + b - a))

@@ -33,11 +33,11 @@ from refine_llm.config import (  # noqa: E402
     ScoringConfig,
     help_of,
 )
-from refine_llm.errors import UserError  # noqa: E402
+from refine_llm.errors import ArgumentParser, UserError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="debias_llm.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -80,3 +80,93 @@ def tiny_mistral_dir(tmp_path_factory):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# one vLLM OpenAI server per session (scripts/serve.py), shared by test_serving_vllm and test_soak
+
+SERVED_MODEL = "smollm2-135m"  # the name requests use (serve.py serves --model under its own name)
+
+
+@pytest.fixture(scope="session")
+def served_heads_dir(smollm2_fp32, tmp_path_factory):
+    """A heads directory with 'gender' (test_serving_hf's swap head, with gate_token_ids) for SmolLM2."""
+    from test_serving_hf import make_served_head
+
+    _, tok = smollm2_fp32
+    root = tmp_path_factory.mktemp("served_heads")
+    make_served_head(root / "gender", tok)
+    return root
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path, n: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+@pytest.fixture(scope="session")
+def vllm_server(served_heads_dir, tmp_path_factory):
+    """`scripts/serve.py` on 127.0.0.1 (free port) with no extra environment: its own KV-cache bound on CPU.
+
+    Yields (base_url, Popen, log path). The server runs in its own process group; the whole group (API
+    server + engine core) is stopped at the end of the session.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    pytest.importorskip("vllm")
+    import requests
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_CPU_KVCACHE_SPACE", "REFINE_HEADS_DIR")}
+    serve = Path(__file__).resolve().parents[1] / "scripts" / "serve.py"
+    cmd = [sys.executable, str(serve), "--model", SERVED_MODEL, "--heads", str(served_heads_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           # vLLM flags passed through: small and fast to start on 2 CPU cores
+           "--max-model-len", "1024", "--max-num-seqs", "16", "--enforce-eager"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_tail(log)}")
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not healthy after 300 s:\n{log_tail(log)}")
+            time.sleep(1)
+        yield base, proc, log
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # engine processes left in the group after the API server exited
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -4,18 +4,13 @@
   on a toy vocabulary: adds, removes, moves/swaps, rows that did not opt in stay bit for bit.
 - ``test_parity_with_hf``: one offline ``LLM`` (SmolLM2, float32, processed logprobs) against the
   HF processor on the same token ids; the engine is shut down before the test returns.
-- ``test_openai_server``: one ``python -m vllm.entrypoints.openai.api_server`` subprocess on
-  127.0.0.1, stopped at the end. Only one vLLM engine is alive at a time (2 shared CPU cores).
+- ``test_openai_server``: the session's server (``scripts/serve.py`` on 127.0.0.1, the ``vllm_server``
+  fixture of conftest.py, shared with test_soak.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +35,8 @@ from refine_llm.serving.vllm import (  # noqa: E402
     RefineHeadLogitsProcessorV2,
 )
 
-from test_serving_hf import K, PROMPTS, make_served_head  # noqa: E402
+from conftest import SERVED_MODEL, log_tail  # noqa: E402
+from test_serving_hf import K, PROMPTS  # noqa: E402
 
 V, KT = 32, 4  # toy vocabulary and top-k
 GATE = [0, 1, 2]  # toy category vocabulary
@@ -215,12 +211,9 @@ def test_v2_add_request_and_ctx(toy_heads):
 
 
 @pytest.fixture(scope="module")
-def smollm2_heads(smollm2_fp32, tmp_path_factory):
+def smollm2_heads(served_heads_dir):
     """A heads directory with 'gender' (the swap head of test_serving_hf) for SmolLM2's tokenizer."""
-    _, tok = smollm2_fp32
-    root = tmp_path_factory.mktemp("served_heads")
-    make_served_head(root / "gender", tok)
-    return root
+    return served_heads_dir
 
 
 def _engine_env(monkeypatch, heads: Path) -> None:
@@ -281,66 +274,13 @@ def test_parity_with_hf(smollm2_dir, smollm2_fp32, smollm2_heads, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# one real server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, n: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-@pytest.fixture(scope="module")
-def server(smollm2_dir, smollm2_heads, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ, REFINE_HEADS_DIR=str(smollm2_heads), VLLM_CPU_KVCACHE_SPACE="1")
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", smollm2_dir,
-        "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "8", "--enforce-eager",
-        "--logprobs-mode", "processed_logprobs",
-        "--logits-processors", "refine_llm.serving.vllm:RefineHeadLogitsProcessor",
-    ]
-    import requests
-
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{_tail(log)}")
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after 240 s:\n{_tail(log)}")
-            time.sleep(2)
-        yield base, proc, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+# one real server: the session's scripts/serve.py (tests/conftest.py `vllm_server`, shared with test_soak)
 
 
 def _complete(base: str, prompt: str, xargs: dict | None = None):
     import requests
 
-    body = {"model": "smollm2", "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": K,
+    body = {"model": SERVED_MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": K,
             "return_tokens_as_token_ids": True}
     if xargs is not None:
         body["vllm_xargs"] = xargs
@@ -353,12 +293,12 @@ def _first_logprobs(resp) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_openai_server(server, smollm2_heads):
+def test_openai_server(vllm_server, smollm2_heads):
     from concurrent.futures import ThreadPoolExecutor
 
     from refine_llm.serving import load_served_head
 
-    base, proc, log = server
+    base, proc, log = vllm_server
     head = load_served_head(smollm2_heads / "gender").head
     xargs = {"refine_head": "gender", "refine_mode": "first"}
     before = [_first_logprobs(_complete(base, p)) for p in PROMPTS]
@@ -384,7 +324,7 @@ def test_openai_server(server, smollm2_heads):
         r = _complete(base, PROMPTS[0], x)
         assert r.status_code == 400, (x, r.status_code, r.text)
         assert "refine_" in r.text
-    assert proc.poll() is None, f"server died:\n{_tail(log)}"
+    assert proc.poll() is None, f"server died:\n{log_tail(log)}"
 
     # mixed concurrent batch: opted-out rows equal the earlier plain requests
     jobs = [(p, None) for p in PROMPTS] + [(p, xargs) for p in PROMPTS]
@@ -395,4 +335,4 @@ def test_openai_server(server, smollm2_heads):
         assert got.keys() == b.keys() and all(math.isclose(got[t], b[t], abs_tol=1e-4) for t in b), (got, b)
     after = _first_logprobs(_complete(base, PROMPTS[0]))
     assert after == before[0], "a plain request after the others must be unchanged"
-    assert "another tokenizer" not in _tail(log, 200)
+    assert "another tokenizer" not in log_tail(log, 200)

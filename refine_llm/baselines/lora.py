@@ -474,7 +474,8 @@ def train_reward(model, tokenizer, questions, prompt, cfg: LoraConfig, *, pronou
 
     Returns {"history", "train_seconds", "peak_memory_mb", "trainable_params"}."""
     import torch
-    from tqdm.auto import tqdm
+
+    from refine_llm.progress import progress as progress_bar
 
     if not hasattr(model, "disable_adapter"):
         raise UserError("train_reward needs a peft model: wrap it with lora.add_lora(model, cfg) first")
@@ -489,7 +490,7 @@ def train_reward(model, tokenizer, questions, prompt, cfg: LoraConfig, *, pronou
     model.train()
     history = []
     t0 = time.perf_counter()
-    for step, tuples in tqdm(_schedule(len(ts.tuple_rows), cfg), total=cfg.steps, disable=not progress,
+    for step, tuples in progress_bar(_schedule(len(ts.tuple_rows), cfg), total=cfg.steps, disable=not progress,
                              desc=f"lora[{cfg.objective}]", leave=False):
         g = torch.Generator().manual_seed(_step_seed(cfg.seed, step))
         loss, logs = _step_loss(model, ts, tuples, cfg, g)
@@ -585,6 +586,8 @@ def train_lora_cda(model_dir_or_name, questions_train, prompt, cfg: LoraConfig, 
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from refine_llm.progress import stderr_is_tty
+
     model, tok = _load_base(model_dir_or_name, quant, tokenizer, device)
     source = model.refine_llm_source
     dev = _device(model)
@@ -636,7 +639,7 @@ def train_lora_cda(model_dir_or_name, questions_train, prompt, cfg: LoraConfig, 
             use_cpu=dev.type == "cpu", gradient_checkpointing=gc, completion_only_loss=True, max_length=None,
             # bf16 autocast on a CPU without native bf16 (AVX2 only here) made one step 259 s instead of seconds
             bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported(), fp16=False,
-            disable_tqdm=not progress, dataloader_num_workers=0,
+            disable_tqdm=not progress or not stderr_is_tty(), dataloader_num_workers=0,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                              peft_config=peft_lora_config(cfg), callbacks=[_Log()])

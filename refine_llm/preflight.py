@@ -1,0 +1,67 @@
+"""Check the main job's inputs before anything is written or loaded.
+
+`check_run(...)` runs at the start of `pipeline.run`, after the config dataclasses have checked their
+own values. A mistake in a model path, a .gguf file, a word list, a prompt file or a LoRA setting is
+reported in one line (UserError, exit 2) in about a second, instead of after minutes of model loading
+and scoring. The run directory is not created for a run that fails here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from refine_llm.errors import UserError
+
+
+def check_model(name: str) -> None:
+    """The model resolves, a .gguf file is whole, a model directory has a readable config.json."""
+    from refine_llm import models
+
+    source = models.resolve(name)
+    if source.kind == "gguf":
+        models.check_gguf(source.location)
+    elif source.kind == "dir":
+        cfg = Path(source.location) / "config.json"
+        try:
+            json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"--model {name}: {cfg} is not valid JSON ({' '.join(str(e).split())[:120]}); "
+                            "re-save the model with save_pretrained") from None
+
+
+def check_wordlists(category: str, wordlists: str | None) -> None:
+    """Every word list of the run's categories parses (file and line named on a mistake)."""
+    if wordlists is None:
+        return
+    from refine_llm import questions as Q
+    from refine_llm.config import CATEGORIES
+
+    for c in CATEGORIES if category == "all" else (category,):
+        Q.load_wordlists(c, wordlists)
+
+
+def check_prompt(prompt: str) -> None:
+    if prompt != "auto":
+        from refine_llm.prompts import load_prompt
+
+        load_prompt(prompt)
+
+
+def check_run(args) -> None:
+    """All of the above for the main job's parsed arguments (scripts/debias_llm.py)."""
+    check_model(args.model)
+    check_wordlists(args.category, args.wordlists)
+    check_prompt(args.prompt)
+    if args.method in ("lora-reward", "lora-cda", "all"):
+        from refine_llm.config import LoraConfig
+
+        for flag, v in (("--lora-steps", args.lora_steps), ("--lora-batch-size", args.lora_batch_size),
+                        ("--lora-r", args.lora_r), ("--lora-lr", args.lora_lr), ("--cda-steps", args.cda_steps)):
+            if v is not None and v <= 0:
+                raise UserError(f"{flag} {v}: must be > 0")
+        try:
+            LoraConfig(top_k=args.top_k, objective=args.lora_objective, lr=args.lora_lr, steps=args.lora_steps,
+                       batch_size=args.lora_batch_size, r=args.lora_r)
+        except ValueError as e:
+            raise UserError(str(e)) from None

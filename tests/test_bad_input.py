@@ -1,0 +1,292 @@
+"""Bad input, all of it: each mistake exits 2 with one line that names the thing, no traceback, no report.
+
+A table of bad flags, model paths, .gguf files, word lists, prompt files, heads (another tokenizer,
+corrupted config.json, damaged weights) and server settings. The CLIs run in-process (`main(argv)` of
+scripts/debias_llm.py and scripts/serve.py, stderr captured): every case fails in the argument parser
+or the preflight checks, before any model loads, so the whole table takes seconds. Plus: a corrupted
+score-cache shard is named in one warning line and its rows are scored again; progress bars write
+lines, not carriage returns, when stderr is a pipe.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, smollm2_dir):
+    """A directory of bad inputs, built once: name -> path."""
+    from refine_llm import models
+
+    d = tmp_path_factory.mktemp("bad")
+    p: dict[str, Path] = {}
+    gguf = models._smollm2_gguf_path()
+    (d / "garbage.gguf").write_bytes(os.urandom(4096))
+    (d / "empty.gguf").write_bytes(b"")
+    with open(gguf, "rb") as f:
+        (d / "truncated.gguf").write_bytes(f.read(3 << 20))  # header whole, tensors cut
+        f.seek(0)
+        (d / "header_cut.gguf").write_bytes(f.read(100))  # cut inside the header
+    (d / "empty_dir").mkdir()
+    (d / "bad_config").mkdir()
+    (d / "bad_config" / "config.json").write_text('{"model_type": "llama", ')
+    (d / "weights.bin").write_bytes(b"\0" * 16)
+    (d / "a_file").write_text("not a directory")
+
+    wl = ROOT / "refine_llm" / "wordlists"
+    for name in ("wl_empty_female", "wl_no_slots", "wl_latin1", "wl_duplicate", "wl_bad_template"):
+        shutil.copytree(wl, d / name)
+    female = next((d / "wl_empty_female" / "nouns" / "subjects").glob("female*"))
+    female.write_text("# no names\n")
+    for f in (d / "wl_no_slots" / "slots").glob("gender*"):
+        f.unlink()
+    next((d / "wl_latin1" / "nouns" / "subjects").glob("male*")).write_bytes("Jos\xe9\n".encode("latin-1"))
+    male = next((d / "wl_duplicate" / "nouns" / "subjects").glob("male*"))
+    first = next(ln for ln in male.read_text().splitlines() if ln.strip() and not ln.startswith("#"))
+    male.write_text(male.read_text() + first + "\n")
+    next((d / "wl_bad_template" / "slots").glob("gender*")).write_text("no placeholders on this line\n")
+
+    (d / "no_question.txt").write_text("Text: [context]\nAnswer:")
+    (d / "latin1_prompt.txt").write_bytes("Caf\xe9 [context] [question] Answer:".encode("latin-1"))
+    (d / "empty_prompt.txt").write_text("")
+
+    # heads for serve.py
+    from test_serving_hf import make_served_head
+
+    tok = models.load_tokenizer(smollm2_dir)
+    make_served_head(d / "heads_ok" / "gender", tok)
+    make_served_head(d / "heads_other_tok" / "gender", tok, fingerprint="sha256:" + "0" * 64)
+    make_served_head(d / "heads_bad_config" / "gender", tok)
+    (d / "heads_bad_config" / "gender" / "config.json").write_text("{not json")
+    make_served_head(d / "heads_bad_format" / "gender", tok)
+    cfg = json.loads((d / "heads_bad_format" / "gender" / "config.json").read_text())
+    cfg["format"] = "something-else"
+    (d / "heads_bad_format" / "gender" / "config.json").write_text(json.dumps(cfg))
+    make_served_head(d / "heads_no_weights" / "gender", tok)
+    (d / "heads_no_weights" / "gender" / "model.safetensors").unlink()
+    make_served_head(d / "heads_bad_weights" / "gender", tok)
+    (d / "heads_bad_weights" / "gender" / "model.safetensors").write_bytes(b"\x10\x00garbage")
+    (d / "heads_empty").mkdir()
+    for f in d.iterdir():
+        p[f.name] = f
+    return p
+
+
+def _run(script: str, argv: list[str], capsys) -> tuple[int, str]:
+    mod = _script(script)
+    capsys.readouterr()
+    try:
+        rc = mod.main(argv)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+# (id, argv builder(paths, tmp) -> argv, substring the one line must hold)
+MAIN_CASES = [
+    # flags (argparse, one line + "see --help")
+    ("category-typo", lambda p, t: ["--category", "gendr"], "--category"),
+    ("max-tuples-abc", lambda p, t: ["--max-tuples", "abc"], "--max-tuples"),
+    ("quant-unknown", lambda p, t: ["--quant", "nf3"], "--quant"),
+    ("method-typo", lambda p, t: ["--method", "refin"], "--method"),
+    ("unknown-flag", lambda p, t: ["--max-tupels", "4"], "--max-tupels"),
+    ("seed-float", lambda p, t: ["--seed", "1.5"], "--seed"),
+    ("backend-unknown", lambda p, t: ["--backend", "tgi"], "--backend"),
+    # values the config dataclasses refuse
+    ("max-tuples-zero", lambda p, t: ["--max-tuples", "0"], "max_tuples"),
+    ("top-k-one", lambda p, t: ["--top-k", "1"], "top_k"),
+    ("batch-size-zero", lambda p, t: ["--batch-size", "0"], "batch_size"),
+    ("lr-negative", lambda p, t: ["--lr", "-1"], "lr"),
+    ("epochs-zero", lambda p, t: ["--epochs", "0"], "epochs"),
+    ("utility-negative", lambda p, t: ["--utility-weight", "-0.5"], "utility_weight"),
+    ("lora-steps-zero", lambda p, t: ["--method", "lora-reward", "--lora-steps", "0"], "--lora-steps"),
+    ("lora-r-zero", lambda p, t: ["--method", "all", "--lora-r", "0"], "--lora-r"),
+    # model paths
+    ("model-missing-dir", lambda p, t: ["--model", str(t / "nope" / "model")], "no such directory"),
+    ("model-unknown-alias", lambda p, t: ["--model", "llama-2-7"], "unknown model alias"),
+    ("model-empty-dir", lambda p, t: ["--model", str(p["empty_dir"])], "no config.json"),
+    ("model-a-file", lambda p, t: ["--model", str(p["weights.bin"])], "holds no model"),
+    ("model-bad-config", lambda p, t: ["--model", str(p["bad_config"])], "config.json is not valid JSON"),
+    ("gguf-missing", lambda p, t: ["--model", str(t / "missing.gguf")], "no such .gguf file"),
+    ("gguf-garbage", lambda p, t: ["--model", str(p["garbage.gguf"])], "not a GGUF file"),
+    ("gguf-empty", lambda p, t: ["--model", str(p["empty.gguf"])], "not a GGUF file"),
+    ("gguf-truncated", lambda p, t: ["--model", str(p["truncated.gguf"])], "truncated GGUF file"),
+    ("gguf-header-cut", lambda p, t: ["--model", str(p["header_cut.gguf"])], "damaged GGUF header"),
+    # word lists
+    ("wordlists-missing", lambda p, t: ["--wordlists", str(t / "nowl")], "word-list directory not found"),
+    ("wordlists-empty-names", lambda p, t: ["--wordlists", str(p["wl_empty_female"])], "female"),
+    ("wordlists-no-slots", lambda p, t: ["--wordlists", str(p["wl_no_slots"])], "slots"),
+    ("wordlists-not-utf8", lambda p, t: ["--wordlists", str(p["wl_latin1"])], "not UTF-8"),
+    ("wordlists-duplicate", lambda p, t: ["--wordlists", str(p["wl_duplicate"])], "duplicate subject"),
+    ("wordlists-no-template", lambda p, t: ["--wordlists", str(p["wl_bad_template"])], "gender"),
+    # prompt files
+    ("prompt-missing", lambda p, t: ["--prompt", str(t / "nope.txt")], "nope.txt"),
+    ("prompt-builtin-typo", lambda p, t: ["--prompt", "qaa"], "--prompt qaa"),
+    ("prompt-no-question", lambda p, t: ["--prompt", str(p["no_question.txt"])], "[question]"),
+    ("prompt-not-utf8", lambda p, t: ["--prompt", str(p["latin1_prompt.txt"])], "not UTF-8"),
+    ("prompt-empty", lambda p, t: ["--prompt", str(p["empty_prompt.txt"])], "empty_prompt.txt"),
+    # output
+    ("out-is-a-file", lambda p, t: ["--out", str(p["a_file"])], "--out"),
+]
+
+
+@pytest.mark.parametrize("case", MAIN_CASES, ids=[c[0] for c in MAIN_CASES])
+def test_main_job_bad_input(case, bad, tmp_path, capsys):
+    name, argv_of, expect = case
+    argv = argv_of(bad, tmp_path)
+    out = tmp_path / "run"
+    if "--out" not in argv:
+        argv += ["--out", str(out)]
+    rc, err = _run("debias_llm", argv + ["--max-tuples", "4"] if "--max-tuples" not in argv else argv, capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and expect in lines[0], lines[0]
+    assert not (out / "report.json").exists() and not list(tmp_path.rglob("report.json"))
+    if "error: argument" in lines[0] or "unrecognized" in lines[0]:
+        assert lines[0].endswith("(see --help)")
+
+
+def _busy_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    return s
+
+
+SERVE_CASES = [
+    ("heads-missing", lambda p, t: ["--heads", str(t / "no_heads")], "no such directory"),
+    ("heads-empty", lambda p, t: ["--heads", str(p["heads_empty"])], "no head directories"),
+    ("heads-other-tokenizer", lambda p, t: ["--heads", str(p["heads_other_tok"])], "tokenizer"),
+    ("heads-corrupt-config", lambda p, t: ["--heads", str(p["heads_bad_config"])], "config.json is corrupt"),
+    ("heads-foreign-config", lambda p, t: ["--heads", str(p["heads_bad_format"])], "config.json"),
+    ("heads-no-weights", lambda p, t: ["--heads", str(p["heads_no_weights"])], "model.safetensors"),
+    ("heads-bad-weights", lambda p, t: ["--heads", str(p["heads_bad_weights"])], "model.safetensors"),
+    ("serve-model-missing", lambda p, t: ["--heads", str(p["heads_ok"]), "--model", str(t / "m")], "--model"),
+    ("serve-gguf-garbage", lambda p, t: ["--heads", str(p["heads_ok"]), "--model", str(p["garbage.gguf"])],
+     "not a GGUF file"),
+    ("serve-port-abc", lambda p, t: ["--heads", str(p["heads_ok"]), "--port", "abc"], "--port"),
+    ("serve-kv-zero", lambda p, t: ["--heads", str(p["heads_ok"]), "--kv-cache-gib", "0"], "--kv-cache-gib"),
+    ("serve-kv-too-big", lambda p, t: ["--heads", str(p["heads_ok"]), "--kv-cache-gib", "100000"],
+     "not enough free memory"),
+    ("serve-kv-too-small", lambda p, t: ["--heads", str(p["heads_ok"]), "--kv-cache-gib", "0.001"],
+     "--max-model-len"),
+    ("serve-port-busy", "busy", "--port"),
+]
+
+
+@pytest.mark.parametrize("case", SERVE_CASES, ids=[c[0] for c in SERVE_CASES])
+def test_serve_bad_input(case, bad, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("vllm")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    name, argv_of, expect = case
+    busy = None
+    if argv_of == "busy":
+        busy = _busy_port()
+        argv = ["--heads", str(bad["heads_ok"]), "--port", str(busy.getsockname()[1])]
+    else:
+        argv = argv_of(bad, tmp_path)
+    try:
+        rc, err = _run("serve", argv + ["--print-command"], capsys)
+    finally:
+        if busy is not None:
+            busy.close()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and expect in lines[0], lines[0]
+
+
+def test_serve_good_input_passes_checks(bad, capsys, monkeypatch):
+    """The same checks accept a good heads directory (the command has the CPU KV bound)."""
+    pytest.importorskip("vllm")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    rc, err = _run("serve", ["--heads", str(bad["heads_ok"]), "--port", "0", "--print-command"], capsys)
+    assert rc == 0, err
+    if not __import__("torch").cuda.is_available():
+        assert "--kv-cache-memory-bytes 2147483648" in err
+
+
+def test_vllm_kvcache_env_bad(bad, capsys, monkeypatch):
+    pytest.importorskip("vllm")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "two")
+    rc, err = _run("serve", ["--heads", str(bad["heads_ok"]), "--port", "0", "--print-command"], capsys)
+    if __import__("torch").cuda.is_available():
+        pytest.skip("the CPU KV bound is not checked on GPU")
+    assert rc == 2 and "VLLM_CPU_KVCACHE_SPACE" in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------------------------------------
+# score cache: a damaged shard is named and re-scored
+
+
+def test_corrupt_score_shard_is_named_and_rescored(smollm2_fp32, tmp_path, caplog):
+    from refine_llm import prompts, scoring
+    from refine_llm.config import ScoringConfig
+
+    from test_scoring import QUESTIONS
+
+    model, tok = smollm2_fp32
+    prompt = prompts.load_prompt("qa")
+    cfg = ScoringConfig(top_k=5, batch_size=4)
+    first = scoring.score(model, tok, QUESTIONS, prompt, cfg, tmp_path, "m", progress=False)
+    (shard,) = list(tmp_path.rglob("shard-*.arrow"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # a torn write / a disk error
+    with caplog.at_level(logging.WARNING, logger="refine_llm.scoring"):
+        again = scoring.score(model, tok, QUESTIONS, prompt, cfg, tmp_path, "m", progress=False)
+    msgs = [r.getMessage() for r in caplog.records if shard.name in r.getMessage()]
+    assert len(msgs) == 1 and "\n" not in msgs[0] and "scored again" in msgs[0], msgs
+    assert shard.with_name(shard.name + ".corrupt").is_file() and not shard.exists()
+    assert len(list(tmp_path.rglob("shard-*.arrow"))) == 1  # the rescored rows, in a new shard
+    np.testing.assert_allclose(np.stack(again["topk_logprobs"]), np.stack(first["topk_logprobs"]), atol=1e-5)
+    assert again["question_id"] == first["question_id"]
+
+
+# ---------------------------------------------------------------------------------------------
+# logs: progress bars to a pipe
+
+
+def test_progress_to_a_pipe_writes_few_lines(smollm2_dir):
+    """A short scoring run with stderr to a pipe: no carriage return, a handful of lines."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        from refine_llm import models, prompts, scoring
+        from refine_llm.config import ScoringConfig
+        from refine_llm.progress import progress
+        from test_scoring import QUESTIONS
+        model, tok = models.load_model({smollm2_dir!r}, quant="fp32", device="cpu")
+        scoring.score(model, tok, QUESTIONS * 4, prompts.load_prompt("qa"), ScoringConfig(top_k=5, batch_size=2))
+        for _ in progress(range(200000), desc="fast loop"):  # 200k updates within the interval
+            pass
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "\r" not in r.stderr
+    bars = [ln for ln in r.stderr.splitlines() if "scoring (" in ln or "fast loop" in ln]
+    assert 2 <= len(bars) <= 6, r.stderr  # start + end of each bar (plus one per 10 s)
+    assert len(r.stderr.splitlines()) <= 12, r.stderr
