@@ -157,16 +157,19 @@ def stage_questions(qcfg: QuestionsConfig, run_dir: Path):
 class Scorer:
     """Scores question subsets with one loaded model, through the on-disk cache in the run directory."""
 
-    def __init__(self, model, tokenizer, scfg: ScoringConfig, cache_dir: Path, model_key: str, model_dir: str):
+    def __init__(self, model, tokenizer, scfg: ScoringConfig, cache_dir: Path, model_key: str, model_dir: str,
+                 vllm_dtype: str = "float32"):
         self.model, self.tokenizer, self.scfg = model, tokenizer, scfg
         self.cache_dir, self.model_key, self.model_dir = cache_dir, model_key, model_dir
+        self.vllm_dtype = vllm_dtype
 
     def __call__(self, questions, prompt_name: str):
         from refine_llm import prompts, scoring
 
         prompt = prompts.load_prompt(prompt_name)
         return scoring.score(self.model, self.tokenizer, questions, prompt, self.scfg,
-                             cache_dir=self.cache_dir, model_key=self.model_key, model_dir=self.model_dir)
+                             cache_dir=self.cache_dir, model_key=self.model_key, model_dir=self.model_dir,
+                             vllm_dtype=self.vllm_dtype)
 
 
 def choose_prompt(scorer: Scorer, val_questions, requested: str, tokenizer) -> tuple[str, list[dict]]:
@@ -223,6 +226,11 @@ def run(args, loaded=None) -> int:
                "all": ["refine", "lora-reward", "lora-reward-direct", "lora-cda"]}[args.method]
     train_heads = "refine" in methods
     variants = _head_variants(args) if train_heads else []
+    vdtype = None
+    if args.backend == "vllm":
+        from refine_llm.vllm_backend import vllm_dtype
+
+        vdtype = vllm_dtype(args.quant)  # nf4/int8: refused in one line, never reported as what did not run
     if args.backend == "vllm" and "contextual" in variants:
         # vLLM returns log-probs, not hidden states; the contextual head trains on cached hidden states.
         if args.head == "contextual":
@@ -266,15 +274,15 @@ def run(args, loaded=None) -> int:
         model, tokenizer = models.load_model(mcfg.name, quant=mcfg.quant, device=mcfg.device,
                                              trust_remote_code=mcfg.trust_remote_code)
     info = models.summary(model) if model is not None else {
-        "model": source.name, "hub_id": source.hub_id, "quant": mcfg.quant, "backend": "vllm"}
+        "model": source.name, "hub_id": source.hub_id, "quant": mcfg.quant, "backend": "vllm", "dtype": vdtype}
     timing["load_model"] = time.time() - t
     log("model: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     if getattr(args, "info", False):
         return 0
 
     # The cache key names what produced the numbers: weights + quantization (HF) or vLLM's dtype.
-    model_key = f"{models.fingerprint(source)}-" + (mcfg.quant if scfg.backend == "hf" else "vllm-float32")
-    scorer = Scorer(model, tokenizer, scfg, out / "scores", model_key, models.model_dir(source))
+    model_key = f"{models.fingerprint(source)}-" + (mcfg.quant if scfg.backend == "hf" else f"vllm-{vdtype}")
+    scorer = Scorer(model, tokenizer, scfg, out / "scores", model_key, models.model_dir(source), vdtype)
     splits = {s: _split(questions, s) for s in ("train", "validation", "test")}
 
     t = time.time()
@@ -437,7 +445,9 @@ def compare_quant(args, mcfg, scfg, source, test_q, prompt_name, out, base_nf4) 
 
     model, tok = models.load_model(mcfg.name, quant="bf16", device=mcfg.device,
                                    trust_remote_code=mcfg.trust_remote_code)
-    scorer = Scorer(model, tok, scfg, out / "scores", f"{models.fingerprint(source)}-bf16", models.model_dir(source))
+    # The HF bf16 model scores itself: with --backend vllm the scorer would read the weights directory instead.
+    scorer = Scorer(model, tok, replace(scfg, backend="hf"), out / "scores", f"{models.fingerprint(source)}-bf16",
+                    models.model_dir(source))
     sc = scorer(test_q, prompt_name)
     p_topk, p_full, in_topk = scoring.candidate_probs(sc)
     bf16 = metrics.evaluate(test_q, p_topk, p_full, in_topk, seed=args.seed)
@@ -478,7 +488,9 @@ def run_lora(args, methods, mcfg, out, splits, prompt_name, scfg, report, timing
             timing[f"train_{m}"] = time.time() - t
         model, tok = lora.load_adapted(mcfg.name, res.adapter_dir, quant=mcfg.quant)
         key = lora.model_key(mcfg.name, res.adapter_dir, mcfg.quant)
-        sc = scoring.score(model, tok, splits["test"], prompt, scfg, cache_dir=out / "scores", model_key=key)
+        # backend hf: the adapted model in memory (vLLM would score the base weights directory, without the adapter)
+        sc = scoring.score(model, tok, splits["test"], prompt, replace(scfg, backend="hf"), cache_dir=out / "scores",
+                           model_key=key)
         p_topk, p_full, in_topk = scoring.candidate_probs(sc)
         del model
         _free_memory()

@@ -55,6 +55,20 @@ import numpy as np
 
 from refine_llm.errors import UserError
 
+# --quant -> the dtype vLLM runs the checkpoint's weights in. vLLM does not run bitsandbytes NF4/int8 here,
+# so those are refused for --backend vllm (`vllm_dtype`) rather than reported as what did not run.
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def vllm_dtype(quant: str) -> str:
+    """The vLLM dtype for ``--quant``; a one-line UserError for a quantization vLLM would not actually run."""
+    if quant not in VLLM_DTYPES:
+        raise UserError(
+            f"--backend vllm --quant {quant}: the vLLM backend runs the weights in fp32 or bf16, not bitsandbytes "
+            f"{quant}, so its numbers would not be {quant}'s: pass --quant bf16 or --quant fp32 with --backend vllm, "
+            f"or use --backend hf for --quant {quant}")
+    return VLLM_DTYPES[quant]
+
 # vLLM caps `logprob_token_ids` per request (vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS in 0.32).
 _MAX_TOKEN_IDS_PER_REQUEST = 128
 _DEFAULT_MAX_LOGPROBS = 256  # engine-wide cap on `logprobs=k`; k above it is refused with a fix

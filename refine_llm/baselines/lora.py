@@ -42,14 +42,23 @@ history, train-set fingerprint). ``load_adapted`` loads it with ``PeftModel.from
 adapter trained on another base model; ``reusable`` lets a re-run of the main job reuse an adapter trained
 with the same settings instead of training it again. peft, trl and bitsandbytes are imported inside the
 functions that need them.
+
+Checkpoints (lora-reward): every ``CHECKPOINT_EVERY`` steps ``train_lora_reward`` writes ONE safetensors
+file next to the adapter directory (``<out_dir>.checkpoint/last.safetensors``: trainable LoRA tensors,
+AdamW state, torch RNG state for dropout, with the step, history and a key of the run's settings in its
+metadata), replaced atomically. A re-run with the same settings resumes from it and ends with the
+adapter an uninterrupted run writes, bit for bit (every step's sampling is seeded by (seed, step));
+it is deleted once the adapter is saved.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,7 +70,7 @@ import numpy as np
 from refine_llm import metrics, models, scoring
 from refine_llm.config import LoraConfig
 from refine_llm.errors import UserError
-from refine_llm.io import atomic_dir
+from refine_llm.io import atomic_dir, atomic_write_bytes, kill_point
 
 __all__ = [
     "LoraResult",
@@ -81,7 +90,12 @@ __all__ = [
     "mean_abs_bias",
 ]
 
+log = logging.getLogger(__name__)
+
 INFO_FILE = "refine_llm_lora.json"
+CHECKPOINT_EVERY = 5  # lora-reward steps between checkpoints (a few MB each; a step takes seconds)
+_CKPT_FILE = "last.safetensors"
+_CKPT_META_KEY = "refine_llm_lora_state"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 @dataclass
 class LoraResult:
@@ -467,12 +481,69 @@ def _schedule(n_tuples: int, cfg: LoraConfig):
         yield step, np.sort(perm[b * bs: (b + 1) * bs])
 
 
+def _save_checkpoint(path: Path, model, opt, state: dict) -> None:
+    """One safetensors file: trainable tensors, optimizer state and RNG state; ``state`` (JSON) in its metadata."""
+    import torch
+    from safetensors.torch import save
+
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    osd = opt.state_dict()
+    for pid, pstate in osd["state"].items():
+        for key, val in pstate.items():
+            tensors[f"optim.{pid}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()  # LoRA dropout draws from the global generator
+    dev = _device(model)
+    if dev.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(dev)
+    meta = {_CKPT_META_KEY: json.dumps({**state, "param_groups": osd["param_groups"]}, allow_nan=True)}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+    kill_point("lora")  # test hook (refine_llm.io): a kill -9 right after a checkpoint
+
+
+def _load_checkpoint(path: Path, model, opt, key: str) -> dict | None:
+    """Restore a checkpoint written with the same settings ``key`` in place; its state, or None (start fresh)."""
+    import torch
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = json.loads((f.metadata() or {})[_CKPT_META_KEY])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # not ours / damaged: never half-trust it
+        log.warning("ignoring unreadable LoRA checkpoint %s (%s); training from step 0", path, e)
+        return None
+    if state.get("key") != key:
+        log.warning("LoRA checkpoint %s is for other settings; training from step 0", path)
+        return None
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != {k[6:] for k in tensors if k.startswith("param.")}:
+        log.warning("LoRA checkpoint %s holds other parameters; training from step 0", path)
+        return None
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
+    ostate: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            ostate.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": ostate, "param_groups": state.pop("param_groups")})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and _device(model).type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], _device(model))
+    return state
+
+
 def train_reward(model, tokenizer, questions, prompt, cfg: LoraConfig, *, pronouns: bool = False,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, checkpoint_dir=None, checkpoint_key: str = "") -> dict:
     """Train the active adapter of a PeftModel in place with the head's reward (cfg.objective: bandit or
     direct) for cfg.steps steps of cfg.batch_size tuples of ``questions`` (pass the train split).
 
-    Returns {"history", "train_seconds", "peak_memory_mb", "trainable_params"}."""
+    checkpoint_dir: write a checkpoint there every ``CHECKPOINT_EVERY`` steps and resume from one made
+    with the same ``checkpoint_key`` (the caller's hash of everything that determines the run).
+    Returns {"history", "train_seconds", "peak_memory_mb", "trainable_params", "resumed_from"}."""
     import torch
 
     from refine_llm.progress import progress as progress_bar
@@ -488,10 +559,16 @@ def train_reward(model, tokenizer, questions, prompt, cfg: LoraConfig, *, pronou
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     mem = _PeakMemory(_device(model))
     model.train()
-    history = []
+    history, done, seconds_before = [], 0, 0.0
+    ckpt = Path(checkpoint_dir) / _CKPT_FILE if checkpoint_dir is not None else None
+    st = _load_checkpoint(ckpt, model, opt, checkpoint_key) if ckpt is not None else None
+    if st is not None:
+        history, done, seconds_before = st["history"], int(st["step"]), float(st["seconds"])
     t0 = time.perf_counter()
     for step, tuples in progress_bar(_schedule(len(ts.tuple_rows), cfg), total=cfg.steps, disable=not progress,
-                             desc=f"lora[{cfg.objective}]", leave=False):
+                                    desc=f"lora[{cfg.objective}]", leave=False, initial=done):
+        if step < done:
+            continue  # done before the checkpoint this run resumed from
         g = torch.Generator().manual_seed(_step_seed(cfg.seed, step))
         loss, logs = _step_loss(model, ts, tuples, cfg, g)
         opt.zero_grad(set_to_none=True)
@@ -500,9 +577,13 @@ def train_reward(model, tokenizer, questions, prompt, cfg: LoraConfig, *, pronou
             opt.step()
         history.append({"step": step + 1, "loss": loss.item(), **logs})
         mem.sample()
+        if ckpt is not None and (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(ckpt, model, opt, {"key": checkpoint_key, "step": step + 1, "history": history,
+                                                "seconds": seconds_before + time.perf_counter() - t0})
     model.eval()
-    return {"history": history, "train_seconds": time.perf_counter() - t0, "peak_memory_mb": mem.sample(),
-            "trainable_params": _trainable(model)}
+    return {"history": history, "train_seconds": seconds_before + time.perf_counter() - t0,
+            "peak_memory_mb": mem.sample(), "trainable_params": _trainable(model),
+            "resumed_from": done or None}
 
 
 def train_lora_reward(model_dir_or_name, questions_train, prompt, cfg: LoraConfig, out_dir, quant: str = "nf4",
@@ -513,10 +594,17 @@ def train_lora_reward(model_dir_or_name, questions_train, prompt, cfg: LoraConfi
     model, tok = _load_base(model_dir_or_name, quant, tokenizer, device)
     source = model.refine_llm_source
     peft_model = add_lora(model, cfg, gradient_checkpointing)
-    res = train_reward(peft_model, tok, questions_train, prompt, cfg, pronouns=pronouns, progress=progress)
+    # A kill -9 resumes from <out_dir>.checkpoint when everything that determines the run is the same.
+    ckpt_dir = Path(out_dir).with_name(Path(out_dir).name + ".checkpoint")
+    key = hashlib.sha256(json.dumps(
+        [asdict(cfg), models.fingerprint(source), quant, prompt.fingerprint, train_data_fingerprint(questions_train),
+         bool(pronouns), bool(gradient_checkpointing), str(_device(peft_model))]).encode()).hexdigest()[:16]
+    res = train_reward(peft_model, tok, questions_train, prompt, cfg, pronouns=pronouns, progress=progress,
+                       checkpoint_dir=ckpt_dir, checkpoint_key=key)
     info = _info("lora-reward", cfg, source, quant, prompt, res, objective=cfg.objective)
     info.update(train_fingerprint=train_data_fingerprint(questions_train), pronouns=bool(pronouns))
     save_adapter(peft_model, out_dir, info)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     return LoraResult("lora-reward", str(Path(out_dir)), res["trainable_params"], res["train_seconds"],
                       res["peak_memory_mb"], res["history"], cfg.objective, asdict(cfg))
 
