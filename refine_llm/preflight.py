@@ -50,6 +50,9 @@ def check_prompt(prompt: str) -> None:
 
 def check_run(args) -> None:
     """All of the above for the main job's parsed arguments (scripts/debias_llm.py)."""
+    for flag, v in (("--batch-size", args.batch_size), ("--max-tuples", args.max_tuples)):
+        if v is not None and v <= 0:  # --batch-size 0 would silently mean "the default"
+            raise UserError(f"{flag} {v}: must be > 0")
     check_model(args.model)
     check_wordlists(args.category, args.wordlists)
     check_prompt(args.prompt)
