@@ -199,6 +199,8 @@ SERVE_CASES = [
      "not enough free memory"),
     ("serve-kv-too-small", lambda p, t: ["--heads", str(p["heads_ok"]), "--kv-cache-gib", "0.001"],
      "--max-model-len"),
+    ("serve-max-model-len-abc", lambda p, t: ["--heads", str(p["heads_ok"]), "--max-model-len", "abc"],
+     "--max-model-len"),
     ("serve-port-busy", "busy", "--port"),
 ]
 
