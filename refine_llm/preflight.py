@@ -19,6 +19,8 @@ def check_model(name: str) -> None:
     from refine_llm import models
 
     source = models.resolve(name)
+    if source.kind == "hub" and not Path(source.location).exists():
+        models._ensure_hub_reachable(source.location, name)  # cached, or the hub answers (5 s at most)
     if source.kind == "gguf":
         models.check_gguf(source.location)
     elif source.kind == "dir":
@@ -50,6 +52,9 @@ def check_prompt(prompt: str) -> None:
 
 def check_run(args) -> None:
     """All of the above for the main job's parsed arguments (scripts/debias_llm.py)."""
+    for flag, v in (("--batch-size", args.batch_size), ("--max-tuples", args.max_tuples)):
+        if v is not None and v <= 0:  # --batch-size 0 would silently mean "the default"
+            raise UserError(f"{flag} {v}: must be > 0")
     check_model(args.model)
     check_wordlists(args.category, args.wordlists)
     check_prompt(args.prompt)

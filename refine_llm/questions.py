@@ -558,14 +558,10 @@ def load_questions(path: str | os.PathLike):
 # ----------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m refine_llm.questions", description="Write the questions dataset (nothing else).")
+    from refine_llm.errors import ArgumentParser  # one line + "see --help", exit 2, no usage dump
+
+    p = ArgumentParser(prog="python -m refine_llm.questions", description="Write the questions dataset (nothing else).")
     p.add_argument("--category", default="all", choices=CATEGORIES + ("all",), help=help_of(QuestionsConfig, "category"))
     p.add_argument("--seed", type=int, default=0, help=help_of(QuestionsConfig, "seed"))
     p.add_argument("--max-tuples", type=int, default=None, help=help_of(QuestionsConfig, "max_tuples"))

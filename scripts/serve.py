@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     cmd = server_command(plan, args.model, args.host, args.port, args.dtype, extra)
     env_str = " ".join(f"{k}={v}" for k, v in plan.env.items())
-    print(f"heads: {', '.join(plan.heads)}\n$ {env_str} " + " ".join(cmd), file=sys.stderr, flush=True)
+    print(f"heads: {', '.join(plan.heads)}", file=sys.stderr)
+    if plan.kv_cache_bytes is not None:
+        print(f"KV cache: {plan.kv_cache_bytes / 2**30:g} GiB of RAM (CPU); raise it with --kv-cache-gib N "
+              f"or {KV_ENV}=N", file=sys.stderr)
+    print(f"$ {env_str} " + " ".join(cmd), file=sys.stderr, flush=True)
     if args.print_command:
         return 0
     os.environ.update(plan.env)

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SHORT_PROMPT = "Text: [context] Question: [question] Answer:"  # short prompts: seconds of scoring on 2 cores
 
 
 def _script(name: str):
@@ -114,9 +115,9 @@ MAIN_CASES = [
     ("seed-float", lambda p, t: ["--seed", "1.5"], "--seed"),
     ("backend-unknown", lambda p, t: ["--backend", "tgi"], "--backend"),
     # values the config dataclasses refuse
-    ("max-tuples-zero", lambda p, t: ["--max-tuples", "0"], "max_tuples"),
+    ("max-tuples-zero", lambda p, t: ["--max-tuples", "0"], "max"),
     ("top-k-one", lambda p, t: ["--top-k", "1"], "top_k"),
-    ("batch-size-zero", lambda p, t: ["--batch-size", "0"], "batch_size"),
+    ("batch-size-zero", lambda p, t: ["--batch-size", "0"], "--batch-size"),
     ("lr-negative", lambda p, t: ["--lr", "-1"], "lr"),
     ("epochs-zero", lambda p, t: ["--epochs", "0"], "epochs"),
     ("utility-negative", lambda p, t: ["--utility-weight", "-0.5"], "utility_weight"),
@@ -152,7 +153,13 @@ MAIN_CASES = [
 
 
 @pytest.mark.parametrize("case", MAIN_CASES, ids=[c[0] for c in MAIN_CASES])
-def test_main_job_bad_input(case, bad, tmp_path, capsys):
+def test_main_job_bad_input(case, bad, tmp_path, capsys, monkeypatch):
+    from refine_llm import pipeline
+
+    def tripwire(*a, **k):
+        raise AssertionError("the job got past the input checks (the questions stage started)")
+
+    monkeypatch.setattr(pipeline, "stage_questions", tripwire)  # every case must fail before any stage runs
     name, argv_of, expect = case
     argv = argv_of(bad, tmp_path)
     out = tmp_path / "run"
@@ -191,6 +198,8 @@ SERVE_CASES = [
     ("serve-kv-too-big", lambda p, t: ["--heads", str(p["heads_ok"]), "--kv-cache-gib", "100000"],
      "not enough free memory"),
     ("serve-kv-too-small", lambda p, t: ["--heads", str(p["heads_ok"]), "--kv-cache-gib", "0.001"],
+     "--max-model-len"),
+    ("serve-max-model-len-abc", lambda p, t: ["--heads", str(p["heads_ok"]), "--max-model-len", "abc"],
      "--max-model-len"),
     ("serve-port-busy", "busy", "--port"),
 ]
@@ -248,8 +257,10 @@ def test_corrupt_score_shard_is_named_and_rescored(smollm2_fp32, tmp_path, caplo
     from test_scoring import QUESTIONS
 
     model, tok = smollm2_fp32
-    prompt = prompts.load_prompt("qa")
+    (tmp_path / "p.txt").write_text(SHORT_PROMPT)
+    prompt = prompts.load_prompt(str(tmp_path / "p.txt"))
     cfg = ScoringConfig(top_k=5, batch_size=4)
+    tmp_path = tmp_path / "cache"
     first = scoring.score(model, tok, QUESTIONS, prompt, cfg, tmp_path, "m", progress=False)
     (shard,) = list(tmp_path.rglob("shard-*.arrow"))
     data = shard.read_bytes()
@@ -268,8 +279,9 @@ def test_corrupt_score_shard_is_named_and_rescored(smollm2_fp32, tmp_path, caplo
 # logs: progress bars to a pipe
 
 
-def test_progress_to_a_pipe_writes_few_lines(smollm2_dir):
+def test_progress_to_a_pipe_writes_few_lines(smollm2_dir, tmp_path):
     """A short scoring run with stderr to a pipe: no carriage return, a handful of lines."""
+    (tmp_path / "p.txt").write_text(SHORT_PROMPT)
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT / 'tests')!r})
@@ -278,7 +290,8 @@ def test_progress_to_a_pipe_writes_few_lines(smollm2_dir):
         from refine_llm.progress import progress
         from test_scoring import QUESTIONS
         model, tok = models.load_model({smollm2_dir!r}, quant="fp32", device="cpu")
-        scoring.score(model, tok, QUESTIONS * 4, prompts.load_prompt("qa"), ScoringConfig(top_k=5, batch_size=2))
+        prompt = prompts.load_prompt({str(tmp_path / "p.txt")!r})
+        scoring.score(model, tok, QUESTIONS, prompt, ScoringConfig(top_k=5, batch_size=2))
         for _ in progress(range(200000), desc="fast loop"):  # 200k updates within the interval
             pass
     """)

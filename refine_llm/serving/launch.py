@@ -130,7 +130,10 @@ def check_memory(model_dir: str, kv_bytes: int, dtype: str, extra: list[str], fl
     per_tok, ctx = _kv_bytes_per_token(model_dir, dtype)
     max_len = _flag_value(extra, "--max-model-len") or ctx
     if per_tok and max_len:
-        max_len = int(max_len)
+        try:
+            max_len = int(max_len)
+        except ValueError:
+            raise UserError(f"--max-model-len {max_len!r}: must be a whole number of tokens") from None
         if max_len * per_tok > kv_bytes:
             fits = kv_bytes // per_tok
             need = max_len * per_tok / GiB
