@@ -22,8 +22,9 @@ Modes (``refine_llm.config.SERVING_MODES``):
 Per-request options (vLLM ``SamplingParams.extra_args`` / the server's ``vllm_xargs``):
 ``{"refine_head": "<name>", "refine_mode": "first"}``; see ``parse_request_args``.
 
-This package imports only ``refine_llm.head`` and ``refine_llm.config`` of ours: a server never
-pulls in trainers or datasets. ``refine_llm.serving.hf`` needs transformers and
+This package imports only ``refine_llm.head``, ``refine_llm.config`` and ``refine_llm.vocab`` (tokenizer-only
+word -> token ids, no torch) of ours: a server never pulls in trainers, scorers or datasets. The gate
+vocabulary lives in ``vocab`` so that serving and the pipeline tokenize gate words the same way. ``refine_llm.serving.hf`` needs transformers and
 ``refine_llm.serving.vllm`` needs vllm; neither is imported here.
 """
 
@@ -39,6 +40,7 @@ import torch
 
 from refine_llm.config import SERVING_MODES
 from refine_llm.head import load_head, read_head_config
+from refine_llm.vocab import gate_token_ids  # the one tokenization of gate words, shared with the pipeline
 
 __all__ = [
     "SERVING_MODES",
@@ -52,7 +54,7 @@ __all__ = [
     "refine_topk",
     "gate_rows",
     "parse_request_args",
-    "gate_token_ids_for_words",
+    "gate_token_ids",
 ]
 
 HEADS_DIR_ENV = "REFINE_HEADS_DIR"  # each subdirectory is one head; its name is the head's name
@@ -181,18 +183,3 @@ def head_configs(heads_dir: str | os.PathLike | None) -> dict[str, dict[str, Any
     if not heads_dir:
         return {}
     return {name: read_head_config(path) for name, path in discover_heads(heads_dir).items()}
-
-
-def gate_token_ids_for_words(tokenizer: Any, words: list[str]) -> list[int]:
-    """First token ids of each word with and without a leading space ("Mary" / " Mary"), sorted.
-
-    The category vocabulary for ``gated`` mode: the subjects' names and the pronouns. Pass the result
-    as ``gate_token_ids`` in ``save_head``'s meta.
-    """
-    ids: set[int] = set()
-    for word in words:
-        for form in (word, " " + word):
-            toks = tokenizer.encode(form, add_special_tokens=False)
-            if toks:
-                ids.add(int(toks[0]))
-    return sorted(ids)

@@ -56,7 +56,7 @@ class RefineHeadProcessor(LogitsProcessor):
         if mode == "gated" and self.served.gate_ids is None:
             raise ValueError(
                 f"mode='gated' needs the category vocabulary but head {head_dir} has no gate_token_ids: "
-                "pass gate_token_ids= (see refine_llm.serving.gate_token_ids_for_words) or use mode 'first'/'all'"
+                "pass gate_token_ids= (see refine_llm.serving.gate_token_ids) or use mode 'first'/'all'"
             )
         self.mode = mode
         self.applied: list[torch.Tensor] = []  # per call: (B,) bool, which rows the head rewrote
