@@ -6,7 +6,8 @@
     questions/      the question set (datasets, save_to_disk); reused when the question config matches
     scores/         the LLM's top-k per prompt (Arrow, keyed by model + quant + prompt + question id);
                     the LLM runs once per unique prompt, here, and never again
-    heads/<variant> each trained head (config.json + model.safetensors) + bandit checkpoints
+    heads/<variant> each trained head, hub layout (config.json + model.safetensors + README.md model card;
+                    `save_pretrained`), with the trainer's checkpoints in heads/<variant>/checkpoints/
     report.json, report.md, plots/*.png
 
 Conditions evaluated on the test split (unseen attributes, and for gender unseen names):
@@ -344,9 +345,13 @@ def run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, 
             meta = {"base_model": info["model"], "hub_id": info.get("hub_id"), "tokenizer_fingerprint": fp,
                     "category": args.category, "training": res.summary(), "bandit": asdict(cfg),
                     "gate_token_ids": gate, "prompt": None}
-            H.save_head(head, out / "heads" / variant / "head", meta)
-            heads_meta[name] = str(out / "heads" / variant / "head")
             results[name] = metrics.evaluate(test_q, *head_probs(head, test_data, test_s), in_topk, seed=args.seed)
+            card = {"training_data": {"questions": f"refine_llm template questions, {args.category}, train split",
+                                      "tuples": train.num_tuples, "wordlists": args.wordlists or "built-in"},
+                    "metrics": {k: results[name][k] for k in ("mu", "eta", "positional_error", "specified_accuracy")
+                                if k in results[name]} | {f"base {k}": results["base"][k] for k in ("mu", "eta")}}
+            H.save_head(head, out / "heads" / variant, meta, card)  # save_pretrained: the hub layout
+            heads_meta[name] = str(out / "heads" / variant)
             results[name]["flatness"] = H.flatness(head, test_data.topk_logprobs, test_data.topk_ids,
                                                    hidden=test_data.hidden)
             # res.seconds: the bandit's training time, summed over resumes (a re-run resumes a finished head)

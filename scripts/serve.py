@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="alias, hub id, local directory or .gguf file")
-    p.add_argument("--heads", required=True, help="directory with one trained head per subdirectory")
+    p.add_argument("--heads", required=True, help="directory with one trained head per subdirectory, and/or a "
+                   "heads.json mapping served names to head directories or hub repo ids (resolved from the local "
+                   "hub cache when HF_HUB_OFFLINE=1)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="auto", help="vLLM dtype (auto, bfloat16, float32, ...)")
@@ -37,15 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     try:
         from refine_llm import models
-        from refine_llm.head import read_head_config
+        from refine_llm.serving import discover_heads, head_configs
 
         heads = Path(args.heads)
-        names = sorted(d.name for d in heads.iterdir() if (d / "config.json").is_file()) if heads.is_dir() else []
-        if not names:
-            raise UserError(f"--heads {heads}: no head directories (each needs config.json + model.safetensors); "
-                            "copy runs/<run>/heads/logit/head there as heads/<name>")
-        for n in names:
-            read_head_config(heads / n)
+        found = discover_heads(heads)
+        if not found:
+            raise UserError(f"--heads {heads}: no heads (a subdirectory per head with config.json + model.safetensors, "
+                            "or a heads.json mapping names to directories or hub repo ids); copy "
+                            "runs/<run>/heads/logit there as heads/<name>")
+        names = sorted(head_configs(heads))  # reads (and checks) every config.json, hub repos from the local cache
         model_dir = models.model_dir(models.resolve(args.model))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
