@@ -47,7 +47,7 @@ import numpy as np
 from refine_llm.config import ScoringConfig
 from refine_llm.errors import UserError
 from refine_llm.prompts import PromptTemplate
-from refine_llm.vocab import PRONOUNS, candidate_token_ids  # noqa: F401  (re-exported: scoring's candidates)
+X
 
 __all__ = [
     "score",
