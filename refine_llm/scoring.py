@@ -47,7 +47,7 @@ import numpy as np
 from refine_llm.config import ScoringConfig
 from refine_llm.errors import UserError
 from refine_llm.prompts import PromptTemplate
-X
+from refine_llm.vocab import candidate_token_ids  # noqa: F401  (also scoring's public name for it)
 
 __all__ = [
     "score",
