@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="qa")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=2, help="tuples per step")
-    p.add_argument("--objective", default="direct", choices=("bandit", "direct"))
+    p.add_argument("--objective", default="direct", choices=("reinforce", "direct"))
     args = p.parse_args(argv)
 
     import numpy as np

@@ -44,7 +44,7 @@ def _make_bench_head(root: Path, tokenizer, k: int = 10) -> Path:
 
     from refine_llm.config import HeadConfig
     from refine_llm.head import build_head, save_head, tokenizer_fingerprint
-    from refine_llm.serving import gate_token_ids_for_words
+    from refine_llm.serving import gate_token_ids
 
     head = build_head(HeadConfig(variant="logit", k=k))
     perm = list(range(k))
@@ -52,7 +52,7 @@ def _make_bench_head(root: Path, tokenizer, k: int = 10) -> Path:
     with torch.no_grad():
         head.out.weight.copy_(0.3 * torch.eye(k)[perm])
     meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "base_model": "bench", "category": "gender",
-            "gate_token_ids": gate_token_ids_for_words(tokenizer, ["Mary", "John", "he", "she"])}
+            "gate_token_ids": gate_token_ids(tokenizer, ["Mary", "John", "he", "she"])}
     return save_head(head, root / "bench", meta)
 
 

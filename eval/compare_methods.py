@@ -1,5 +1,5 @@
 """Compare debiasing methods on one model and category, one row per method: base, uniform, the REFINE
-heads, lora-reward (bandit and direct objectives) and lora-cda, with trainable parameters, training wall
+heads, lora-reward (reinforce and direct objectives) and lora-cda, with trainable parameters, training wall
 time, peak memory, δ, ε, μ, η and specified accuracy on the test split, plus the bias-vs-utility plot.
 
 This is the main job with ``--method all`` (``refine_llm.pipeline``: one question set, one cached scoring

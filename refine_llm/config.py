@@ -16,13 +16,21 @@ QUANTS = ("nf4", "int8", "bf16", "fp32")
 BACKENDS = ("hf", "vllm")
 METHODS = ("none", "refine", "lora-reward", "lora-cda", "all")
 HEAD_VARIANTS = ("logit", "paper", "contextual", "uniform", "identity")
-OBJECTIVES = ("reinforce", "expected", "paper")
+OBJECTIVES = ("reinforce", "direct", "paper")  # heads; estimators of refine_llm.rewards (paper: the authors')
+LORA_OBJECTIVES = ("reinforce", "direct")
+RENAMED_OBJECTIVES = {"expected": "direct", "bandit": "reinforce"}  # old name -> new name
 SERVING_MODES = ("first", "gated", "all")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _check_objective(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value in RENAMED_OBJECTIVES:
+        raise ValueError(f"{name}={value!r} was renamed: use {RENAMED_OBJECTIVES[value]!r} ({', '.join(choices)})")
+    _check_choice(name, value, choices)
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -139,8 +147,8 @@ class BanditConfig:
 
     objective: str = field(
         default="reinforce",
-        metadata={"help": "reinforce (mean-reward baseline, default), expected (exact gradient of the expected "
-                          "reward: no sampling) or paper (the authors' exact update)."},
+        metadata={"help": "reinforce (sampled answers, leave-one-out baseline, default), direct (exact gradient "
+                          "of the expected reward: no sampling) or paper (the authors' exact update)."},
     )
     lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (paper: 2e-5)."})
     batch_size: int = field(default=256, metadata={"help": "Tuples per batch (paper: 256)."})
@@ -156,6 +164,9 @@ class BanditConfig:
                           "from reaching zero bias by moving all mass off both names (0 = paper)."},
     )
     samples: int = field(default=8, metadata={"help": "Joint actions sampled per tuple (reinforce)."})
+    kl_weight: float = field(
+        default=0.0, metadata={"help": "KL(base || head) on specified train questions, times utility_weight (0 = off)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed for the policy's samples and the data order."})
     patience: int = field(
         default=0, metadata={"help": "Early stopping: evaluations without a better validation mu (0 = off)."}
@@ -164,15 +175,16 @@ class BanditConfig:
     checkpoint_every: int = field(default=0, metadata={"help": "Steps between checkpoints (0 = off)."})
 
     def __post_init__(self) -> None:
-        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_objective("objective", self.objective, OBJECTIVES)
         _check_positive("lr", self.lr)
         _check_positive("batch_size", self.batch_size)
         _check_positive("minibatch_size", self.minibatch_size)
         _check_positive("epochs", self.epochs)
         _check_positive("utility_weight", self.utility_weight, allow_zero=True)
         _check_positive("answer_mass_weight", self.answer_mass_weight, allow_zero=True)
+        _check_positive("kl_weight", self.kl_weight, allow_zero=True)
         if self.samples < 2:
-            raise ValueError(f"samples must be >= 2 for the mean-reward baseline, got {self.samples}")
+            raise ValueError(f"samples must be >= 2 for the leave-one-out baseline, got {self.samples}")
         if self.minibatch_size > self.batch_size:
             raise ValueError(
                 f"minibatch_size={self.minibatch_size} is larger than batch_size={self.batch_size}: "
@@ -185,7 +197,8 @@ class LoraConfig:
     """LoRA/QLoRA baselines trained for the same goal as the head."""
 
     objective: str = field(
-        default="bandit", metadata={"help": "bandit (same REINFORCE reward as the head) or direct (|B| loss)."}
+        default="reinforce",
+        metadata={"help": "reinforce (sampled answers) or direct (exact gradient): the head's reward (refine_llm.rewards)."},
     )
     r: int = field(default=8, metadata={"help": "LoRA rank."})
     alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -196,13 +209,13 @@ class LoraConfig:
     utility_weight: float = field(default=1.0, metadata={"help": "Weight of the utility term (gold answer on specified questions)."})
     answer_mass_weight: float = field(default=1.0, metadata={"help": "Reward for answering with either subject (as for the head)."})
     kl_weight: float = field(default=1.0, metadata={"help": "KL(frozen || adapted) on specified questions: keeps utility."})
-    samples: int = field(default=8, metadata={"help": "Sampled answers per prompt (bandit objective)."})
+    samples: int = field(default=8, metadata={"help": "Sampled answers per prompt (reinforce objective)."})
     top_k: int = field(default=10, metadata={"help": "Top-k the policy samples from (same as the head's)."})
     target_modules: str = field(default="all-linear", metadata={"help": "peft target_modules."})
     seed: int = field(default=0, metadata={"help": "Seed."})
 
     def __post_init__(self) -> None:
-        _check_choice("objective", self.objective, ("bandit", "direct"))
+        _check_objective("objective", self.objective, LORA_OBJECTIVES)
         _check_positive("r", self.r)
         _check_positive("lr", self.lr)
         _check_positive("steps", self.steps)

@@ -31,8 +31,12 @@ Variants (``HeadConfig.variant``):
   (128k x 8 -> 8 MB in fp32).
 - ``uniform`` (uniform over the top-k) and ``identity`` (renormalised top-k): parameter-free baselines.
 
-Artifacts: a directory with ``config.json`` and ``model.safetensors``, written atomically; never
-pickle. ``load_head`` refuses a head built for another tokenizer or another k.
+Artifacts: a hub model repository layout, ``config.json`` + ``model.safetensors`` + ``README.md`` (a
+generated model card: base model, tokenizer fingerprint, category, training data, metrics, caveats);
+never pickle. Every head has ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (``HubHeadMixin``;
+the functions ``save_head`` / ``load_head`` / ``push_to_hub`` do the work). ``from_pretrained`` takes a
+directory or a hub repo id, resolved offline from the local hub cache when HF_HUB_OFFLINE is set.
+Loading refuses a head built for another tokenizer or another k.
 """
 
 from __future__ import annotations
@@ -46,17 +50,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from refine_llm.config import HEAD_VARIANTS, HeadConfig
 from refine_llm.errors import UserError
-from refine_llm.io import atomic_dir
+from refine_llm.io import atomic_write_bytes
 
 FORMAT = "refine_llm.head"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
 _NEG = -1e4  # finite stand-in for -inf log-probs (the authors use -1e10 on logits)
 
 
@@ -71,7 +77,39 @@ def _check_input(topk_logprobs: torch.Tensor, k: int) -> None:
         raise ValueError(f"topk_logprobs must have shape (B, {k}), got {tuple(topk_logprobs.shape)}")
 
 
-class IdentityHead(nn.Module):
+class HubHeadMixin:
+    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for every head, as peft adapters have them.
+
+        head.save_pretrained("heads/gender", meta={...}, card={...})
+        head = HubHeadMixin.from_pretrained("org/refine-gender-smollm2")   # any variant; or LogitHead.from_pretrained
+        head.push_to_hub("org/refine-gender-smollm2", meta={...})
+
+    ``from_pretrained`` returns the head in eval mode with its config.json as ``head.refine_config``.
+    """
+
+    def save_pretrained(self, save_directory: str | os.PathLike, meta: dict[str, Any] | None = None,
+                        card: dict[str, Any] | None = None) -> Path:
+        return save_head(self, save_directory, meta, card)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kw) -> nn.Module:
+        head, config = load_head(name_or_path, **kw)
+        if not isinstance(head, cls):
+            raise UserError(f"{name_or_path} holds a {config['variant']!r} head, not a {cls.__name__}: "
+                            "load it with HubHeadMixin.from_pretrained or refine_llm.head.load_head")
+        head.refine_config = config
+        return head
+
+    def push_to_hub(self, repo_id: str, meta: dict[str, Any] | None = None, card: dict[str, Any] | None = None,
+                    **kw) -> str:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="refine_head-") as d:
+            save_head(self, d, meta, card)
+            return push_to_hub(d, repo_id, **kw)
+
+
+class IdentityHead(HubHeadMixin, nn.Module):
     """Returns the renormalised top-k: the model as it is (sanity baseline)."""
 
     variant = "identity"
@@ -85,7 +123,7 @@ class IdentityHead(nn.Module):
         return _renorm(topk_logprobs)
 
 
-class UniformHead(nn.Module):
+class UniformHead(HubHeadMixin, nn.Module):
     """Uniform over the top-k whatever the input (sanity baseline: the flattest possible head)."""
 
     variant = "uniform"
@@ -99,7 +137,7 @@ class UniformHead(nn.Module):
         return torch.full_like(topk_logprobs, -math.log(self.k), dtype=torch.float32)
 
 
-class PaperHead(nn.Module):
+class PaperHead(HubHeadMixin, nn.Module):
     """The authors' head: softmax(Linear(softmax(top-k))) with weight = 1, bias = torch default."""
 
     variant = "paper"
@@ -116,7 +154,7 @@ class PaperHead(nn.Module):
         return torch.log_softmax(self.out(p), dim=-1)
 
 
-class LogitHead(nn.Module):
+class LogitHead(HubHeadMixin, nn.Module):
     """log_softmax(Linear(k,k)(renormalised top-k log-probs)), identity-initialised."""
 
     variant = "logit"
@@ -258,12 +296,20 @@ def head_config(head: nn.Module) -> dict[str, Any]:
     return out
 
 
-def save_head(head: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``out_dir/config.json`` + ``out_dir/model.safetensors`` atomically (temp dir + rename).
+def save_head(head: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None,
+              card: dict[str, Any] | None = None) -> Path:
+    """``save_pretrained``: write ``out_dir/model.safetensors``, ``README.md`` (the model card) and
+    ``config.json``, the hub layout of a model repository.
 
     ``meta`` (JSON-serialisable) is stored as is in config.json; the keys others read are
-    ``base_model``, ``tokenizer_fingerprint``, ``category``, ``training`` (summary dict) and
+    ``base_model``, ``hub_id``, ``tokenizer_fingerprint``, ``category``, ``training`` (summary dict) and
     ``gate_token_ids`` (list of int, read by serving). Architecture keys come from the head itself.
+    ``card``: extra facts for the model card (``training_data``, ``metrics``, ``caveats``; see ``model_card``).
+
+    Each file is written temp + rename, weights first and config.json last; config.json records the
+    weights' sha256, so a kill between the files (an old config.json next to new weights) is detected
+    at load. Files are written one by one (not a directory swap) because ``out_dir`` may also hold the
+    trainer's ``checkpoints/`` (runs/<run>/heads/<variant>/).
     """
     out_dir = Path(out_dir)
     meta = dict(meta or {})
@@ -273,25 +319,108 @@ def save_head(head: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any] 
         raise ValueError(f"meta must not set architecture keys {clash}: they come from the head")
     if "gate_token_ids" in meta and meta["gate_token_ids"] is not None:
         meta["gate_token_ids"] = [int(t) for t in meta["gate_token_ids"]]
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, **arch, **meta}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
+    weights = save_safetensors(tensors, metadata={"format": "pt"})
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, **arch, **meta,
+              "weights_sha256": hashlib.sha256(weights).hexdigest()}
     try:
         text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise UserError(f"head metadata is not JSON-serialisable ({e}): pass plain numbers, strings, lists, dicts") from e
-    tensors = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
-
-    with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(text + "\n")
+    atomic_write_bytes(out_dir / WEIGHTS_NAME, weights)
+    atomic_write_bytes(out_dir / CARD_NAME, model_card(config, card).encode())
+    atomic_write_bytes(out_dir / CONFIG_NAME, (text + "\n").encode())
     return out_dir
 
 
-def read_head_config(head_dir: str | os.PathLike) -> dict[str, Any]:
-    """Parse and check ``head_dir/config.json`` (no weights loaded); UserError if missing/corrupt."""
-    head_dir = Path(head_dir)
+def model_card(config: dict[str, Any], card: dict[str, Any] | None = None) -> str:
+    """The model card (README.md with hub metadata) of a head: base model, tokenizer fingerprint, category,
+    training data, the run's metrics and the caveats. ``card`` may give ``training_data`` (str or dict),
+    ``metrics`` (dict name -> number, or condition -> dict) and ``caveats`` (list of str)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card = dict(card or {})
+    base = config.get("hub_id") or config.get("base_model")
+    data = ModelCardData(library_name="refine_llm", license="apache-2.0",
+                         base_model=base if isinstance(base, str) and "/" in base else None,
+                         tags=["refine-lm", "bias", "unqover", "logits-processor", f"head-{config.get('variant')}"])
+    train = card.get("training_data") or config.get("training_data") or "not recorded"
+    if isinstance(train, dict):
+        train = ", ".join(f"{k}: {v}" for k, v in train.items())
+    lines = ["---", data.to_yaml(), "---", "",
+             f"# REFINE head ({config.get('variant')}, k={config.get('k')}) for {config.get('base_model') or 'an LLM'}", "",
+             "A small head applied to the top-k of an LLM's next-token distribution that reduces the LLM's social "
+             "bias on underspecified questions (REFINE-LM, arXiv 2408.09489), trained with "
+             "[refine_llm](https://github.com/) on cached scores. Serve it with `refine_llm.serving` "
+             "(transformers `RefineHeadProcessor`, or vLLM with `REFINE_HEADS_DIR`).", "",
+             "| | |", "|---|---|",
+             f"| base model | `{config.get('base_model')}`" + (f" (`{config.get('hub_id')}`)" if config.get("hub_id") else "") + " |",
+             f"| tokenizer fingerprint | `{config.get('tokenizer_fingerprint')}` (heads refuse another tokenizer) |",
+             f"| category | {config.get('category')} |",
+             f"| variant, top-k | {config.get('variant')}, k = {config.get('k')} (scoring must use the same top_k) |",
+             f"| training data | {train} |"]
+    training = config.get("training") or {}
+    if training:
+        lines.append("| training | " + ", ".join(f"{k} {v}" for k, v in training.items() if v is not None) + " |")
+    metrics = card.get("metrics") or {}
+    if metrics:
+        lines += ["", "## Metrics of the run (test split)", "", "| | value |", "|---|---|"]
+        for k, v in metrics.items():
+            lines.append(f"| {k} | {json.dumps(v, allow_nan=True) if isinstance(v, dict) else v} |")
+    caveats = list(card.get("caveats") or []) + [
+        "Measured on template questions of one category (UnQover); bias elsewhere is not measured.",
+        "The head only reorders the top-k of the answer slot; it cannot fix what is outside the top-k.",
+        "Load it only with the base model and tokenizer above; the fingerprint check refuses others.",
+    ]
+    lines += ["", "## Caveats", ""] + [f"- {c}" for c in caveats]
+    return ModelCard("\n".join(lines) + "\n").content
+
+
+def resolve_head(name_or_path: str | os.PathLike, revision: str | None = None,
+                 local_files_only: bool | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A head's local directory: ``name_or_path`` itself when it is a directory, else a hub repo id
+    ("org/name") resolved through huggingface_hub's cache (downloaded unless offline). Offline
+    (``local_files_only``, default: HF_HUB_OFFLINE is set) it resolves from the local hub cache only
+    (``models--org--name/snapshots/<rev>/`` via ``refs/<revision or main>``)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    repo = str(name_or_path)
+    if path.is_absolute() or repo.startswith(".") or repo.count("/") != 1:
+        raise UserError(f"no head directory at {repo}: train one first, fix the path, or give a hub repo id (org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return Path(snapshot_download(repo, revision=revision, local_files_only=local_files_only,
+                                      cache_dir=str(cache_dir) if cache_dir is not None else None))
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as e:
+        where = "in the local hub cache (offline)" if local_files_only else "on the hub or in its cache"
+        raise UserError(f"head {repo!r} is neither a directory nor a repo {where} ({type(e).__name__}): "
+                        "fix the name, or download it once with `huggingface-cli download` while online") from None
+
+
+def push_to_hub(head_dir: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                commit_message: str = "Upload REFINE head") -> str:
+    """Upload a saved head directory (config.json, model.safetensors, README.md) to a hub model repo; the
+    trainer's checkpoints/ stay local. Returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    read_head_config(head_dir)  # never upload something that does not load
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(head_dir), repo_id=repo_id, commit_message=commit_message,
+                             allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+    return str(getattr(info, "commit_url", info))
+
+
+def read_head_config(head_dir: str | os.PathLike, **resolve_kw) -> dict[str, Any]:
+    """Parse and check a head's ``config.json`` (no weights loaded); ``head_dir`` may be a hub repo id
+    (``resolve_head``). UserError if missing/corrupt."""
+    head_dir = resolve_head(head_dir, **resolve_kw)
     path = head_dir / CONFIG_NAME
-    if not head_dir.is_dir():
-        raise UserError(f"no head directory at {head_dir}: train one first or fix the path")
     if not path.is_file():
         raise UserError(f"{path} is missing: {head_dir} is not a saved head (expected config.json + {WEIGHTS_NAME})")
     try:
@@ -313,13 +442,19 @@ def load_head(
     expect_k: int | None = None,
     lm_head_weight: torch.Tensor | None = None,
     device: str | torch.device | None = None,
+    *,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a head saved by ``save_head`` -> (head in eval mode, config dict).
+    """``from_pretrained``: load a head saved by ``save_head`` from a directory or a hub repo id
+    (``resolve_head``) -> (head in eval mode, config dict).
 
-    Refuses (UserError) a head trained for another tokenizer or another top-k, and a missing or
-    corrupt directory. ``lm_head_weight`` is needed only to call a contextual head with hidden=.
+    Refuses (UserError) a head trained for another tokenizer or another top-k, a missing or corrupt
+    directory, and weights that are not the ones its config.json was written with.
+    ``lm_head_weight`` is needed only to call a contextual head with hidden=.
     """
-    head_dir = Path(head_dir)
+    head_dir = resolve_head(head_dir, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
     config = read_head_config(head_dir)
     if expect_k is not None and config["k"] != expect_k:
         raise UserError(
@@ -343,8 +478,13 @@ def load_head(
     wpath = head_dir / WEIGHTS_NAME
     if not wpath.is_file():
         raise UserError(f"{wpath} is missing: retrain or re-copy the head")
+    raw = wpath.read_bytes()
+    want = config.get("weights_sha256")
+    if want is not None and hashlib.sha256(raw).hexdigest() != want:
+        raise UserError(f"{wpath} is corrupt: not the weights {head_dir / CONFIG_NAME} was written with (an "
+                        "interrupted save or a partial copy); save or copy the head again")
     try:
-        tensors = load_file(str(wpath))
+        tensors = load_safetensors(raw)
     except Exception as e:  # safetensors raises several types on a truncated/garbled file
         raise UserError(f"{wpath} is corrupt ({e}): retrain or re-copy the head") from e
     expected = head.state_dict()

@@ -404,7 +404,10 @@ def _bias_block(P: np.ndarray, meta: dict, idx: np.ndarray | None = None) -> dic
             "mu": _nanfloat(np.nanmean(mu_x)), "eta": _nanfloat(np.nanmean(eta_x)), "n_tuples": int(len(P))}
 
 
-def _gold_positions(questions, spec_rows: np.ndarray) -> np.ndarray:
+def gold_positions(questions, spec_rows) -> np.ndarray:
+    """(S,) int64 in {0, 1}: which position (subj1 = 0, subj2 = 1) holds the gold answer of each specified
+    row ``spec_rows`` of ``questions`` (Dataset or dict of columns). The one definition of
+    the gold position: the pipeline, the head's data and the LoRA trainer all call it."""
     gold, s1, s2 = _column(questions, "gold"), _column(questions, "subj1"), _column(questions, "subj2")
     out = np.empty(len(spec_rows), dtype=np.int64)
     for i, m in enumerate(spec_rows):
@@ -453,7 +456,7 @@ def evaluate(questions, p_pos_topk, p_pos_full, cand_in_topk=None, seed: int = 0
     rows, meta = tuple_index(questions)
     spec = np.asarray(_column(questions, "specified"), dtype=bool)
     spec_rows = np.flatnonzero(spec)
-    gold = _gold_positions(questions, spec_rows)
+    gold = gold_positions(questions, spec_rows)
 
     out = _summary(pt, rows, meta, spec_rows, gold, cit)
     out["full_vocab"] = _summary(pf, rows, meta, spec_rows, gold, cit)

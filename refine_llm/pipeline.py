@@ -6,7 +6,8 @@
     questions/      the question set (datasets, save_to_disk); reused when the question config matches
     scores/         the LLM's top-k per prompt (Arrow, keyed by model + quant + prompt + question id);
                     the LLM runs once per unique prompt, here, and never again
-    heads/<variant> each trained head (config.json + model.safetensors) + bandit checkpoints
+    heads/<variant> each trained head, hub layout (config.json + model.safetensors + README.md model card;
+                    `save_pretrained`), with the trainer's checkpoints in heads/<variant>/checkpoints/
     report.json, report.md, plots/*.png
 
 Conditions evaluated on the test split (unseen attributes, and for gender unseen names):
@@ -37,11 +38,11 @@ from refine_llm.config import (
 from refine_llm.errors import UserError
 
 # Sizes of the default job, chosen so that it finishes in minutes on 2 CPU cores (see README).
-# Head training for the main job: the bandit's expected reward in closed form ("expected"), a
+# Head training for the main job: the bandit's expected reward in closed form ("direct"), a
 # small answer-mass term and the utility term. Measured on SmolLM2 (gender, 64 tuples per split):
 # REINFORCE on sampled answers sharpened the head to one-hot answers and never beat the untrained
-# head on validation; "expected" cut test mu by ~75% (see README, "Results").
-DEFAULT_TRAIN = {"objective": "expected", "lr": 1e-2, "epochs": 60, "batch_size": 64, "minibatch_size": 32,
+# head on validation; "direct" ("expected" then) cut test mu by ~75% (see README, "Results").
+DEFAULT_TRAIN = {"objective": "direct", "lr": 1e-2, "epochs": 60, "batch_size": 64, "minibatch_size": 32,
                  "utility_weight": 0.5, "answer_mass_weight": 0.1, "eval_every": 10, "patience": 0,
                  "checkpoint_every": 10}  # a kill -9 loses at most 10 head steps (tests/test_resume.py)
 AUTO_PROMPTS = ("qa", "paper", "chat")
@@ -92,11 +93,6 @@ def _split(ds, split: str):
     return ds.select(idx)
 
 
-def _gold_pos(questions, rows) -> np.ndarray:
-    s1, gold = questions["subj1"], questions["gold"]
-    return np.array([0 if gold[i] == s1[i] else 1 for i in rows], dtype=np.int64)
-
-
 def bandit_data(questions, scores, with_hidden: bool = False):
     """BanditData (refine_llm.bandit) for one split: the glue between the cached datasets and the trainer."""
     from refine_llm import metrics
@@ -117,7 +113,7 @@ def bandit_data(questions, scores, with_hidden: bool = False):
         tuple_rows=rows,
         hidden=hidden,
         spec_rows=spec if len(spec) else None,
-        spec_gold=_gold_pos(questions, spec) if len(spec) else None,
+        spec_gold=metrics.gold_positions(questions, spec) if len(spec) else None,
         tuple_meta={k: meta[k] for k in ("group_a", "group_b", "attribute_id", "category")},
     )
 
@@ -188,7 +184,7 @@ def choose_prompt(scorer: Scorer, val_questions, requested: str, tokenizer) -> t
         sc = scorer(val_questions, name)
         p_topk, p_full, in_topk = scoring.candidate_probs(sc)
         spec = np.array([i for i, s in enumerate(val_questions["specified"]) if s], dtype=np.int64)
-        acc = metrics.specified_accuracy(p_full[spec], _gold_pos(val_questions, spec))["accuracy"]
+        acc = metrics.specified_accuracy(p_full[spec], metrics.gold_positions(val_questions, spec))["accuracy"]
         sweep.append({"prompt": name, "n_questions": len(val_questions), "answer_mass": metrics.answer_mass(p_full), "specified_accuracy": acc,
                       "topk_miss_rate": metrics.topk_miss_rate(in_topk)})
         log(f"prompt {name}: answer mass {sweep[-1]['answer_mass']:.3f}, specified accuracy {acc:.3f}")
@@ -364,9 +360,13 @@ def run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, 
             meta = {"base_model": info["model"], "hub_id": info.get("hub_id"), "tokenizer_fingerprint": fp,
                     "category": args.category, "training": res.summary(), "bandit": asdict(cfg),
                     "gate_token_ids": gate, "prompt": None}
-            H.save_head(head, out / "heads" / variant / "head", meta)
-            heads_meta[name] = str(out / "heads" / variant / "head")
             results[name] = metrics.evaluate(test_q, *head_probs(head, test_data, test_s), in_topk, seed=args.seed)
+            card = {"training_data": {"questions": f"refine_llm template questions, {args.category}, train split",
+                                      "tuples": train.num_tuples, "wordlists": args.wordlists or "built-in"},
+                    "metrics": {k: results[name][k] for k in ("mu", "eta", "positional_error", "specified_accuracy")
+                                if k in results[name]} | {f"base {k}": results["base"][k] for k in ("mu", "eta")}}
+            H.save_head(head, out / "heads" / variant, meta, card)  # save_pretrained: the hub layout
+            heads_meta[name] = str(out / "heads" / variant)
             results[name]["flatness"] = H.flatness(head, test_data.topk_logprobs, test_data.topk_ids,
                                                    hidden=test_data.hidden)
             # res.seconds: the bandit's training time, summed over resumes (a re-run resumes a finished head)
@@ -424,19 +424,12 @@ def _method_row(name, res, params, secs, peak_mb) -> dict:
 
 
 def _gate_token_ids(tokenizer, args) -> list[int]:
-    """First tokens of the category vocabulary (names, demonyms, group nouns) and pronouns, for
-    serving's `gated` mode."""
-    from refine_llm import questions as Q, scoring
+    """The category vocabulary (names, demonyms, group nouns) and pronouns, for serving's `gated` mode."""
+    from refine_llm import questions as Q, vocab
     from refine_llm.config import CATEGORIES
 
     cats = CATEGORIES if args.category == "all" else (args.category,)
-    ids: set[int] = set()
-    for c in cats:
-        for word in Q.category_vocabulary(c, args.wordlists):
-            ids.update(scoring.candidate_token_ids(tokenizer, word))
-    for word in ("he", "she", "him", "her", "his"):
-        ids.update(scoring.candidate_token_ids(tokenizer, word))
-    return sorted(ids)
+    return vocab.gate_token_ids(tokenizer, [w for c in cats for w in Q.category_vocabulary(c, args.wordlists)])
 
 
 def compare_quant(args, mcfg, scfg, source, test_q, prompt_name, out, base_nf4) -> dict:
@@ -472,7 +465,7 @@ def run_lora(args, methods, mcfg, out, splits, prompt_name, scfg, report, timing
         steps = args.cda_steps if (m == "lora-cda" and args.cda_steps) else args.lora_steps
         lcfg = _config(LoraConfig, seed=args.seed, top_k=args.top_k, objective=objective, lr=args.lora_lr,
                        steps=steps, batch_size=args.lora_batch_size, r=args.lora_r)
-        if m == "lora-reward" and objective != "bandit":
+        if m == "lora-reward" and objective != "reinforce":
             m = f"lora-reward-{objective}"
         kind = "lora-cda" if m == "lora-cda" else "lora-reward"
         t = time.time()

@@ -10,9 +10,9 @@ post-norm hidden state at the answer position, so that ``logits = lm_head(hidden
 ``collision`` (bool: the two subjects share a first token, so their probabilities were computed
 from their whole continuations, as in exact mode).
 
-Candidates. A subject maps to the first token of each surface form (with and without a leading
-space, as written and capitalised), each tokenized after a newline anchor so that SentencePiece's
-dummy prefix and BPE merges behave as they do inside a prompt; ids are deduplicated. With
+Candidates (``refine_llm.vocab``). A subject maps to the first token of each surface form (with and
+without a leading space, as written and capitalised), each tokenized after a newline anchor so that
+SentencePiece's dummy prefix and BPE merges behave as they do inside a prompt; ids are deduplicated. With
 ``cfg.pronouns`` a gender subject also gets he/she. ``cand_logprobs`` is the log-sum-exp of those
 ids under the full distribution (first-token mode), or the sum of the log-probs of the tokens of
 the subject's continuation (exact mode: " " + subject, or subject alone when the prompt already ends
@@ -31,7 +31,8 @@ that all its prompts share with the tokenized prefix string (checked, since toke
 boundary may differ), copies the cache to the batch, and feeds the right-padded suffixes with
 explicit position ids; each row's answer position is gathered and only those hidden states go
 through lm_head. Without the prefix cache, whole prompts are left-padded with position ids that
-start at each row's first real token, so both paths compute the same thing (tests check it).
+start at each row's first real token, so both paths compute the same thing. The forward itself is
+``refine_llm.forward.answer_logits``, shared with the LoRA trainer (tests/test_forward.py checks it).
 
 Cache. Results are Arrow IPC shards under ``cache_dir/<model_key>/<prompt fp>-k<k>-<mode>-...``,
 written atomically as scoring goes (one shard per range), so a re-run scores nothing twice and an
@@ -55,6 +56,7 @@ from refine_llm.config import ScoringConfig
 from refine_llm.errors import UserError
 from refine_llm.io import kill_point
 from refine_llm.prompts import PromptTemplate
+from refine_llm.vocab import candidate_token_ids  # noqa: F401  (also scoring's public name for it)
 
 __all__ = [
     "score",
@@ -63,7 +65,6 @@ __all__ = [
     "candidate_probs",
     "score_stats",
     "default_model_key",
-    "sweep_prompts",
     "SCORE_COLUMNS",
 ]
 
@@ -72,45 +73,10 @@ log = logging.getLogger(__name__)
 # Bump when the way candidates or scores are computed changes: old caches are then ignored.
 SCORING_VERSION = 1
 SCORE_COLUMNS = ("question_id", "topk_ids", "topk_logprobs", "cand_logprobs", "cand_mask", "nonfinite", "collision")
-PRONOUNS = {"female": "she", "male": "he"}
 _ANCHOR = "\n"
 
 
 # ----------------------------------------------------------------------------- candidates
-
-
-def _first_token_in_context(tokenizer, form: str) -> int | None:
-    """First token of ``form`` as it is tokenized after a newline (the way it appears in a prompt)."""
-    anchor = tokenizer.encode(_ANCHOR, add_special_tokens=False)
-    ids = tokenizer.encode(_ANCHOR + form, add_special_tokens=False)
-    if ids[: len(anchor)] == anchor and len(ids) > len(anchor):
-        return ids[len(anchor)]
-    ids = tokenizer.encode(form, add_special_tokens=False)  # the anchor merged: take the form alone
-    return ids[0] if ids else None
-
-
-def _surface_forms(word: str) -> list[str]:
-    cap = word[:1].upper() + word[1:]
-    return list(dict.fromkeys([word, " " + word, cap, " " + cap]))
-
-
-def _ids_of_forms(tokenizer, word: str) -> list[int]:
-    out = []
-    for form in _surface_forms(word):
-        t = _first_token_in_context(tokenizer, form)
-        # A token that decodes to whitespace alone (SentencePiece's bare "▁") would credit any word.
-        if t is not None and tokenizer.decode([t]).strip():
-            out.append(t)
-    return list(dict.fromkeys(out))
-
-
-def candidate_token_ids(tokenizer, subject: str, pronouns_for: str | None = None) -> list[int]:
-    """Unique first-token ids of ``subject``'s surface forms (" Mary", "Mary", capitalised), plus
-    she/he when ``pronouns_for`` is "female"/"male" (the subject's group)."""
-    ids = _ids_of_forms(tokenizer, subject)
-    if pronouns_for in PRONOUNS:
-        ids += [t for t in _ids_of_forms(tokenizer, PRONOUNS[pronouns_for]) if t not in ids]
-    return ids
 
 
 def _continuation_ids(tokenizer, prompt_ids: list[int], prompt: str, cont: str, add_special: bool) -> list[int]:
@@ -230,91 +196,27 @@ def _plan(tokenizer, rows: dict[str, list], prompt: PromptTemplate, cfg: Scoring
 
 
 class _HFRunner:
-    """Batched forward passes that return final hidden states at chosen positions, with an optional
-    shared-prefix KV cache."""
+    """The frozen model's forward (``refine_llm.forward.answer_logits``) with the few-shot prefix's KV
+    computed once for the whole scoring run."""
 
     def __init__(self, model, tokenizer, prefix_ids: list[int] | None):
-        import torch
+        from refine_llm import forward
 
-        self.torch = torch
         self.model = model
-        self.backbone = model.base_model
-        self.lm_head = model.get_output_embeddings()
-        self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.prefix_ids = prefix_ids or []
-        self.prefix_kv = None
-        window = getattr(model.config, "sliding_window", None)
-        if self.prefix_ids and window and len(self.prefix_ids) >= window:
-            self.prefix_ids = []  # a sliding-window layer would drop part of the prefix
-        if self.prefix_ids:
-            with torch.inference_mode():
-                ids = torch.tensor([self.prefix_ids], device=self.device)
-                out = self.backbone(input_ids=ids, use_cache=True)
-            layers = getattr(out.past_key_values, "layers", None)
-            if layers is None or not all(hasattr(la, "keys") and la.keys is not None for la in layers):
-                self.prefix_ids = []  # not a plain attention KV cache (recurrent/hybrid model): no reuse
-            else:
-                self.prefix_kv = [(la.keys, la.values) for la in layers]
-
-    def shared_prefix_len(self, seqs: list[list[int]], last_positions: list[int]) -> int:
-        """Longest prefix of the cached prefix ids that every sequence starts with, and that leaves each
-        row's first gathered position outside it (that position must be computed)."""
-        n = len(self.prefix_ids)
-        for s, p in zip(seqs, last_positions):
-            j = 0
-            lim = min(n, len(s), p)
-            while j < lim and s[j] == self.prefix_ids[j]:
-                j += 1
-            n = j
-            if n == 0:
-                break
-        return n
+        self.prefix_ids = list(prefix_ids or [])
+        self.prefix_kv = forward.prefix_kv(model, self.prefix_ids) if self.prefix_ids else None
+        if self.prefix_kv is None:
+            self.prefix_ids = []  # not a plain attention KV cache (recurrent/hybrid model): no reuse
 
     def logits_at(self, seqs: list[list[int]], positions: list[list[int]], use_prefix: bool):
         """Final hidden states (sum n_i, d) and float32 logits (sum n_i, V) at positions[i] of seqs[i]."""
-        torch = self.torch
-        b = len(seqs)
-        L = self.shared_prefix_len(seqs, [min(p) for p in positions]) if (use_prefix and self.prefix_kv) else 0
-        with torch.inference_mode():
-            if L > 0:
-                from transformers import DynamicCache
+        from refine_llm import forward
 
-                suf = [s[L:] for s in seqs]
-                S = max(len(s) for s in suf)
-                inp = torch.full((b, S), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((b, L + S), dtype=torch.long)
-                mask[:, :L] = 1
-                for i, s in enumerate(suf):  # right padding after the cached prefix
-                    inp[i, : len(s)] = torch.tensor(s)
-                    mask[i, L: L + len(s)] = 1
-                pos = (torch.arange(S) + L).unsqueeze(0).expand(b, S)
-                cache = DynamicCache(
-                    ddp_cache_data=[(k[:, :, :L].expand(b, -1, -1, -1), v[:, :, :L].expand(b, -1, -1, -1))
-                                    for k, v in self.prefix_kv],
-                    config=self.model.config,
-                )
-                rows = [i for i, p in enumerate(positions) for _ in p]
-                cols = [q - L for p in positions for q in p]
-            else:
-                S = max(len(s) for s in seqs)
-                inp = torch.full((b, S), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((b, S), dtype=torch.long)
-                for i, s in enumerate(seqs):  # left padding
-                    inp[i, S - len(s):] = torch.tensor(s)
-                    mask[i, S - len(s):] = 1
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                cache = None
-                rows = [i for i, p in enumerate(positions) for _ in p]
-                cols = [q + S - len(seqs[i]) for i, p in enumerate(positions) for q in p]
-            out = self.backbone(input_ids=inp.to(self.device), attention_mask=mask.to(self.device),
-                                position_ids=pos.to(self.device), past_key_values=cache, use_cache=cache is not None)
-            h = out.last_hidden_state[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
-            logits = self.lm_head(h).float()
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-        return h, logits
+        use = use_prefix and bool(self.prefix_ids)
+        return forward.answer_logits(self.model, seqs, positions, pad_id=self.pad_id,
+                                     prefix_ids=self.prefix_ids if use else None,
+                                     kv=self.prefix_kv if use else None)
 
 
 def batch_ranges(n_rows: int, batch_size: int) -> list[tuple[int, int]]:
@@ -608,32 +510,3 @@ def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfi
         log.warning("%d of %d prompts gave NaN/inf logits (nonfinite=True); they are reported, not retried",
                     st["nonfinite"], st["rows"])
     return ds
-
-
-# ----------------------------------------------------------------------------- prompt sweep
-
-
-def sweep_prompts(model, tokenizer, questions, names: list[str], cfg: ScoringConfig,
-                  cache_dir=None, model_key: str | None = None) -> dict[str, dict]:
-    """Per prompt: answer mass (mean p1 + p2, full vocabulary), top-k miss rate, and specified accuracy
-    on the specified rows of ``questions`` (for ``--prompt auto``; the lead picks by these)."""
-    from dataclasses import replace
-
-    from refine_llm import metrics
-    from refine_llm.prompts import load_prompt
-
-    spec = np.asarray(_col(questions, "specified"), bool)
-    gold = _col(questions, "gold")
-    s1 = _col(questions, "subj1")
-    out = {}
-    for name in names:
-        p = load_prompt(name)
-        ds = score(model, tokenizer, questions, p, replace(cfg, prompt=name), cache_dir, model_key)
-        p_topk, p_full, in_topk = candidate_probs(ds)
-        gold_pos = np.array([0 if g == a else 1 for g, a, s in zip(gold, s1, spec) if s], np.int64)
-        acc = metrics.specified_accuracy(p_full[spec], gold_pos) if spec.any() else {"accuracy": None}
-        acc_topk = metrics.specified_accuracy(p_topk[spec], gold_pos) if spec.any() else {"accuracy": None}
-        out[name] = {"answer_mass": metrics.answer_mass(p_full), "cand_in_topk": float(in_topk.mean()),
-                     "specified_accuracy": acc["accuracy"], "specified_accuracy_topk": acc_topk["accuracy"],
-                     "n_specified": int(spec.sum()), **score_stats(ds)}
-    return out

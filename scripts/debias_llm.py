@@ -23,7 +23,6 @@ from refine_llm.config import (  # noqa: E402
     CATEGORIES,
     HEAD_VARIANTS,
     METHODS,
-    OBJECTIVES,
     QUANTS,
     BanditConfig,
     HeadConfig,
@@ -72,16 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("debiasing")
     g.add_argument("--method", default="refine", choices=METHODS,
                    help="none: measure only; refine: train a REFINE head (default); lora-reward / lora-cda: "
-                        "LoRA baselines; all: refine, lora-reward with both objectives (bandit, direct) and lora-cda, in one table.")
+                        "LoRA baselines; all: refine, lora-reward with both objectives (reinforce, direct) and lora-cda, in one table.")
     g.add_argument("--head", default="logit", choices=HEAD_VARIANTS, help=help_of(HeadConfig, "variant"))
-    g.add_argument("--objective", default=None, choices=OBJECTIVES,
-                   help=help_of(BanditConfig, "objective") + " Main job default: expected (see README).")
+    g.add_argument("--objective", default=None,
+                   help=help_of(BanditConfig, "objective") + " Main job default: direct (see README).")
     g.add_argument("--utility-weight", type=float, default=None, help=help_of(BanditConfig, "utility_weight"))
     g.add_argument("--lr", type=float, default=None, help="Head learning rate (default: tuned for the job size; paper: 2e-5).")
     g.add_argument("--epochs", type=int, default=None, help="Head training epochs (default: tuned for the job size; paper: 1).")
 
     g = p.add_argument_group("LoRA baselines (--method lora-reward / lora-cda / all)")
-    g.add_argument("--lora-objective", default="bandit", choices=("bandit", "direct"), help=help_of(LoraConfig, "objective"))
+    g.add_argument("--lora-objective", default="reinforce", help=help_of(LoraConfig, "objective"))
     g.add_argument("--lora-steps", type=int, default=30, help=help_of(LoraConfig, "steps"))
     g.add_argument("--lora-batch-size", type=int, default=8, help=help_of(LoraConfig, "batch_size"))
     g.add_argument("--lora-r", type=int, default=8, help=help_of(LoraConfig, "r"))

@@ -3,6 +3,9 @@
 
     python scripts/serve.py --model smollm2-135m --heads heads/ --port 8000
 
+`--heads` holds one head per subdirectory (`cp -r runs/<run>/heads/logit heads/gender`) and/or a heads.json
+mapping served names to head directories or hub repo ids (resolved from the local hub cache).
+
 Resolves `--model` the way the main job does (alias, hub id, directory or .gguf; the embedded default is
 converted once into the cache), then checks, before anything starts, that the engine can: every head
 loads and matches the model's tokenizer, the port is free, and on CPU the KV cache is bounded
@@ -30,7 +33,9 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="serve.py", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="alias, hub id, local directory or .gguf file")
-    p.add_argument("--heads", required=True, help="directory with one trained head per subdirectory")
+    p.add_argument("--heads", required=True, help="directory with one trained head per subdirectory, and/or a "
+                   "heads.json mapping served names to head directories or hub repo ids (resolved from the local "
+                   "hub cache when HF_HUB_OFFLINE=1)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="auto", help="vLLM dtype (auto, bfloat16, float32, ...)")

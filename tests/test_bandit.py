@@ -104,11 +104,11 @@ def test_without_utility_the_bandit_may_collapse_onto_non_answers():
     assert mass[0] + mass[1] < 0.5, mass  # documented failure mode, not a goal
 
 
-def test_expected_objective_reaches_equal_mass_without_sampling():
-    """objective="expected": the closed-form expected reward reaches the known optimum, deterministically."""
+def test_direct_objective_reaches_equal_mass_without_sampling():
+    """objective="direct": the closed-form expected reward reaches the known optimum, deterministically."""
     train, val = synth(48, n_spec=48, seed=0), synth(16, n_spec=32, seed=1)
     head = build_head(HeadConfig(variant="logit", k=K))
-    cfg = BanditConfig(objective="expected", lr=0.05, batch_size=48, minibatch_size=24, epochs=30,
+    cfg = BanditConfig(objective="direct", lr=0.05, batch_size=48, minibatch_size=24, epochs=30,
                        utility_weight=0.5, answer_mass_weight=0.1, eval_every=10)
     train_head(head, train, cfg, val=val, progress=False)
     mass = _rank_mass(head, val)
@@ -141,18 +141,20 @@ def test_resume_after_interruption_gives_the_same_head(tmp_path, monkeypatch):
     ref_res = train_head(ref, train, cfg, val=val, progress=False)
 
     # crash during step 6: the last checkpoint is at step 4
-    real_step, calls = bandit._train_step, {"n": 0}
+    real_step, calls = bandit.HeadTrainer.training_step, {"n": 0}
 
-    def crashing(*a, **kw):
+    def crashing(self, *a, **kw):
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt
-        return real_step(*a, **kw)
+        return real_step(self, *a, **kw)
 
-    monkeypatch.setattr(bandit, "_train_step", crashing)
+    monkeypatch.setattr(bandit.HeadTrainer, "training_step", crashing)
     with pytest.raises(KeyboardInterrupt):
         train_head(fresh(), train, cfg, val=val, checkpoint_dir=tmp_path, progress=False)
-    monkeypatch.setattr(bandit, "_train_step", real_step)
+    monkeypatch.setattr(bandit.HeadTrainer, "training_step", real_step)
+    # one file holds head, optimizer and state: nothing else to tear
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bandit.CHECKPOINT]
     # a budgeted run (max_steps) in between also resumes cleanly
     part = train_head(fresh(), train, cfg, val=val, checkpoint_dir=tmp_path, resume=True, max_steps=7, progress=False)
     assert part.resumed_from == 4 and part.steps == 7
@@ -175,7 +177,7 @@ def test_paper_objective_matches_the_authors_update():
     cfg = BanditConfig(objective="paper", lr=1e-2, batch_size=16, minibatch_size=8, epochs=2)
     # one hand-computed step: loss = -mean(r * log d), r = -|2C|, d = mean L1 distance to the first 4 tuples
     tuples = torch.tensor([3, 0, 5, 2, 7, 1])
-    loss, logs = bandit._paper_loss(head, data, tuples, None, cfg, 0)
+    loss, logs = bandit.HeadTrainer(head, data, cfg, progress=False).loss(tuples, None)
     flat = data.tuple_rows[tuples].reshape(-1)
     p = head(data.topk_logprobs[flat]).exp()
     x = torch.stack([(p * data.cand_mask[flat][:, c]).sum(-1) for c in range(2)], -1).view(6, 4, 2)
@@ -205,3 +207,24 @@ def test_bad_inputs_are_user_errors():
         train_head(build_head(HeadConfig(variant="identity", k=K)), d, BanditConfig(), progress=False)
     with pytest.raises(UserError, match="resume"):
         train_head(build_head(HeadConfig(k=K)), d, BanditConfig(), resume=True, progress=False)
+
+
+def test_checkpoint_is_one_safetensors_file_with_the_trainer_state(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    train = synth(8, n_spec=8, seed=2)
+    cfg = BanditConfig(objective="direct", lr=0.05, batch_size=8, minibatch_size=4, epochs=1, utility_weight=0.5,
+                       checkpoint_every=1, seed=3)
+    res = train_head(build_head(HeadConfig(k=K)), train, cfg, checkpoint_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bandit.CHECKPOINT]  # no temp file, no second file
+    with safe_open(str(tmp_path / bandit.CHECKPOINT), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    state = bandit.TrainerState.from_dict(json.loads(meta["trainer_state"]))
+    assert state.step == res.steps == 2 and state.objective == "direct" and state.config["seed"] == 3
+    assert state.seconds == res.seconds and state.history == res.history
+    assert {"head.out.weight", "optim.0.exp_avg", "optim.0.exp_avg_sq"} <= keys
+    (tmp_path / bandit.CHECKPOINT).write_bytes(b"\x08" + b"\x00" * 7 + b"garbage")
+    with pytest.raises(UserError, match="unreadable"):
+        train_head(build_head(HeadConfig(k=K)), train, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)

@@ -46,7 +46,8 @@ def test_method_refine_end_to_end(tmp_path, smollm2_dir, smollm2_nf4):
     assert {"method", "trainable_params", "mu", "specified_accuracy"} <= set(report["methods"][0])
     from refine_llm.head import load_head
 
-    head, cfg = load_head(tmp_path / "heads" / "logit" / "head")
+    head, cfg = load_head(tmp_path / "heads" / "logit")
+    assert (tmp_path / "heads" / "logit" / "README.md").is_file() and (tmp_path / "heads" / "logit" / "checkpoints").is_dir()
     assert cfg["variant"] == "logit" and cfg["k"] == 10 and cfg["gate_token_ids"]
 
 

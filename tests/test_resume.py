@@ -73,14 +73,14 @@ def test_kill9_during_scoring_and_head_training_resumes_bit_identical(uninterrup
     from safetensors import safe_open
 
     with safe_open(str(ckpts[0]), framework="pt") as f:
-        state = json.loads(f.metadata()["refine_llm_trainer_state"])
+        state = json.loads(f.metadata()["trainer_state"])
     assert state["step"] == 10 and "optim.0.exp_avg" in f.keys()
     # 3. the same command finishes: the logit head resumes at step 10
     _run(REFINE, out)
-    assert json.loads((out / "heads" / "logit" / "head" / "config.json").read_text())["training"]["resumed_from"] == 10
+    assert json.loads((out / "heads" / "logit" / "config.json").read_text())["training"]["resumed_from"] == 10
 
     assert _metrics(out) == _metrics(ref)
-    heads, ref_heads = _files(out, "heads/*/head/*.safetensors"), _files(ref, "heads/*/head/*.safetensors")
+    heads, ref_heads = _files(out, "heads/*/model.safetensors"), _files(ref, "heads/*/model.safetensors")
     assert len(ref_heads) == 3 and heads.keys() == ref_heads.keys()
     assert all(heads[k] == ref_heads[k] for k in heads), [k for k in heads if heads[k] != ref_heads[k]]
 

@@ -15,7 +15,7 @@ import torch
 from refine_llm.config import HeadConfig
 from refine_llm.errors import UserError
 from refine_llm.head import build_head, save_head, tokenizer_fingerprint
-from refine_llm.serving import ServedHead, gate_token_ids_for_words, load_served_head, refine_topk
+from refine_llm.serving import ServedHead, gate_token_ids, load_served_head, refine_topk
 
 K = 10
 GENDER_WORDS = ["Mary", "John", "Linda", "James", "Susan", "Robert", "he", "she", "He", "She", "his", "her"]
@@ -39,7 +39,7 @@ def make_served_head(out_dir: Path, tokenizer, k: int = K, fingerprint: str | No
         "tokenizer_fingerprint": fingerprint or tokenizer_fingerprint(tokenizer),
         "base_model": "smollm2-135m",
         "category": "gender",
-        "gate_token_ids": gate_token_ids_for_words(tokenizer, GENDER_WORDS),
+        "gate_token_ids": gate_token_ids(tokenizer, GENDER_WORDS),
     }
     return save_head(head, out_dir, meta)
 

@@ -8,28 +8,17 @@ model's next-token distribution at the answer position, renormalised over its to
 top_k, 10), with the top-k positions that are a first token of subject 1 / 2 given by
 ``scoring.candidate_token_ids`` + ``scoring.cand_mask_of``. Per batch of n tuples (4n prompts):
 
-  objective="bandit" (default), the head's estimator (refine_llm.bandit, "reinforce"): per prompt draw
-    S tokens from the top-k policy; a token answers subject 1, subject 2 or neither, so each joint draw
-    gives one-hot answers p_pos (4,2) per tuple and a reward r = -|C| (``metrics.tuple_bias`` on
-    ``metrics.gather_tuples``). loss = -mean((r - mean_S r) * sum_4 log pi(a)), a mean-reward baseline
-    per tuple (GRPO without std normalisation). The sampled answers matter: -|C(probabilities)| does
-    not depend on the action, so its REINFORCE estimate is zero in expectation.
-  objective="direct": here (as for the head) the candidate probabilities are differentiable w.r.t. the
-    adapters, so the loss can be the metric itself: mean |C(p_pos)|. Deterministic; no sampling noise,
-    but its gradient vanishes where |C| = 0 and it cannot prefer consistent answers over coin flips
-    (E|C(sampled)| >= |C(E)| is what the bandit optimises).
-
-Both objectives carry the head's two auxiliary terms (same definitions):
-  answer mass (weight ``answer_mass_weight``, default 1): reward 1 when the sampled token names either
-    subject (bandit) / P(subj1) + P(subj2) (direct); otherwise "no name at all" is a zero-bias optimum.
-  utility (weight lambda = ``cfg.utility_weight``), on the specified train questions of the batch's
-    tuples: reward 1 for a sampled gold token, per-prompt mean baseline (bandit) / P(gold) (direct),
-    plus ``kl_weight`` x KL(frozen || adapted) of the full next-token distribution on the same prompts.
-    The frozen model is the same weights with the adapters off (``model.disable_adapter()``), so there
-    is no second copy of the LLM. LoRA changes every prompt, not only the 4 answers, so unlike the head
-    it needs this anchor to keep specified answers where they were.
-
-    loss = bias + answer_mass_weight * mass + lambda * (utility + kl_weight * KL)
+The loss is ``refine_llm.rewards.policy_loss``, the head's own (one reward, so the two can never
+optimise different things): the tuple reward -C_s * C_t of sampled joint answers (expectation -C(P)^2),
+the answer-mass term (weight ``answer_mass_weight``) and, on the specified train questions of the batch's
+tuples, P(gold) plus ``kl_weight`` x KL(frozen || adapted) of the full next-token distribution (weight
+lambda = ``utility_weight``). ``objective`` picks the estimator: ``reinforce`` (default; sampled answers,
+leave-one-out baseline) or ``direct`` (the same expected reward differentiated in closed form: the
+candidate probabilities are differentiable w.r.t. the adapters). The frozen model is the same weights
+with the adapters off (``model.disable_adapter()``), so there is no second copy of the LLM. LoRA changes
+every prompt, not only the 4 answers, so unlike the head it needs the KL anchor to keep specified
+answers where they were. The forward is ``refine_llm.forward.answer_logits`` (the shared few-shot prefix
+runs once per step, its KV expanded to the batch; the same function scoring uses).
 
 lora-cda (``train_lora_cda``): counterfactual data augmentation and plain SFT with trl's SFTTrainer and a
 peft LoraConfig. ``build_cda_dataset`` pairs each example with its subject-swapped twin (both subjects
@@ -67,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from refine_llm import metrics, models, scoring
+from refine_llm import forward, metrics, models, rewards, scoring
 from refine_llm.config import LoraConfig
 from refine_llm.errors import UserError
 from refine_llm.io import atomic_dir, atomic_write_bytes, kill_point
@@ -114,7 +103,7 @@ class LoraResult:
 
     def row(self) -> dict:
         """The report's ``methods`` row fields this result knows (metrics come from scoring the test split)."""
-        return {"method": self.method if self.objective in (None, "bandit") else f"{self.method}-{self.objective}",
+        return {"method": self.method if self.objective in (None, "reinforce") else f"{self.method}-{self.objective}",
                 "trainable_params": self.trainable_params, "train_seconds": round(self.train_seconds, 2),
                 "peak_memory_mb": round(self.peak_memory_mb, 1)}
 
@@ -168,7 +157,7 @@ def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool | None = None)
 
     Quantized (nf4/int8) models go through ``prepare_model_for_kbit_training`` first (fp32 norms and
     embeddings, frozen base). Gradient checkpointing is off unless asked for: the reward trainer runs the
-    shared few-shot prefix once per step (``_answer_logits``), so activations are those of ~B short
+    shared few-shot prefix once per step (``refine_llm.forward``), so activations are those of ~B short
     suffixes, and transformers drops the prefix KV cache under checkpointing (the trainer then falls back
     to whole prompts: exact, ~4x slower). Turn it on for long prompts without a shared prefix. The model
     is modified in place (``PeftModel.unload()`` gives the base back)."""
@@ -223,7 +212,7 @@ def _load_base(model_dir_or_name, quant: str, tokenizer, device):
 class _TrainSet:
     """Questions as the trainer needs them. ids: prompt token ids per row; cand: [subj1 ids, subj2 ids]
     per row (scoring.candidate_token_ids); tuple_rows (N,2,2) rows [order, polarity]; spec_of_tuple:
-    specified rows per tuple; gold_pos: row -> 0/1."""
+    specified rows per tuple; gold_pos: row -> 0/1 (metrics.gold_positions)."""
 
     ids: list[list[int]]
     cand: list[list[list[int]]]
@@ -244,7 +233,7 @@ def _prepare(questions, prompt, tokenizer, pronouns: bool = False) -> _TrainSet:
     ctx, q = _col(questions, "context"), _col(questions, "question")
     s1, s2 = _col(questions, "subj1"), _col(questions, "subj2")
     g1, g2 = _col(questions, "subj1_group"), _col(questions, "subj2_group")
-    cat, spec, gold, tid = (_col(questions, c) for c in ("category", "specified", "gold", "tuple_id"))
+    cat, spec, tid = (_col(questions, c) for c in ("category", "specified", "tuple_id"))
     texts = [prompt.render(c, qq, tokenizer) for c, qq in zip(ctx, q)]
     ids = tokenizer(texts, add_special_tokens=prompt.add_special_tokens)["input_ids"]
     memo: dict[tuple[str, str | None], list[int]] = {}
@@ -260,104 +249,23 @@ def _prepare(questions, prompt, tokenizer, pronouns: bool = False) -> _TrainSet:
         cand.append([cands(s1[m], g1[m] if by_group else None), cands(s2[m], g2[m] if by_group else None)])
     t_index = {t: n for n, t in enumerate(meta["tuple_id"])}
     spec_of_tuple: list[list[int]] = [[] for _ in t_index]
-    gold_pos = {}
-    for m in range(len(texts)):
-        if spec[m] and tid[m] in t_index:
-            spec_of_tuple[t_index[tid[m]]].append(m)
-            gold_pos[m] = 0 if gold[m] == s1[m] else 1
+    spec_rows = [m for m in range(len(texts)) if spec[m] and tid[m] in t_index]
+    for m in spec_rows:
+        spec_of_tuple[t_index[tid[m]]].append(m)
+    gold_pos = dict(zip(spec_rows, metrics.gold_positions(questions, spec_rows).tolist()))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return _TrainSet(ids, cand, rows, spec_of_tuple, gold_pos, pad, common_prefix_len(ids))
+    return _TrainSet(ids, cand, rows, spec_of_tuple, gold_pos, pad, forward.common_prefix_len(ids))
 
 
-def common_prefix_len(seqs: list[list[int]]) -> int:
-    """Length of the longest token prefix shared by every sequence, leaving each at least one token of its
-    own (the answer position must be computed in the suffix pass)."""
-    if not seqs:
-        return 0
-    n = min(len(s) for s in seqs) - 1
-    first = seqs[0]
-    for s in seqs[1:]:
-        j = 0
-        while j < n and s[j] == first[j]:
-            j += 1
-        n = j
-        if n <= 0:
-            return 0
-    return max(n, 0)
-
-
-def _prefix_ok(model, L: int, total: int | None = None) -> bool:
-    """Whether the shared-prefix path is exact for this model: not under gradient checkpointing in training
-    (transformers drops past_key_values there) and, with a sliding window, only while the whole sequence
-    (``total`` tokens, default the prefix) fits in it."""
-    if L <= 0:
-        return False
-    if model.training and getattr(model, "is_gradient_checkpointing", False):
-        return False
-    window = getattr(getattr(model, "config", None), "sliding_window", None)
-    return not (window and max(L, total or 0) >= window)
-
-
-def prefix_kv(model, prefix: list[int]):
-    """The shared prefix's per-layer (keys, values), each (1, heads, L, head_dim), under the current
-    adapter state; differentiable w.r.t. the adapters when grad is enabled. None if the model's cache is
-    not a plain attention KV cache (then callers run whole sequences)."""
+def _logits(model, ts: _TrainSet, rows: list[int], kv=None):
+    """(R, V) float32 answer-position logits of rows (``forward.answer_logits``, the few-shot prefix once);
+    gradients flow when grad is enabled. ``kv``: a prefix KV computed earlier (the frozen reference's)."""
     import torch
 
-    out = model(input_ids=torch.tensor([prefix], device=_device(model)), use_cache=True, logits_to_keep=1)
-    layers = getattr(out.past_key_values, "layers", None)
-    if layers is None or not all(getattr(la, "keys", None) is not None for la in layers):
-        return None
-    return [(la.keys, la.values) for la in layers]
-
-
-def _answer_logits(model, seqs: list[list[int]], pad_id: int, prefix_len: int = 0, kv=None):
-    """(B, V) float32 next-token logits after each sequence, lm_head on the last position only
-    (``logits_to_keep=1``: no (B, T, V) tensor).
-
-    prefix_len = 0: whole sequences, left padding, position ids from each row's first real token (scoring's
-    no-prefix-cache path computes the same). prefix_len = L > 0 (every sequence starts with the same L
-    tokens): the prefix runs once, batch 1 (``kv`` if given, e.g. the frozen model's, else computed here
-    with grad), its KV is expanded (a view) to the batch and each row's suffix runs after it, left-padded
-    between prefix and suffix (mask holes, explicit positions L..), so the last column is every row's answer
-    position. The expand's backward sums the rows' gradients into the one prefix pass: same gradient as
-    running every row in full, for ~L x B fewer tokens (the few-shot prefix is ~85% of a qa prompt)."""
-    import torch
-
-    dev = _device(model)
-    b = len(seqs)
-    if prefix_len > 0 and _prefix_ok(model, prefix_len, max(len(s) for s in seqs)):
-        L = prefix_len
-        if kv is None:
-            kv = prefix_kv(model, seqs[0][:L])
-        if kv is not None:
-            from transformers import DynamicCache
-
-            suf = [s[L:] for s in seqs]
-            S = max(len(s) for s in suf)
-            inp = torch.full((b, S), pad_id, dtype=torch.long)
-            mask = torch.zeros((b, L + S), dtype=torch.long)
-            mask[:, :L] = 1
-            pos = torch.zeros((b, S), dtype=torch.long)
-            for i, s in enumerate(suf):
-                inp[i, S - len(s):] = torch.tensor(s)
-                mask[i, L + S - len(s):] = 1
-                pos[i, S - len(s):] = torch.arange(L, L + len(s))
-            cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv],
-                                 config=model.config)
-            out = model(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-            return out.logits[:, -1, :].float()
-    S = max(len(s) for s in seqs)
-    inp = torch.full((b, S), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, S), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        inp[i, S - len(s):] = torch.tensor(s)
-        mask[i, S - len(s):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                use_cache=False, logits_to_keep=1)
-    return out.logits[:, -1, :].float()
+    prefix = ts.ids[0][: ts.prefix_len] if ts.prefix_len else None
+    _, logits = forward.answer_logits(model, [ts.ids[r] for r in rows], pad_id=ts.pad_id, prefix_ids=prefix, kv=kv,
+                                      grad=torch.is_grad_enabled())
+    return logits
 
 
 def _policy(model, ts: _TrainSet, rows: list[int], k: int, kv=None):
@@ -365,18 +273,11 @@ def _policy(model, ts: _TrainSet, rows: list[int], k: int, kv=None):
     Gradients flow through the top-k values; the top-k ids and the mask are constants."""
     import torch
 
-    logits = _answer_logits(model, [ts.ids[r] for r in rows], ts.pad_id, ts.prefix_len, kv)
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(_logits(model, ts, rows, kv), dim=-1)
     top = torch.topk(logp, k, dim=-1)
     lpk = torch.log_softmax(top.values, dim=-1)
     mask = scoring.cand_mask_of(top.indices.detach().cpu().numpy(), [ts.cand[r] for r in rows])
     return logp, lpk, torch.as_tensor(mask, device=lpk.device)
-
-
-def _cand_probs(lpk, mask):
-    """(R,k) top-k renormalised log-probs, (R,2,k) mask -> (R,2) candidate probabilities: the convention of
-    ``scoring.candidate_probs`` (sum over cand_mask of softmax(topk_logprobs)), in torch for gradients."""
-    return (lpk.exp().unsqueeze(1) * mask.to(lpk.dtype)).sum(-1)
 
 
 def candidate_probs_of(model, tokenizer, questions, prompt, top_k: int = 10, pronouns: bool = False,
@@ -390,10 +291,10 @@ def candidate_probs_of(model, tokenizer, questions, prompt, top_k: int = 10, pro
     model.eval()
     out = []
     with torch.no_grad():
-        kv = prefix_kv(model, ts.ids[0][: ts.prefix_len]) if _prefix_ok(model, ts.prefix_len) else None
+        kv = forward.prefix_kv(model, ts.ids[0][: ts.prefix_len]) if forward.prefix_usable(model, ts.prefix_len) else None
         for s in range(0, len(ts.ids), batch_size):
             _, lpk, mask = _policy(model, ts, list(range(s, min(s + batch_size, len(ts.ids)))), top_k, kv)
-            out.append(_cand_probs(lpk, mask).cpu().numpy())
+            out.append(rewards.candidate_probs(lpk, mask).cpu().numpy())
     model.train(was)
     return np.concatenate(out) if out else np.zeros((0, 2))
 
@@ -410,61 +311,26 @@ def mean_abs_bias(model, tokenizer, questions, prompt, top_k: int = 10, pronouns
 
 
 def _step_loss(model, ts: _TrainSet, tuples: np.ndarray, cfg: LoraConfig, g) -> tuple[Any, dict]:
-    """One step's loss on tuples (n,) and its logs (see the module docstring for the terms)."""
+    """One step's loss on tuples (n,) and its logs: ``rewards.policy_loss`` on the adapted model's top-k."""
     import torch
 
-    k, S = int(cfg.top_k), int(cfg.samples)
-    n = len(tuples)
     flat = ts.tuple_rows[tuples].reshape(-1).tolist()  # (4n,) in (tuple, order, polarity) order
-    lam = cfg.utility_weight
-    spec = [m for t in tuples for m in ts.spec_of_tuple[t]] if lam > 0 else []
-    logp, lpk, mask = _policy(model, ts, flat + spec, k)
-    dev = lpk.device
-    u_lpk, u_mask = lpk[: 4 * n], mask[: 4 * n]
-    local = torch.arange(4 * n, device=dev).reshape(n, 2, 2)
-    p_pos = _cand_probs(u_lpk, u_mask)  # (4n,2)
-    C = metrics.tuple_bias(metrics.gather_tuples(p_pos, local))  # (n,)
-    logs = {"abs_c": C.detach().abs().mean().item(), "answer_mass": p_pos.detach().sum(-1).mean().item()}
-    w_mass = float(cfg.answer_mass_weight)
-
-    if cfg.objective == "direct":
-        loss = C.abs().mean() - w_mass * p_pos.sum(-1).mean()
-    else:
-        a = torch.multinomial(u_lpk.detach().exp().float().cpu(), S, replacement=True, generator=g).to(dev)  # (4n,S)
-        logp_a = u_lpk.gather(1, a)  # (4n,S)
-        ans = u_mask.float().gather(2, a.unsqueeze(1).expand(-1, 2, -1)).transpose(1, 2)  # (4n,S,2) one-hot
-        # every (sample, tuple) is its own tuple of 4 one-hot rows: p (S*4n, 2), rows (S*n, 2, 2)
-        p_s = ans.transpose(0, 1).reshape(S * 4 * n, 2)
-        rows_s = (torch.arange(S, device=dev).view(-1, 1, 1, 1) * (4 * n) + local).reshape(-1, 2, 2)
-        r = -metrics.tuple_bias(metrics.gather_tuples(p_s, rows_s)).abs().view(S, n)  # (S,n)
-        adv = r - r.mean(0, keepdim=True)
-        loss = -(adv * logp_a.view(n, 4, S).sum(1).T).mean()
-        hit = ans.sum(-1).clamp(max=1.0)  # (4n,S): the sample named a subject
-        loss = loss - w_mass * ((hit - hit.mean(1, keepdim=True)) * logp_a).mean()
-        logs["reward"] = r.mean().item()
-        logs["answer_rate"] = hit.mean().item()
-
+    spec = [m for t in tuples for m in ts.spec_of_tuple[t]] if cfg.utility_weight > 0 else []
+    logp, lpk, mask = _policy(model, ts, flat + spec, int(cfg.top_k))
+    dev, n4 = lpk.device, len(flat)
+    extra = {}
     if spec:
-        ns = len(spec)
-        s_lpk, s_mask = lpk[4 * n:], mask[4 * n:]
         gold = torch.tensor([ts.gold_pos[m] for m in spec], device=dev)
-        gmask = s_mask[torch.arange(ns, device=dev), gold].float()  # (ns,k) gold answer's top-k tokens
-        if cfg.objective == "direct":
-            util = -(s_lpk.exp() * gmask).sum(-1).mean()
-        else:
-            sa = torch.multinomial(s_lpk.detach().exp().float().cpu(), S, replacement=True, generator=g).to(dev)
-            su = gmask.gather(1, sa)  # (ns,S) 1 = sampled a gold token
-            util = -((su - su.mean(1, keepdim=True)) * s_lpk.gather(1, sa)).mean()
-        with torch.no_grad(), model.disable_adapter():
-            if ts.ref_kv is None and _prefix_ok(model, ts.prefix_len):
-                ts.ref_kv = prefix_kv(model, ts.ids[0][: ts.prefix_len])
-            ref = torch.log_softmax(_answer_logits(model, [ts.ids[m] for m in spec], ts.pad_id, ts.prefix_len,
-                                                   ts.ref_kv), dim=-1)
-        kl = (ref.exp() * (ref - logp[4 * n:])).sum(-1).mean()
-        loss = loss + lam * (util + float(cfg.kl_weight) * kl)
-        logs["utility"] = (s_lpk.detach().exp() * gmask).sum(-1).mean().item()
-        logs["kl"] = kl.item()
-    return loss, logs
+        extra["spec_logp"], extra["spec_gold_mask"] = lpk[n4:], mask[n4:][torch.arange(len(spec), device=dev), gold]
+        if cfg.kl_weight > 0:
+            with torch.no_grad(), model.disable_adapter():  # the frozen model: same weights, adapters off
+                if ts.ref_kv is None and forward.prefix_usable(model, ts.prefix_len):
+                    ts.ref_kv = forward.prefix_kv(model, ts.ids[0][: ts.prefix_len])
+                ref = torch.log_softmax(_logits(model, ts, spec, ts.ref_kv), dim=-1)
+            extra["spec_kl"] = rewards.kl_to_base(ref, logp[n4:])  # full vocabulary
+    weights = rewards.Weights(cfg.answer_mass_weight, cfg.utility_weight, cfg.kl_weight)
+    return rewards.policy_loss(lpk[:n4], mask[:n4], cfg.objective, weights, samples=int(cfg.samples), generator=g,
+                               **extra)
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -538,7 +404,7 @@ def _load_checkpoint(path: Path, model, opt, key: str) -> dict | None:
 
 def train_reward(model, tokenizer, questions, prompt, cfg: LoraConfig, *, pronouns: bool = False,
                  progress: bool = False, checkpoint_dir=None, checkpoint_key: str = "") -> dict:
-    """Train the active adapter of a PeftModel in place with the head's reward (cfg.objective: bandit or
+    """Train the active adapter of a PeftModel in place with the head's reward (cfg.objective: reinforce or
     direct) for cfg.steps steps of cfg.batch_size tuples of ``questions`` (pass the train split).
 
     checkpoint_dir: write a checkpoint there every ``CHECKPOINT_EVERY`` steps and resume from one made
@@ -699,8 +565,7 @@ def train_lora_cda(model_dir_or_name, questions_train, prompt, cfg: LoraConfig, 
         with torch.no_grad():
             flat = ts.tuple_rows[mon_tuples].reshape(-1).tolist()
             _, lpk, mask = _policy(m, ts, flat, int(cfg.top_k))
-            local = torch.arange(len(flat), device=lpk.device).reshape(-1, 2, 2)
-            c = metrics.tuple_bias(metrics.gather_tuples(_cand_probs(lpk, mask), local)).abs().mean().item()
+            c = rewards.tuple_c(rewards.candidate_probs(lpk, mask)).abs().mean().item()
         m.train(was)
         monitor_seconds[0] += time.perf_counter() - t
         return c

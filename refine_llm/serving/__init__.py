@@ -22,8 +22,9 @@ Modes (``refine_llm.config.SERVING_MODES``):
 Per-request options (vLLM ``SamplingParams.extra_args`` / the server's ``vllm_xargs``):
 ``{"refine_head": "<name>", "refine_mode": "first"}``; see ``parse_request_args``.
 
-This package imports only ``refine_llm.head`` and ``refine_llm.config`` of ours: a server never
-pulls in trainers or datasets. ``refine_llm.serving.hf`` needs transformers and
+This package imports only ``refine_llm.head``, ``refine_llm.config`` and ``refine_llm.vocab`` (tokenizer-only
+word -> token ids, no torch) of ours: a server never pulls in trainers, scorers or datasets. The gate
+vocabulary lives in ``vocab`` so that serving and the pipeline tokenize gate words the same way. ``refine_llm.serving.hf`` needs transformers and
 ``refine_llm.serving.vllm`` needs vllm; neither is imported here.
 """
 
@@ -38,7 +39,9 @@ from typing import Any, Mapping
 import torch
 
 from refine_llm.config import SERVING_MODES
+from refine_llm.errors import UserError
 from refine_llm.head import load_head, read_head_config
+from refine_llm.vocab import gate_token_ids  # the one tokenization of gate words, shared with the pipeline
 
 __all__ = [
     "SERVING_MODES",
@@ -52,10 +55,11 @@ __all__ = [
     "refine_topk",
     "gate_rows",
     "parse_request_args",
-    "gate_token_ids_for_words",
+    "gate_token_ids",
 ]
 
-HEADS_DIR_ENV = "REFINE_HEADS_DIR"  # each subdirectory is one head; its name is the head's name
+HEADS_DIR_ENV = "REFINE_HEADS_DIR"  # each subdirectory is one head (its name is the head's name), + heads.json
+HEADS_INDEX = "heads.json"  # in the heads directory: {"served name": "dir (relative to it) or org/repo id"}
 ARG_HEAD = "refine_head"
 ARG_MODE = "refine_mode"
 DEFAULT_MODE = "first"
@@ -86,7 +90,9 @@ def load_served_head(
     expect_tokenizer_fingerprint: str | None = None,
     device: str | torch.device | None = None,
 ) -> ServedHead:
-    """Load a head directory for serving (UserError for a missing/corrupt head or another tokenizer)."""
+    """Load a head for serving from a directory or a hub repo id (resolved offline from the local hub cache
+    when HF_HUB_OFFLINE is set; ``refine_llm.head.resolve_head``). UserError for a missing/corrupt head or
+    one saved for another tokenizer."""
     head, config = load_head(head_dir, expect_tokenizer_fingerprint=expect_tokenizer_fingerprint, device=device)
     for p in head.parameters():
         p.requires_grad_(False)
@@ -97,12 +103,28 @@ def load_served_head(
     return ServedHead(name or Path(head_dir).name, head, config, gate_ids)
 
 
-def discover_heads(heads_dir: str | os.PathLike) -> dict[str, Path]:
-    """name -> directory for every subdirectory of ``heads_dir`` that holds a head config.json."""
+def discover_heads(heads_dir: str | os.PathLike) -> dict[str, Path | str]:
+    """name -> head for ``heads_dir``: every subdirectory that holds a head config.json (its name is the
+    served name), plus the entries of ``heads_dir/heads.json`` ({"name": "dir" | "org/repo"}; a relative dir
+    is relative to ``heads_dir``; a repo id is resolved when the head loads). heads.json wins on a clash."""
     root = Path(heads_dir)
     if not root.is_dir():
         return {}
-    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "config.json").is_file()}
+    found: dict[str, Path | str] = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "config.json").is_file()}
+    index = root / HEADS_INDEX
+    if index.is_file():
+        import json
+
+        try:
+            entries = json.loads(index.read_text())
+        except ValueError as e:
+            raise UserError(f"{index} is not valid JSON ({e}): write {{\"name\": \"dir or org/repo\"}}") from None
+        if not isinstance(entries, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in entries.items()):
+            raise UserError(f"{index} must map served names to directories or hub repo ids (strings), got {entries!r}")
+        for name, target in entries.items():
+            local = root / target
+            found[name] = local if local.is_dir() else (Path(target) if Path(target).is_absolute() else target)
+    return found
 
 
 @torch.no_grad()
@@ -181,18 +203,3 @@ def head_configs(heads_dir: str | os.PathLike | None) -> dict[str, dict[str, Any
     if not heads_dir:
         return {}
     return {name: read_head_config(path) for name, path in discover_heads(heads_dir).items()}
-
-
-def gate_token_ids_for_words(tokenizer: Any, words: list[str]) -> list[int]:
-    """First token ids of each word with and without a leading space ("Mary" / " Mary"), sorted.
-
-    The category vocabulary for ``gated`` mode: the subjects' names and the pronouns. Pass the result
-    as ``gate_token_ids`` in ``save_head``'s meta.
-    """
-    ids: set[int] = set()
-    for word in words:
-        for form in (word, " " + word):
-            toks = tokenizer.encode(form, add_special_tokens=False)
-            if toks:
-                ids.add(int(toks[0]))
-    return sorted(ids)

@@ -1,6 +1,6 @@
 """Apply a trained REFINE head inside ``transformers`` generation (a ``LogitsProcessor``).
 
-    proc = RefineHeadProcessor("runs/gender/head", mode="first", tokenizer=tok)
+    proc = RefineHeadProcessor("runs/gender/heads/logit", mode="first", tokenizer=tok)   # or "org/repo"
     out = model.generate(**enc, logits_processor=LogitsProcessorList([proc]), do_sample=False)
 
 Input and output are logits (B,V), as in every transformers processor: the head rewrites the top-k
@@ -32,7 +32,8 @@ class RefineHeadProcessor(LogitsProcessor):
     """A transformers logits processor that applies the head at ``head_dir``.
 
     Args:
-        head_dir: a directory written by ``refine_llm.head.save_head``.
+        head_dir: a directory written by ``refine_llm.head.save_head`` (``save_pretrained``), or a hub
+            repo id ("org/name"), resolved offline from the local hub cache when HF_HUB_OFFLINE is set.
         mode: ``first`` (first generated token only), ``gated`` (steps whose top-k holds >= 2
             tokens of ``gate_token_ids``) or ``all`` (every step).
         tokenizer: when given, a head saved for another tokenizer is refused (UserError).
@@ -56,7 +57,7 @@ class RefineHeadProcessor(LogitsProcessor):
         if mode == "gated" and self.served.gate_ids is None:
             raise ValueError(
                 f"mode='gated' needs the category vocabulary but head {head_dir} has no gate_token_ids: "
-                "pass gate_token_ids= (see refine_llm.serving.gate_token_ids_for_words) or use mode 'first'/'all'"
+                "pass gate_token_ids= (see refine_llm.serving.gate_token_ids) or use mode 'first'/'all'"
             )
         self.mode = mode
         self.applied: list[torch.Tensor] = []  # per call: (B,) bool, which rows the head rewrote

@@ -68,11 +68,11 @@ def check_heads(heads_dir: str | os.PathLike, model_dir: str) -> list[str]:
     heads = Path(heads_dir)
     if not heads.is_dir():
         raise UserError(f"--heads {heads}: no such directory; create it with one trained head per subdirectory "
-                        "(copy runs/<run>/heads/logit/head there as heads/<name>)")
+                        "(copy runs/<run>/heads/logit there as heads/<name>)")
     found = discover_heads(heads)
     if not found:
         raise UserError(f"--heads {heads}: no head directories (each needs config.json + model.safetensors); "
-                        "copy runs/<run>/heads/logit/head there as heads/<name>")
+                        "copy runs/<run>/heads/logit there as heads/<name>")
     from transformers import AutoTokenizer
 
     try:  # the tokenizer vLLM will load (unprepared, as the engine's check sees it)

@@ -1,7 +1,9 @@
 """Apply trained REFINE heads inside vLLM: logits processors for both vLLM 0.32 model runners.
 
 Heads are loaded once per process from ``$REFINE_HEADS_DIR`` (each subdirectory one head, its name
-the subdirectory's name); each request opts in on its own:
+the subdirectory's name, plus the names of its ``heads.json``, which map to directories or hub repo
+ids resolved from the local hub cache; see ``refine_llm.serving.discover_heads``); each request opts
+in on its own:
 
     SamplingParams(..., extra_args={"refine_head": "gender", "refine_mode": "first"})   # offline LLM
     {"prompt": ..., "vllm_xargs": {"refine_head": "gender", "refine_mode": "first"}}    # server

@@ -1,0 +1,69 @@
+"""Which token ids stand for a word where it appears in a prompt: answer candidates and the serving gate.
+
+One home for the tokenization of answer words, shared by scoring (``cand_mask``), the LoRA trainer, the
+pipeline (a head's ``gate_token_ids``) and serving (``gated`` mode). Before this module the pipeline
+tokenized the gate vocabulary after a newline anchor with capitalised forms and serving tokenized bare
+forms, so a head's saved gate and one built by ``refine_llm.serving`` for the same words differed.
+
+A word maps to the first token of each surface form (with and without a leading space, as written and
+capitalised), each tokenized after a newline anchor so that SentencePiece's dummy prefix and BPE merges
+behave as they do inside a prompt; ids are deduplicated, and a token that decodes to whitespace alone
+(SentencePiece's bare "▁") is dropped, since it would credit any word.
+
+Only a tokenizer is needed (no torch, nothing else of ours): ``refine_llm.serving``, which may import
+only ``head``, ``config`` and this module, uses it to build gates without pulling in the scorer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+__all__ = ["PRONOUNS", "GATE_PRONOUNS", "first_token_in_context", "surface_forms", "word_token_ids",
+           "candidate_token_ids", "gate_token_ids"]
+
+PRONOUNS = {"female": "she", "male": "he"}  # credited to a gender subject with ScoringConfig.pronouns
+GATE_PRONOUNS = ("he", "she", "him", "her", "his")  # always part of a gate vocabulary
+_ANCHOR = "\n"
+
+
+def first_token_in_context(tokenizer: Any, form: str) -> int | None:
+    """First token of ``form`` as it is tokenized after a newline (the way it appears in a prompt)."""
+    anchor = tokenizer.encode(_ANCHOR, add_special_tokens=False)
+    ids = tokenizer.encode(_ANCHOR + form, add_special_tokens=False)
+    if ids[: len(anchor)] == anchor and len(ids) > len(anchor):
+        return ids[len(anchor)]
+    ids = tokenizer.encode(form, add_special_tokens=False)  # the anchor merged: take the form alone
+    return ids[0] if ids else None
+
+
+def surface_forms(word: str) -> list[str]:
+    cap = word[:1].upper() + word[1:]
+    return list(dict.fromkeys([word, " " + word, cap, " " + cap]))
+
+
+def word_token_ids(tokenizer: Any, word: str) -> list[int]:
+    """Unique first-token ids of ``word``'s surface forms, in order of ``surface_forms``."""
+    out = []
+    for form in surface_forms(word):
+        t = first_token_in_context(tokenizer, form)
+        if t is not None and tokenizer.decode([t]).strip():
+            out.append(int(t))
+    return list(dict.fromkeys(out))
+
+
+def candidate_token_ids(tokenizer: Any, subject: str, pronouns_for: str | None = None) -> list[int]:
+    """Unique first-token ids of ``subject``'s surface forms (" Mary", "Mary", capitalised), plus
+    she/he when ``pronouns_for`` is "female"/"male" (the subject's group)."""
+    ids = word_token_ids(tokenizer, subject)
+    if pronouns_for in PRONOUNS:
+        ids += [t for t in word_token_ids(tokenizer, PRONOUNS[pronouns_for]) if t not in ids]
+    return ids
+
+
+def gate_token_ids(tokenizer: Any, words: Iterable[str], pronouns: bool = True) -> list[int]:
+    """Sorted ids of ``words`` (and of ``GATE_PRONOUNS`` unless ``pronouns=False``) for serving's ``gated``
+    mode: a step is gated when its top-k holds at least two of them. Save as the head's ``gate_token_ids``."""
+    ids: set[int] = set()
+    for word in list(words) + (list(GATE_PRONOUNS) if pronouns else []):
+        ids.update(word_token_ids(tokenizer, word))
+    return sorted(ids)
