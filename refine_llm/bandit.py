@@ -8,7 +8,7 @@ those k tokens, an *action* is one sampled top-k token per prompt, and the *rewa
 -|C|, its UnQover comparative bias, computed by ``refine_llm.metrics.tuple_bias`` on the four prompts'
 answers: the same function that evaluates the head. Nothing here re-implements a metric.
 
-objective="reinforce" (default). For each tuple we draw ``samples`` joint actions (one token per
+objective="reinforce". For each tuple we draw ``samples`` joint actions (one token per
 prompt, independently from the head). A sampled token answers subject 1, subject 2 (cand_mask) or
 neither, so each joint sample gives one-hot answers p_pos (4,2) and a reward r = -|C(p_pos)|.
 The gradient of E[r] is E[(r - b) * sum_{4 prompts} grad log pi(a_m | x_m)] for any b that does not
@@ -260,7 +260,7 @@ def _reinforce_loss(head, data, tuples, g, cfg: BanditConfig, samples: int):
 
 
 def _expected_loss(head, data, tuples, g, cfg: BanditConfig, samples: int):
-    """objective="expected": the bandit's expected reward in closed form.
+    """objective="direct" (named "expected" before): the bandit's expected reward in closed form.
 
     The reward of a tuple is a known, differentiable function of the policy's answer probabilities
     (the metric, -|C(P)|), so its gradient needs no sampled actions (a deterministic policy gradient
@@ -390,7 +390,7 @@ def _load_checkpoint(ckpt_dir: Path, head, opt) -> tuple[dict, dict | None]:
 def _train_step(head, opt, data, tuples, with_replacement, g, cfg, samples):
     if with_replacement:  # the authors' random.choices(batch, k=mini_batch_size)
         tuples = tuples[torch.randint(len(tuples), (cfg.minibatch_size,), generator=g)]
-    loss_fn = {"paper": _paper_loss, "expected": _expected_loss, "reinforce": _reinforce_loss}[cfg.objective]
+    loss_fn = {"paper": _paper_loss, "direct": _expected_loss, "reinforce": _reinforce_loss}[cfg.objective]
     loss, logs = loss_fn(head, data, tuples, g, cfg, samples)
     opt.zero_grad(set_to_none=True)
     if torch.isfinite(loss):

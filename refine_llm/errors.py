@@ -12,3 +12,17 @@ class UserError(Exception):
     """A mistake the user can fix; the message is one line that says how."""
 
     exit_code = 2
+
+
+import argparse  # noqa: E402  (kept below the exception: this module's main job is UserError)
+import sys  # noqa: E402
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error style: a mistake prints ONE line plus "(see --help)" and exits 2,
+    instead of argparse's usage block. Subparsers inherit the class, so subcommands behave the same."""
+
+    def error(self, message: str):  # type: ignore[override]
+        message = " ".join(str(message).split())  # argparse messages may wrap; keep one line
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)

@@ -90,7 +90,7 @@ def test_bandit_smoke_moves_every_lora_param(trainable, train_q, prompt):
     from refine_llm.config import LoraConfig
 
     model, tok = trainable
-    cfg = LoraConfig(objective="bandit", steps=2, batch_size=2, lr=1e-3, dropout=0.0, seed=1)
+    cfg = LoraConfig(objective="reinforce", steps=2, batch_size=2, lr=1e-3, dropout=0.0, seed=1)
     model.add_adapter("bandit", lora.peft_lora_config(cfg))
     model.set_adapter("bandit")
     try:

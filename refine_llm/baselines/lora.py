@@ -8,8 +8,8 @@ model's next-token distribution at the answer position, renormalised over its to
 top_k, 10), with the top-k positions that are a first token of subject 1 / 2 given by
 ``scoring.candidate_token_ids`` + ``scoring.cand_mask_of``. Per batch of n tuples (4n prompts):
 
-  objective="bandit" (default), the head's estimator (refine_llm.bandit, "reinforce"): per prompt draw
-    S tokens from the top-k policy; a token answers subject 1, subject 2 or neither, so each joint draw
+  objective="reinforce" (default; "bandit" before the rename), the head's estimator (refine_llm.bandit):
+    per prompt draw S tokens from the top-k policy; a token answers subject 1, subject 2 or neither, so each joint draw
     gives one-hot answers p_pos (4,2) per tuple and a reward r = -|C| (``metrics.tuple_bias`` on
     ``metrics.gather_tuples``). loss = -mean((r - mean_S r) * sum_4 log pi(a)), a mean-reward baseline
     per tuple (GRPO without std normalisation). The sampled answers matter: -|C(probabilities)| does
@@ -100,7 +100,7 @@ class LoraResult:
 
     def row(self) -> dict:
         """The report's ``methods`` row fields this result knows (metrics come from scoring the test split)."""
-        return {"method": self.method if self.objective in (None, "bandit") else f"{self.method}-{self.objective}",
+        return {"method": self.method if self.objective in (None, "reinforce") else f"{self.method}-{self.objective}",
                 "trainable_params": self.trainable_params, "train_seconds": round(self.train_seconds, 2),
                 "peak_memory_mb": round(self.peak_memory_mb, 1)}
 
@@ -469,7 +469,7 @@ def _schedule(n_tuples: int, cfg: LoraConfig):
 
 def train_reward(model, tokenizer, questions, prompt, cfg: LoraConfig, *, pronouns: bool = False,
                  progress: bool = False) -> dict:
-    """Train the active adapter of a PeftModel in place with the head's reward (cfg.objective: bandit or
+    """Train the active adapter of a PeftModel in place with the head's reward (cfg.objective: reinforce or
     direct) for cfg.steps steps of cfg.batch_size tuples of ``questions`` (pass the train split).
 
     Returns {"history", "train_seconds", "peak_memory_mb", "trainable_params"}."""
