@@ -144,12 +144,12 @@ def _guarded(fn) -> int:
         return 130
 
 
-def _stage(argv, prog: str, until: str, *, from_run_dir: bool = True) -> int:
+def _stage(argv, prog: str, until: str, *, from_run_dir: bool = True, whole_job: bool = False) -> int:
     def go() -> int:
         from refine_llm import pipeline
 
         cfg, ns = parse_run_config(argv, prog, from_run_dir=from_run_dir)
-        if until in _NEEDS:
+        if until in _NEEDS and not whole_job:
             sub, cmd = _NEEDS[until]
             out = pipeline.run_dir_for(cfg)
             if not (out / sub).is_dir():
@@ -160,7 +160,7 @@ def _stage(argv, prog: str, until: str, *, from_run_dir: bool = True) -> int:
 
 def run_main(argv: list[str] | None = None, prog: str = "refine-llm run") -> int:
     """The whole main job (scripts/debias_llm.py calls this)."""
-    return _stage(sys.argv[1:] if argv is None else argv, prog, "evaluate", from_run_dir=False)
+    return _stage(sys.argv[1:] if argv is None else argv, prog, "evaluate", from_run_dir=False, whole_job=True)
 
 
 def questions_main(argv: list[str], prog: str = "refine-llm questions") -> int:
