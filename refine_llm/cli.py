@@ -108,17 +108,17 @@ def parse_run_config(argv: list[str], prog: str = "refine-llm run", *, from_run_
         if dest in vars(ns):
             parser.error(f"--{dest.replace('_', '-')}: {prog} always runs with {value}; drop the flag")
         setattr(ns, dest, value)
-    base = None
-    if from_run_dir:
-        out = getattr(ns, "out", None)
-        if out is None and ns.config is None:
-            out = str(_default_out(ns))
-        saved = Path(out) / "config.json" if out else None
-        if saved is not None and saved.is_file():
-            from refine_llm.config import load_config_file
-
-            base = load_config_file(saved)
     try:
+        base = None
+        if from_run_dir:
+            out = getattr(ns, "out", None)
+            if out is None and ns.config is None:
+                out = str(_default_out(ns))
+            saved = Path(out) / "config.json" if out else None
+            if saved is not None and saved.is_file():
+                from refine_llm.config import load_config_file
+
+                base = load_config_file(saved)
         cfg = cliargs.config_from_args(ns, ns.config, base)
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -7,15 +7,14 @@ with no traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 
 class UserError(Exception):
     """A mistake the user can fix; the message is one line that says how."""
 
     exit_code = 2
-
-
-import argparse  # noqa: E402  (kept below the exception: this module's main job is UserError)
-import sys  # noqa: E402
 
 
 class ArgumentParser(argparse.ArgumentParser):
