@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import types
 from dataclasses import fields, is_dataclass
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -147,4 +148,19 @@ def config_from_args(ns: argparse.Namespace, config_file: str | None = None,
         elif dest in d and dest != "schema_version":
             flags[dest] = value
     d = _merge(d, flags)
-    return RunConfig.from_dict(d, str(config_file) if config_file else "flags")
+    try:
+        return RunConfig.from_dict(d, str(config_file) if config_file else "flags")
+    except ValueError as e:
+        raise ValueError(_name_flags(str(e))) from None
+
+
+def _name_flags(msg: str) -> str:
+    """"flags: bandit.minibatch_size=16 is larger than batch_size=8" -> the same with the flags' names."""
+    m = re.match(r"flags: (\w+)\.", msg)
+    if not m or m[1] not in {f.name for f in fields(RunConfig)}:
+        return msg
+    section = next(f for f in fields(RunConfig) if f.name == m[1])
+    names = {g.name: _flag(g, section.metadata.get("prefix", "")) for g in fields(get_type_hints(RunConfig)[m[1]])}
+    body = re.sub(r"^(\w+)\b|\b(\w+)=", lambda x: (f"{names[x[1]]}" if x[1] in names else x[0]) if x[1]
+                  else (f"{names[x[2]]}=" if x[2] in names else x[0]), msg[m.end():])
+    return f"flags: {body}"

@@ -74,7 +74,7 @@ def test_argparse_mistakes_are_one_line(argv, needle, capsys):
 
 
 def test_bad_values_across_fields_are_one_line_user_errors():
-    with pytest.raises(UserError, match="minibatch_size=16 is larger than batch_size=8"):
+    with pytest.raises(UserError, match="--head-minibatch-size=16 is larger than --head-batch-size=8"):
         parse_run_config(["--head-batch-size", "8", "--head-minibatch-size", "16"])
     with pytest.raises(ValueError, match="renamed: use 'direct'"):
         BanditConfig(objective="expected")
