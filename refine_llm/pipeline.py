@@ -1,7 +1,10 @@
 """The main job's pipeline: questions -> scores -> head training -> metrics -> report, in a run directory.
 
-`run(args)` takes the parsed arguments of scripts/debias_llm.py. Stages and what they leave in
-`runs/<name>/`:
+`run(cfg)` takes a `RunConfig` (refine_llm.config; the CLI in refine_llm.cli builds it from flags or a
+config file). `run(cfg, until=...)` stops after one stage, so that `refine-llm questions|score|train|evaluate`
+each run one stage on the previous one's artifacts. Stages and what they leave in `runs/<name>/`:
+
+    config.json     the RunConfig (with its schema version): `--config runs/<name>/config.json` re-runs it
 
     questions/      the question set (datasets, save_to_disk); reused when the question config matches
     scores/         the LLM's top-k per prompt (Arrow, keyed by model + quant + prompt + question id);
@@ -28,23 +31,16 @@ from pathlib import Path
 import numpy as np
 
 from refine_llm.config import (
-    BanditConfig,
+    AUTO_SCORING_BATCH_SIZE,
+    SCHEMA_VERSION,
     HeadConfig,
-    LoraConfig,
-    ModelConfig,
     QuestionsConfig,
+    RunConfig,
     ScoringConfig,
 )
 from refine_llm.errors import UserError
 
-# Sizes of the default job, chosen so that it finishes in minutes on 2 CPU cores (see README).
-# Head training for the main job: the bandit's expected reward in closed form ("direct"), a
-# small answer-mass term and the utility term. Measured on SmolLM2 (gender, 64 tuples per split):
-# REINFORCE on sampled answers sharpened the head to one-hot answers and never beat the untrained
-# head on validation; "direct" ("expected" then) cut test mu by ~75% (see README, "Results").
-DEFAULT_TRAIN = {"objective": "direct", "lr": 1e-2, "epochs": 60, "batch_size": 64, "minibatch_size": 32,
-                 "utility_weight": 0.5, "answer_mass_weight": 0.1, "eval_every": 10, "patience": 0,
-                 "checkpoint_every": 10}  # a kill -9 loses at most 10 head steps (tests/test_resume.py)
+STAGES = ("questions", "score", "train", "evaluate")  # run(cfg, until=...) stops after one of these
 AUTO_PROMPTS = ("qa", "paper", "chat")
 MIN_ANSWER_MASS = 0.5
 SWEEP_TUPLES = 32  # validation tuples (with their specified questions) scored per candidate prompt
@@ -52,14 +48,6 @@ SWEEP_TUPLES = 32  # validation tuples (with their specified questions) scored p
 
 def log(msg: str) -> None:
     print(f"[refine_llm] {msg}", file=sys.stderr, flush=True)
-
-
-def _config(cls, **kw):
-    """Build a config dataclass; its ValueError (a bad flag value) becomes a one-line UserError."""
-    try:
-        return cls(**kw)
-    except ValueError as e:
-        raise UserError(f"{e}") from None
 
 
 def check_writable(out: Path) -> None:
@@ -73,11 +61,25 @@ def check_writable(out: Path) -> None:
         raise UserError(f"--out {out}: cannot write there ({e.strerror}); pass a writable directory") from None
 
 
-def run_dir_for(args) -> Path:
-    if args.out:
-        return Path(args.out)
-    safe = Path(args.model.rstrip("/")).name.replace(".gguf", "")
-    return Path("runs") / f"{safe}-{args.category}-{args.method}"
+def run_dir_for(cfg: RunConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    safe = Path(cfg.model.name.rstrip("/")).name.replace(".gguf", "")
+    return Path("runs") / f"{safe}-{cfg.questions.category}-{cfg.method}"
+
+
+def check_schema(out: Path) -> None:
+    """Refuse a run directory whose config.json has another schema: its caches could be misread."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    try:
+        version = json.loads(path.read_text()).get("schema_version", 1)
+    except (json.JSONDecodeError, AttributeError):
+        raise UserError(f"{path}: not a JSON object: delete it or use another --out") from None
+    if version != SCHEMA_VERSION:
+        raise UserError(f"{path}: run directory of config schema version {version}, this refine_llm writes "
+                        f"version {SCHEMA_VERSION}: use another --out (or delete the directory)")
 
 
 def _hash(obj) -> str:
@@ -195,69 +197,66 @@ def choose_prompt(scorer: Scorer, val_questions, requested: str, tokenizer) -> t
     return best["prompt"], sweep
 
 
-def _head_variants(args) -> list[str]:
+def _head_variants(cfg: RunConfig) -> list[str]:
     # The default head first (it is "refine"); the others are conditions of their own.
-    rest = [v for v in ("logit", "paper", "contextual") if v != args.head]
-    return [args.head] + rest
+    rest = [v for v in ("logit", "paper", "contextual") if v != cfg.head.variant]
+    return [cfg.head.variant] + rest
 
 
 def _condition_name(variant: str, default: str) -> str:
     return "refine" if variant == default else f"refine-{variant}"
 
 
-def run(args, loaded=None) -> int:
-    """Run the main job for parsed `args`. `loaded`: an already loaded (model, tokenizer) to reuse
-    (tests pass their session fixture; it must match --model and --quant)."""
+def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool = False) -> int:
+    """Run the main job for `cfg`, through stage `until` (one of STAGES). `loaded`: an already loaded
+    (model, tokenizer) to reuse (tests pass their session fixture; it must match the model and quant).
+    `info_only`: load the model, log its summary and stop."""
     from refine_llm import models
     from refine_llm.progress import quiet_library_bars
 
     quiet_library_bars()  # a log (stderr not a TTY) gets no per-shard bars of datasets / the hub
+    if until not in STAGES:
+        raise ValueError(f"until={until!r} is not one of {STAGES}")
     t_start = time.time()
     timing: dict[str, float] = {}
-    mcfg = _config(ModelConfig, name=args.model, quant=args.quant, device=args.device,
-                   trust_remote_code=args.trust_remote_code)
-    qcfg = _config(QuestionsConfig, category=args.category, seed=args.seed, max_tuples=args.max_tuples,
-                   wordlists=args.wordlists)
+    mcfg, qcfg = cfg.model, cfg.questions
     methods = {"none": [], "refine": ["refine"], "lora-reward": ["lora-reward"], "lora-cda": ["lora-cda"],
-               "all": ["refine", "lora-reward", "lora-reward-direct", "lora-cda"]}[args.method]
+               "all": ["refine", "lora-reward", "lora-reward-direct", "lora-cda"]}[cfg.method]
     train_heads = "refine" in methods
-    variants = _head_variants(args) if train_heads else []
+    variants = _head_variants(cfg) if train_heads else []
     vdtype = None
-    if args.backend == "vllm":
+    if cfg.scoring.backend == "vllm":
         from refine_llm.vllm_backend import vllm_dtype
 
-        vdtype = vllm_dtype(args.quant)  # nf4/int8: refused in one line, never reported as what did not run
-    if args.backend == "vllm" and "contextual" in variants:
+        vdtype = vllm_dtype(mcfg.quant)  # nf4/int8: refused in one line, never reported as what did not run
+    if cfg.scoring.backend == "vllm" and "contextual" in variants:
         # vLLM returns log-probs, not hidden states; the contextual head trains on cached hidden states.
-        if args.head == "contextual":
+        if cfg.head.variant == "contextual":
             raise UserError("--head contextual trains on hidden states, which --backend vllm does not return: "
                             "use --backend hf for it")
         variants.remove("contextual")
         log("--backend vllm: skipping the contextual head (it needs hidden states; use --backend hf)")
-    batch_size = args.batch_size or (32 if str(args.device or models.default_device()).startswith("cuda") else 128)
-    scfg = _config(ScoringConfig, prompt=args.prompt, top_k=args.top_k, batch_size=batch_size,
-                   backend=args.backend, mode=args.scoring_mode, pronouns=args.pronouns,
-                   prefix_cache=not args.no_prefix_cache,
-                   store_hidden=args.store_hidden or "contextual" in variants,
-                   tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
-    train_kw = dict(DEFAULT_TRAIN)
-    for k in ("objective", "lr", "epochs", "utility_weight"):
-        if getattr(args, k, None) is not None:
-            train_kw[k] = getattr(args, k)
-    bcfg = _config(BanditConfig, seed=args.seed, **train_kw)
-    out = run_dir_for(args)
+    # Resolved values go into config.json, so that re-running it repeats exactly what ran here.
+    device = "cuda" if str(mcfg.device or models.default_device()).startswith("cuda") else "cpu"
+    scfg = replace(cfg.scoring, batch_size=cfg.scoring.batch_size or AUTO_SCORING_BATCH_SIZE[device],
+                   store_hidden=cfg.scoring.store_hidden or "contextual" in variants)
+    cfg = replace(cfg, scoring=scfg)
+    bcfg = cfg.bandit
+    out = run_dir_for(cfg)
+    check_schema(out)
     from refine_llm.preflight import check_run
 
-    check_run(args)  # model path / .gguf, word lists, prompt file, LoRA flags: one line before anything loads
+    check_run(cfg)  # model path / .gguf, word lists, prompt file, LoRA flags: one line before anything loads
     check_writable(out)
-    config = {"model": asdict(mcfg), "questions": asdict(qcfg), "scoring": asdict(scfg),
-              "bandit": asdict(bcfg), "method": args.method, "head": args.head}
+    config = cfg.to_dict()
     models.save_json_atomic(out / "config.json", config)
 
     t = time.time()
     questions = stage_questions(qcfg, out)
     timing["questions"] = time.time() - t
     log(f"questions: {len(questions)} rows ({', '.join(qcfg.categories)}) -> {out / 'questions'}")
+    if until == "questions":
+        return 0
 
     t = time.time()
     source = models.resolve(mcfg.name)
@@ -273,7 +272,7 @@ def run(args, loaded=None) -> int:
         "model": source.name, "hub_id": source.hub_id, "quant": mcfg.quant, "backend": "vllm", "dtype": vdtype}
     timing["load_model"] = time.time() - t
     log("model: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    if getattr(args, "info", False):
+    if info_only:
         return 0
 
     # The cache key names what produced the numbers: weights + quantization (HF) or vLLM's dtype.
@@ -288,19 +287,23 @@ def run(args, loaded=None) -> int:
     t = time.time()
     scores = {s: scorer(q, prompt_name) for s, q in splits.items() if s == "test" or train_heads}
     timing["scoring"] = time.time() - t
+    if until == "score":
+        return 0
 
-    report = run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, info, timing)
+    report = run_conditions(cfg, out, splits, scores, variants, model, tokenizer, info, timing)
     report.update(config=config, prompt=prompt_name, prompt_sweep=sweep, model=info)
     report.setdefault("environment", {}).update(models.cpu_info())  # CPU + numeric stack (README: Reproducibility)
 
-    if args.compare_quant and mcfg.quant != "bf16":
-        report["quant_shift"] = compare_quant(args, mcfg, scfg, source, splits["test"], prompt_name, out,
+    if cfg.compare_quant and mcfg.quant != "bf16" and until == "evaluate":
+        report["quant_shift"] = compare_quant(cfg, scfg, source, splits["test"], prompt_name, out,
                                               report["metrics"]["base"])
     if any(m.startswith("lora") for m in methods):
         # The frozen model's scores are cached; free it before each LoRA run loads its own trainable copy.
         del model, scorer
         _free_memory()
-        run_lora(args, methods, mcfg, out, splits, prompt_name, scfg, report, timing)
+        run_lora(cfg, methods, out, splits, prompt_name, scfg, report, timing)
+    if until == "train":
+        return 0
 
     timing["total"] = time.time() - t_start
     report["timing"] = {k: round(v, 2) for k, v in timing.items()}
@@ -311,7 +314,7 @@ def run(args, loaded=None) -> int:
     return 0
 
 
-def run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, info, timing) -> dict:
+def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokenizer, info, timing) -> dict:
     """Evaluate base and uniform, train and evaluate each head variant; significance of base vs refine."""
     import torch
 
@@ -319,12 +322,13 @@ def run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, 
 
     test_q, test_s = splits["test"], scores["test"]
     p_topk, p_full, in_topk = scoring.candidate_probs(test_s)
-    results = {"base": metrics.evaluate(test_q, p_topk, p_full, in_topk, seed=args.seed)}
+    seed, k = cfg.seed, cfg.scoring.top_k
+    results = {"base": metrics.evaluate(test_q, p_topk, p_full, in_topk, seed=seed)}
     warnings = list(results["base"].get("warnings", []))
     needs_hidden = "contextual" in variants
     test_data = bandit_data(test_q, test_s, with_hidden=needs_hidden)
-    uni = H.build_head(HeadConfig(variant="uniform", k=args.top_k))
-    results["uniform"] = metrics.evaluate(test_q, *head_probs(uni, test_data, test_s), in_topk, seed=args.seed)
+    uni = H.build_head(HeadConfig(variant="uniform", k=k))
+    results["uniform"] = metrics.evaluate(test_q, *head_probs(uni, test_data, test_s), in_topk, seed=seed)
     methods_rows = []
     heads_meta = {}
     if variants:
@@ -334,35 +338,28 @@ def run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, 
         timing["bandit_data"] = time.time() - t
         lm_w = model.get_output_embeddings().weight.detach().float().cpu() if needs_hidden else None
         fp = H.tokenizer_fingerprint(tokenizer)
-        gate = _gate_token_ids(tokenizer, args)
+        gate = _gate_token_ids(tokenizer, cfg.questions)
         for variant in variants:
             t = time.time()
-            torch.manual_seed(args.seed)
-            head = H.build_head(HeadConfig(variant=variant, k=args.top_k), lm_head_weight=lm_w, seed=args.seed)
-            cfg = bcfg
-            if variant == "contextual" and args.lr is None:
-                # ~790k parameters instead of 110: a smaller step, and a stronger answer-mass term (at the
-                # shared defaults it moved all validation mass off the names within 10 steps on SmolLM2).
-                cfg = replace(bcfg, lr=bcfg.lr * 0.3, answer_mass_weight=max(bcfg.answer_mass_weight, 1.0))
-            if variant == "paper":  # the authors' update and their hyper-parameters, for reproduction
-                cfg = _config(BanditConfig, objective="paper", seed=args.seed, utility_weight=0.0,
-                              epochs=bcfg.epochs, eval_every=bcfg.eval_every, patience=bcfg.patience)
-            log(f"training head {variant} ({cfg.objective}, lr {cfg.lr}, {cfg.epochs} epochs, "
+            torch.manual_seed(cfg.bandit.seed)
+            head = H.build_head(replace(cfg.head, variant=variant), lm_head_weight=lm_w, seed=cfg.bandit.seed)
+            bcfg = cfg.bandit.for_variant(variant)  # per-variant presets live in BanditConfig
+            log(f"training head {variant} ({bcfg.objective}, lr {bcfg.lr}, {bcfg.epochs} epochs, "
                 f"{train.num_tuples} tuples)")
             # Checkpoints are per training config, so a re-run with other settings starts fresh
             # and an interrupted run with the same settings resumes.
-            ckpt = out / "heads" / variant / "checkpoints" / _hash([asdict(cfg), variant, train.num_tuples])
-            res = bandit.train_head(head, train, cfg, val=val, checkpoint_dir=ckpt, resume=True)
+            ckpt = out / "heads" / variant / "checkpoints" / _hash([asdict(bcfg), variant, train.num_tuples])
+            res = bandit.train_head(head, train, bcfg, val=val, checkpoint_dir=ckpt, resume=True)
             secs = time.time() - t
             timing[f"train_{variant}"] = secs
             head.eval()
-            name = _condition_name(variant, args.head)
+            name = _condition_name(variant, cfg.head.variant)
             meta = {"base_model": info["model"], "hub_id": info.get("hub_id"), "tokenizer_fingerprint": fp,
-                    "category": args.category, "training": res.summary(), "bandit": asdict(cfg),
+                    "category": cfg.questions.category, "training": res.summary(), "bandit": asdict(bcfg),
                     "gate_token_ids": gate, "prompt": None}
-            results[name] = metrics.evaluate(test_q, *head_probs(head, test_data, test_s), in_topk, seed=args.seed)
-            card = {"training_data": {"questions": f"refine_llm template questions, {args.category}, train split",
-                                      "tuples": train.num_tuples, "wordlists": args.wordlists or "built-in"},
+            results[name] = metrics.evaluate(test_q, *head_probs(head, test_data, test_s), in_topk, seed=seed)
+            card = {"training_data": {"questions": f"refine_llm template questions, {cfg.questions.category}, train split",
+                                      "tuples": train.num_tuples, "wordlists": cfg.questions.wordlists or "built-in"},
                     "metrics": {k: results[name][k] for k in ("mu", "eta", "positional_error", "specified_accuracy")
                                 if k in results[name]} | {f"base {k}": results["base"][k] for k in ("mu", "eta")}}
             H.save_head(head, out / "heads" / variant, meta, card)  # save_pretrained: the hub layout
@@ -371,7 +368,7 @@ def run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, 
                                                    hidden=test_data.hidden)
             # res.seconds: the bandit's training time, summed over resumes (a re-run resumes a finished head)
             methods_rows.append(_method_row(name, results[name], H.num_parameters(head), res.seconds, None))
-    frontier = flattening_frontier(test_q, test_data, args.seed)
+    frontier = flattening_frontier(test_q, test_data, seed)
     for name, r in results.items():
         if name.startswith("refine"):
             r["flattening_at_equal_mu"] = _at_equal_mu(frontier, r)
@@ -423,19 +420,18 @@ def _method_row(name, res, params, secs, peak_mb) -> dict:
             "mu": res["mu"], "eta": res["eta"], "specified_accuracy": res["specified_accuracy"]}
 
 
-def _gate_token_ids(tokenizer, args) -> list[int]:
+def _gate_token_ids(tokenizer, qcfg: QuestionsConfig) -> list[int]:
     """The category vocabulary (names, demonyms, group nouns) and pronouns, for serving's `gated` mode."""
     from refine_llm import questions as Q, vocab
-    from refine_llm.config import CATEGORIES
 
-    cats = CATEGORIES if args.category == "all" else (args.category,)
-    return vocab.gate_token_ids(tokenizer, [w for c in cats for w in Q.category_vocabulary(c, args.wordlists)])
+    return vocab.gate_token_ids(tokenizer, [w for c in qcfg.categories for w in Q.category_vocabulary(c, qcfg.wordlists)])
 
 
-def compare_quant(args, mcfg, scfg, source, test_q, prompt_name, out, base_nf4) -> dict:
+def compare_quant(cfg: RunConfig, scfg, source, test_q, prompt_name, out, base_nf4) -> dict:
     """Score the test split again in bf16 and report how much the quantization moved the bias."""
     from refine_llm import metrics, models, scoring
 
+    mcfg = cfg.model
     model, tok = models.load_model(mcfg.name, quant="bf16", device=mcfg.device,
                                    trust_remote_code=mcfg.trust_remote_code)
     # The HF bf16 model scores itself: with --backend vllm the scorer would read the weights directory instead.
@@ -443,7 +439,7 @@ def compare_quant(args, mcfg, scfg, source, test_q, prompt_name, out, base_nf4) 
                     models.model_dir(source))
     sc = scorer(test_q, prompt_name)
     p_topk, p_full, in_topk = scoring.candidate_probs(sc)
-    bf16 = metrics.evaluate(test_q, p_topk, p_full, in_topk, seed=args.seed)
+    bf16 = metrics.evaluate(test_q, p_topk, p_full, in_topk, seed=cfg.seed)
     keys = ("positional_error", "attributive_error", "mu", "eta", "specified_accuracy", "answer_mass")
     return {"bf16": {k: bf16[k] for k in keys}, mcfg.quant: {k: base_nf4[k] for k in keys},
             "shift": {k: (base_nf4[k] - bf16[k]) if base_nf4[k] is not None and bf16[k] is not None else None
@@ -451,20 +447,20 @@ def compare_quant(args, mcfg, scfg, source, test_q, prompt_name, out, base_nf4) 
             "abs_bias_wilcoxon": metrics.wilcoxon_abs_bias(np.array(bf16["abs_bias"]), np.array(base_nf4["abs_bias"]))}
 
 
-def run_lora(args, methods, mcfg, out, splits, prompt_name, scfg, report, timing) -> None:
+def run_lora(cfg: RunConfig, methods, out, splits, prompt_name, scfg, report, timing) -> None:
     """LoRA baselines (refine_llm.baselines.lora): train, score the test split, add rows to the report."""
     from refine_llm import metrics, prompts, scoring
     from refine_llm.baselines import lora
 
+    mcfg = cfg.model
     prompt = prompts.load_prompt(prompt_name)
     for m in methods:
         if not m.startswith("lora"):
             continue
         # --method all trains lora-reward with both objectives; --method lora-reward with --lora-objective
-        objective = "direct" if m == "lora-reward-direct" else args.lora_objective
-        steps = args.cda_steps if (m == "lora-cda" and args.cda_steps) else args.lora_steps
-        lcfg = _config(LoraConfig, seed=args.seed, top_k=args.top_k, objective=objective, lr=args.lora_lr,
-                       steps=steps, batch_size=args.lora_batch_size, r=args.lora_r)
+        objective = "direct" if m == "lora-reward-direct" else cfg.lora.objective
+        steps = cfg.cda_steps if (m == "lora-cda" and cfg.cda_steps) else cfg.lora.steps
+        lcfg = replace(cfg.lora, objective=objective, steps=steps)
         if m == "lora-reward" and objective != "reinforce":
             m = f"lora-reward-{objective}"
         kind = "lora-cda" if m == "lora-cda" else "lora-reward"
@@ -487,7 +483,7 @@ def run_lora(args, methods, mcfg, out, splits, prompt_name, scfg, report, timing
         p_topk, p_full, in_topk = scoring.candidate_probs(sc)
         del model
         _free_memory()
-        r = metrics.evaluate(splits["test"], p_topk, p_full, in_topk, seed=args.seed)
+        r = metrics.evaluate(splits["test"], p_topk, p_full, in_topk, seed=cfg.seed)
         report["metrics"][m] = r
         report["significance"][m] = metrics.compare(report["metrics"]["base"], r)
         report["methods"].append(_method_row(m, r, res.trainable_params, res.train_seconds, res.peak_memory_mb))

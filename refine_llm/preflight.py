@@ -50,23 +50,8 @@ def check_prompt(prompt: str) -> None:
         load_prompt(prompt)
 
 
-def check_run(args) -> None:
-    """All of the above for the main job's parsed arguments (scripts/debias_llm.py)."""
-    for flag, v in (("--batch-size", args.batch_size), ("--max-tuples", args.max_tuples)):
-        if v is not None and v <= 0:  # --batch-size 0 would silently mean "the default"
-            raise UserError(f"{flag} {v}: must be > 0")
-    check_model(args.model)
-    check_wordlists(args.category, args.wordlists)
-    check_prompt(args.prompt)
-    if args.method in ("lora-reward", "lora-cda", "all"):
-        from refine_llm.config import LoraConfig
-
-        for flag, v in (("--lora-steps", args.lora_steps), ("--lora-batch-size", args.lora_batch_size),
-                        ("--lora-r", args.lora_r), ("--lora-lr", args.lora_lr), ("--cda-steps", args.cda_steps)):
-            if v is not None and v <= 0:
-                raise UserError(f"{flag} {v}: must be > 0")
-        try:
-            LoraConfig(top_k=args.top_k, objective=args.lora_objective, lr=args.lora_lr, steps=args.lora_steps,
-                       batch_size=args.lora_batch_size, r=args.lora_r)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+def check_run(cfg) -> None:
+    """All of the above for the main job's `RunConfig` (its dataclasses have already checked their values)."""
+    check_model(cfg.model.name)
+    check_wordlists(cfg.questions.category, cfg.questions.wordlists)
+    check_prompt(cfg.scoring.prompt)

@@ -30,7 +30,11 @@ from refine_llm.errors import UserError
 
 __all__ = ["PromptTemplate", "BUILTIN_PROMPTS", "PROMPTS_DIR", "PLACEHOLDERS", "load_prompt"]
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+# The templates live in the repository's prompts/; a wheel carries them as refine_llm/prompt_templates/
+# (copied there by setup.py's build step), so an installed package finds them without a checkout.
+_HERE = Path(__file__).resolve().parent
+PROMPTS_DIR = next((d for d in (_HERE / "prompt_templates", _HERE.parent / "prompts") if d.is_dir()),
+                   _HERE.parent / "prompts")
 BUILTIN_PROMPTS: dict[str, str] = {"paper": "fill_in_blank.txt", "qa": "qa.txt", "chat": "chat.txt"}
 PLACEHOLDERS = ("[context]", "[question]")
 ROLES = ("system", "user", "assistant")

