@@ -76,8 +76,9 @@ from refine_llm.head import candidate_probs
 CKPT_TENSORS = "last.safetensors"
 CKPT_STATE = "last.json"
 _PAPER_EPS = 1e-6  # F.pairwise_distance default eps, as in the authors' calculate_manhattan
-_PAPER_REWARD_SCALE = 2.0
-MASS_FLOOR = 0.8  # early stopping only keeps heads that leave >= 80% of the names' validation mass  # their bias = 2 x the paper's C (see the module docstring)
+# The authors' reward is -|C| on the reference scale (calc_bias.unqover_reward), which metrics.tuple_bias now uses.
+_PAPER_REWARD_SCALE = 1.0
+MASS_FLOOR = 0.8  # early stopping only keeps heads that leave >= 80% of the names' validation mass
 
 
 @dataclass
@@ -200,7 +201,7 @@ def evaluate_head(head: nn.Module, data: BanditData, batch_rows: int = 8192) -> 
     }
     if data.tuple_meta is not None and len(C):
         m = data.tuple_meta
-        out["mu"] = metrics.bias_intensity_mu(C, m["group_a"], m["group_b"], m["attribute_id"], m.get("category"))
+        out["mu"] = metrics.bias_intensity_mu(C, m["subj_a"], m["subj_b"], m["attribute_id"], m.get("category"))
     if data.spec_rows is not None and len(data.spec_rows):
         out["specified_accuracy"] = metrics.specified_accuracy(p_pos[data.spec_rows].numpy(), data.spec_gold.numpy())["accuracy"]
     out["val_mu"] = out["mu"] if out["mu"] is not None else out["mean_abs_c"]

@@ -193,8 +193,9 @@ class LoraConfig:
     lr: float = field(default=2e-4, metadata={"help": "Learning rate."})
     steps: int = field(default=30, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=8, metadata={"help": "Tuples per step."})
-    utility_weight: float = field(default=1.0, metadata={"help": "Weight of the utility term (gold answer on specified questions)."})
-    answer_mass_weight: float = field(default=1.0, metadata={"help": "Reward for answering with either subject (as for the head)."})
+    # 2.0: the weights of 1.0 tuned when C was halved, doubled with C's reference scale [-1, 1]
+    utility_weight: float = field(default=2.0, metadata={"help": "Weight of the utility term (gold answer on specified questions)."})
+    answer_mass_weight: float = field(default=2.0, metadata={"help": "Reward for answering with either subject (as for the head)."})
     kl_weight: float = field(default=1.0, metadata={"help": "KL(frozen || adapted) on specified questions: keeps utility."})
     samples: int = field(default=8, metadata={"help": "Sampled answers per prompt (bandit objective)."})
     top_k: int = field(default=10, metadata={"help": "Top-k the policy samples from (same as the head's)."})
