@@ -68,11 +68,22 @@ class QuestionsConfig:
     wordlists: str | None = field(
         default=None, metadata={"help": "Directory of UnQover-format word lists instead of ours."}
     )
+    subjects_per_split: int | None = field(
+        default=4,
+        metadata={"help": "Subjects kept per split (per group for gender) so that each (subject, attribute) "
+                          "cell holds several tuples; None = all."},
+    )
+    attributes_per_split: int | None = field(
+        default=8, metadata={"help": "Attributes kept per split (stratified sampling); None = all."}
+    )
 
     def __post_init__(self) -> None:
         _check_choice("category", self.category, CATEGORIES + ("all",))
         if self.max_tuples is not None:
             _check_positive("max_tuples", self.max_tuples)
+        for name in ("subjects_per_split", "attributes_per_split"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
 
     @property
     def categories(self) -> tuple[str, ...]:
