@@ -74,7 +74,7 @@ class QuestionsConfig:
                           "cell holds several tuples; None = all."},
     )
     attributes_per_split: int | None = field(
-        default=8, metadata={"help": "Attributes kept per split (stratified sampling); None = all."}
+        default=4, metadata={"help": "Attributes kept per split (stratified sampling); None = all."}
     )
 
     def __post_init__(self) -> None:
