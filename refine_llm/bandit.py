@@ -31,7 +31,7 @@ redubias/calc_bias.py: calculate_reward, calculate_batch_manhattan; redubias/pre
   - one optimizer step per batch of ``batch_size`` tuples, on ``minibatch_size`` tuples drawn *with
     replacement* from the batch (``random.choices``); AdamW with torch's default weight decay 0.01;
   - reward r_n = -|bias| from the head's candidate probabilities (no sampling; a detached number),
-    with their scale: their get_subj1_win_score omits the 1/2 of B, so r = -|2 C| of metrics;
+    on the reference scale their unqover_reward uses, which metrics.tuple_bias follows: r = -|C|;
   - "log-probability" = log of d_n: each tuple's (4,2) candidate probabilities are L1-normalised over
     its 4 prompts (per candidate column), and d_n = mean over the first 4 tuples j of the minibatch and
     the 4 prompts i of ||x_n[i] - x_j[i] + 1e-6||_1 (F.pairwise_distance; only the first chunk is used);
