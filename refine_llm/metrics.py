@@ -640,7 +640,7 @@ def _block(p: np.ndarray, P: np.ndarray, meta: dict, tix: np.ndarray, spec_rows:
         gmu, geta = mu_eta(C, sub("group_a"), sub("group_b"), sub("attribute_id"))
         out.update(positional_error=float(positional_error(Pc).mean()),
                    attributive_error=float(attributive_error(Pc).mean()), mu=_nanfloat(mu), eta=_nanfloat(eta),
-                   mean_abs_c=float(np.abs(C).mean()),
+                   mean_abs_c=float(np.abs(C).mean()), tuples_per_cell=_cell_occupancy(sub),
                    by_group={"mu": _nanfloat(gmu), "eta": _nanfloat(geta),
                              "note": "subjects grouped by subj*_group (female/male for gender), not the headline"})
     else:
@@ -653,6 +653,14 @@ def _block(p: np.ndarray, P: np.ndarray, meta: dict, tix: np.ndarray, spec_rows:
     out["answer_mass"] = _nanfloat(answer_mass(p[rows])) if len(rows) else None
     out["topk_miss_rate"] = _nanfloat(topk_miss_rate(cit[rows])) if len(rows) else None
     return out
+
+
+def _cell_occupancy(sub) -> dict:
+    """How many tuples the (subject, attribute) cells of γ hold: μ and η need several per cell."""
+    cnt = _Cells(sub("subj_a"), sub("subj_b"), sub("attribute_id")).counts()
+    c = cnt[cnt > 0]
+    return {"cells": int(len(c)), "min": int(c.min()), "median": float(np.median(c)), "mean": float(c.mean()),
+            "share_single": float(np.mean(c == 1))}
 
 
 def _pool(blocks: dict[str, dict]) -> dict:

@@ -140,6 +140,12 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
                 for cond, res in metrics.items() for cat, b in (res.get("per_category") or {}).items()]
     if cat_rows:
         lines += ["### Per category", ""] + _table(["condition", "category"] + _header(cat_keys), cat_rows) + [""]
+    occ = [[cat, b["tuples_per_cell"]["cells"], b["tuples_per_cell"]["min"], b["tuples_per_cell"]["median"],
+            b["tuples_per_cell"]["share_single"]]
+           for cat, b in (next(iter(metrics.values()), {}).get("per_category") or {}).items() if b.get("tuples_per_cell")]
+    if occ:
+        lines += ["### Tuples per (subject, attribute) cell of γ (test split)", ""]
+        lines += _table(["category", "cells", "min", "median", "share with 1 tuple"], occ) + [""]
     nrows = _null_rows(metrics)
     if nrows:
         lines += ["### Noise floor: sign-flip permutation null", "",
