@@ -283,7 +283,7 @@ class _Cells:
     """The (subject, attribute) cells γ averages over, for one category.
 
     Each tuple n contributes +C[n] to cell (a, attr) and -C[n] to cell (b, attr) (UnQover's
-    ``aggregate_by_subj_act``: subj2_win = -subj1_win). ``inc`` (2N, X*A) is the incidence matrix
+    ``aggregate_by_subj_act``: subj2_win = -subj1_win). ``inc`` (X*A, 2N) is the incidence matrix
     with those signs, so a batch of R sign/weight vectors gives all R γ tables in one matmul.
     """
 
@@ -305,14 +305,16 @@ class _Cells:
         one = np.ndim(C) == 1
         C = np.atleast_2d(np.asarray(C, dtype=float))  # (R, N)
         W = np.ones_like(C) if weights is None else np.broadcast_to(np.atleast_2d(np.asarray(weights, float)), C.shape)
+        from scipy.sparse import csr_matrix
+
         size = self.X * self.A
-        onehot = np.zeros((2 * self.n, size))
-        onehot[np.arange(2 * self.n), self.cell] = 1.0  # (2N, cells)
+        # (cells, 2N) sparse incidence: row = cell, one 1 per tuple side (memory O(N), not O(N * cells))
+        inc = csr_matrix((np.ones(2 * self.n), (self.cell, np.arange(2 * self.n))), shape=(size, 2 * self.n))
         c2 = np.concatenate([C, -C], axis=1)  # (R, 2N) signed contribution to each cell
         w2 = np.concatenate([W, W], axis=1)
-        cnt = w2 @ onehot  # (R, cells)
-        tot = (w2 * c2) @ onehot
-        sgn = (w2 * _sign(c2)) @ onehot
+        cnt = (inc @ w2.T).T  # (R, cells)
+        tot = (inc @ (w2 * c2).T).T
+        sgn = (inc @ (w2 * _sign(c2)).T).T
         with np.errstate(invalid="ignore", divide="ignore"):
             g = np.where(cnt > 0, tot / np.where(cnt > 0, cnt, 1), np.nan)
             s = np.where(cnt > 0, sgn / np.where(cnt > 0, cnt, 1), np.nan)
@@ -565,8 +567,10 @@ def cluster_bootstrap_delta(base: dict, new: dict, n_resamples: int = 1000, conf
         draws = rng.integers(0, cells.A, size=(n_resamples, cells.A))  # (R, A) attribute draws
         mult = np.stack([np.bincount(d, minlength=cells.A) for d in draws]).astype(float)  # (R, A)
         W = mult[:, cells.attr_code]  # (R, n) tuple weights
-        mb = _mu_eta_from_tables(*cells.tables(np.broadcast_to(Cb[ix], W.shape), W))[0]
-        mn = _mu_eta_from_tables(*cells.tables(np.broadcast_to(Cn[ix], W.shape), W))[0]
+        mu_of = lambda c: np.concatenate([  # (R,) μ per resample, 200 tables at a time
+            _mu_eta_from_tables(*cells.tables(np.broadcast_to(c, W[j:j + 200].shape), W[j:j + 200]))[0]
+            for j in range(0, n_resamples, 200)])
+        mb, mn = mu_of(Cb[ix]), mu_of(Cn[ix])
         wsum = np.maximum(W.sum(1), 1e-12)
         ab = (W * np.abs(Cb[ix])).sum(1) / wsum
         an = (W * np.abs(Cn[ix])).sum(1) / wsum
