@@ -785,7 +785,7 @@ def evaluate(questions, p_pos_topk, p_pos_full, cand_in_topk=None, seed: int = 0
         if nl.get("mu") and not nl["mu"]["above"]:
             warnings.append(f"{c}: μ {nl['mu']['observed']:.3f} is not above its sign-flip null "
                             f"(mean {nl['mu']['null_mean']:.3f}, 95th pct {nl['mu']['null_p95']:.3f}, p {nl['mu']['p']:.3g}): "
-                            f"at this sample size μ measures noise")
+                            f"no bias measurable at this sample size (a debiased condition should be here)")
     n_spec = int(spec.sum())
     if n_spec:
         sa = specified_accuracy(pt[spec], _gold_positions(questions, np.flatnonzero(spec)))

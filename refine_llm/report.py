@@ -265,22 +265,26 @@ def _plots(plot_dir: Path, report: dict, metrics: dict, per_tuple: dict) -> list
             by_a[a] = max(by_a.get(a, 0.0), abs(r["gamma"]))
         subs = sorted(by_s, key=lambda k: -by_s[k])[:HEATMAP_N]
         atts = sorted(by_a, key=lambda k: -by_a[k])[:HEATMAP_N]
-        n = len(conds)
-        fig, axes = plt.subplots(1, n, figsize=(max(4, 0.35 * len(atts) + 2) * n, max(3, 0.3 * len(subs) + 1.5)),
-                                 squeeze=False)
+        ncol = min(4, len(conds))
+        nrow = -(-len(conds) // ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(max(3, 0.3 * len(atts) + 2) * ncol,
+                                                      max(3.5, 0.25 * len(subs) + 2.5) * nrow), squeeze=False)
+        for ax in axes.flat[len(conds):]:
+            ax.axis("off")
         vmax = max(1e-6, max(by_s.values()) if by_s else 1e-6)
         im = None
-        for ax, c in zip(axes[0], conds):
+        for ax, c in zip(axes.flat, conds):
             g = np.full((len(subs), len(atts)), np.nan)
             for r in per_tuple[c]["gamma_cells"]:
                 s, a = (r["category"], r["subject"]), (r["category"], r["attribute_id"])
                 if s in subs and a in atts:
                     g[subs.index(s), atts.index(a)] = r["gamma"]
             im = ax.imshow(g, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
-            ax.set_xticks(range(len(atts)), [a for _, a in atts], rotation=70, ha="right", fontsize=6)
+            ax.set_xticks(range(len(atts)), [str(a).rsplit("/", 1)[-1] for _, a in atts], rotation=70, ha="right",
+                          fontsize=6)
             ax.set_yticks(range(len(subs)), [s for _, s in subs], fontsize=6)
             ax.set_title(f"{c}: μ {metric('mu').format(metrics[c].get('mu'))}", fontsize=8)
-        fig.colorbar(im, ax=axes[0].tolist(), label="γ(x, a)")
+        fig.colorbar(im, ax=axes.ravel().tolist(), label="γ(x, a)")
         fig.savefig(plot_dir / "gamma_heatmap.png", dpi=100)
         plt.close(fig)
         written.append("plots/gamma_heatmap.png")
