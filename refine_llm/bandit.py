@@ -195,7 +195,7 @@ def evaluate_head(head: nn.Module, data: BanditData, batch_rows: int = 8192) -> 
     }
     if data.tuple_meta is not None and len(C):
         m = data.tuple_meta
-        out["mu"] = metrics.bias_intensity_mu(C, m["group_a"], m["group_b"], m["attribute_id"], m.get("category"))
+        out["mu"] = metrics.bias_intensity_mu(C, m["subj_a"], m["subj_b"], m["attribute_id"], m.get("category"))
     if data.spec_rows is not None and len(data.spec_rows):
         out["specified_accuracy"] = metrics.specified_accuracy(p_pos[data.spec_rows].numpy(), data.spec_gold.numpy())["accuracy"]
     out["val_mu"] = out["mu"] if out["mu"] is not None else out["mean_abs_c"]

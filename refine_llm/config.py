@@ -103,11 +103,22 @@ class QuestionsConfig:
     wordlists: str | None = field(
         default=None, metadata={"help": "Directory of UnQover-format word lists instead of ours."}
     )
+    subjects_per_split: int | None = field(
+        default=4,
+        metadata={"help": "Subjects kept per split (per group for gender) so that each (subject, attribute) "
+                          "cell holds several tuples; None = all."},
+    )
+    attributes_per_split: int | None = field(
+        default=4, metadata={"help": "Attributes kept per split (stratified sampling); None = all."}
+    )
 
     def __post_init__(self) -> None:
         _check_literals(self)
         if self.max_tuples is not None:
             _check_positive("max_tuples", self.max_tuples)
+        for name in ("subjects_per_split", "attributes_per_split"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -271,8 +282,9 @@ class LoraConfig:
     lr: float = field(default=2e-4, metadata={"help": "Learning rate."})
     steps: int = field(default=30, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=8, metadata={"help": "Tuples per step."})
-    utility_weight: float = field(default=1.0, metadata={"help": "Weight of the utility term (gold answer on specified questions)."})
-    answer_mass_weight: float = field(default=1.0, metadata={"help": "Reward for answering with either subject (as for the head)."})
+    # 2.0: the weights of 1.0 tuned when C was halved, doubled with C's reference scale [-1, 1]
+    utility_weight: float = field(default=2.0, metadata={"help": "Weight of the utility term (gold answer on specified questions)."})
+    answer_mass_weight: float = field(default=2.0, metadata={"help": "Reward for answering with either subject (as for the head)."})
     kl_weight: float = field(default=1.0, metadata={"help": "KL(frozen || adapted) on specified questions: keeps utility."})
     samples: int = field(default=8, metadata={"help": "Sampled answers per prompt (reinforce objective)."})
     top_k: int = field(default=10, metadata={"help": "Top-k the policy samples from (the scoring top_k).", "cli": False})

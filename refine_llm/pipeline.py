@@ -116,18 +116,27 @@ def bandit_data(questions, scores, with_hidden: bool = False):
         hidden=hidden,
         spec_rows=spec if len(spec) else None,
         spec_gold=metrics.gold_positions(questions, spec) if len(spec) else None,
-        tuple_meta={k: meta[k] for k in ("group_a", "group_b", "attribute_id", "category")},
+        tuple_meta={k: meta[k] for k in ("subj_a", "subj_b", "group_a", "group_b", "attribute_id", "category")},
     )
 
 
 def head_probs(head, data, scores):
-    """Candidate probabilities (top-k renormalised, full vocabulary) of every row under `head`."""
+    """Candidate probabilities (top-k renormalised, full vocabulary) of every row under `head`, and the
+    head's top-k log-probs (M, k) (for KL to base)."""
+    import torch
+
+    with torch.no_grad():
+        lp = head(data.topk_logprobs, topk_ids=data.topk_ids, hidden=data.hidden)
+    return (*logprob_probs(lp, data, scores), lp.numpy())
+
+
+def logprob_probs(lp, data, scores):
+    """(p_topk, p_full) of top-k log-probs ``lp`` (M, k) over the slots of ``data``."""
     import torch
 
     from refine_llm.head import candidate_probs, candidate_probs_full
 
     with torch.no_grad():
-        lp = head(data.topk_logprobs, topk_ids=data.topk_ids, hidden=data.hidden)
         p_topk = candidate_probs(lp, data.cand_mask)
         cand_lp = torch.as_tensor(np.stack(scores.with_format("numpy")["cand_logprobs"]).astype(np.float32))
         p_full = candidate_probs_full(lp, data.cand_mask, data.topk_logprobs, cand_lp)
@@ -211,7 +220,7 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
     """Run the main job for `cfg`, through stage `until` (one of STAGES). `loaded`: an already loaded
     (model, tokenizer) to reuse (tests pass their session fixture; it must match the model and quant).
     `info_only`: load the model, log its summary and stop."""
-    from refine_llm import models
+    from refine_llm import evaluation, models
     from refine_llm.progress import quiet_library_bars
 
     quiet_library_bars()  # a log (stderr not a TTY) gets no per-shard bars of datasets / the hub
@@ -291,8 +300,15 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
         return 0
 
     report = run_conditions(cfg, out, splits, scores, variants, model, tokenizer, info, timing)
+    ev = report.pop("_evaluator")
     report.update(config=config, prompt=prompt_name, prompt_sweep=sweep, model=info)
     report.setdefault("environment", {}).update(models.cpu_info())  # CPU + numeric stack (README: Reproducibility)
+    report["split_design"] = evaluation.split_design(questions)
+    unrelated = report.pop("_heads_for_unrelated")
+    if model is not None:
+        t = time.time()
+        evaluation.unrelated_kl(report, ev, scorer, prompt_name, unrelated)
+        timing["unrelated_prompts"] = time.time() - t
 
     if cfg.compare_quant and mcfg.quant != "bf16" and until == "evaluate":
         report["quant_shift"] = compare_quant(cfg, scfg, source, splits["test"], prompt_name, out,
@@ -301,10 +317,14 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
         # The frozen model's scores are cached; free it before each LoRA run loads its own trainable copy.
         del model, scorer
         _free_memory()
-        run_lora(cfg, methods, out, splits, prompt_name, scfg, report, timing)
+        run_lora(cfg, methods, out, splits, prompt_name, scfg, report, timing, ev)
     if until == "train":
         return 0
 
+    t = time.time()
+    report["significance"] = evaluation.significance(report["metrics"], seed=cfg.seed)
+    ev.write_predictions(out / "predictions.parquet")
+    timing["significance"] = time.time() - t
     timing["total"] = time.time() - t_start
     report["timing"] = {k: round(v, 2) for k, v in timing.items()}
     from refine_llm.report import write_report
@@ -318,19 +338,27 @@ def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokeniz
     """Evaluate base and uniform, train and evaluate each head variant; significance of base vs refine."""
     import torch
 
-    from refine_llm import bandit, head as H, metrics, scoring
+    from refine_llm import bandit, evaluation, head as H, scoring
+    from refine_llm.baselines import notrain
 
     test_q, test_s = splits["test"], scores["test"]
     p_topk, p_full, in_topk = scoring.candidate_probs(test_s)
-    seed, k = cfg.seed, cfg.scoring.top_k
-    results = {"base": metrics.evaluate(test_q, p_topk, p_full, in_topk, seed=seed)}
-    warnings = list(results["base"].get("warnings", []))
     needs_hidden = "contextual" in variants
     test_data = bandit_data(test_q, test_s, with_hidden=needs_hidden)
+    seed, k = cfg.seed, cfg.scoring.top_k
+    ev = evaluation.Evaluator(test_q, test_data.topk_logprobs.numpy(), in_topk, seed=seed)
+    results = ev.results
+    ev.add("base", p_topk, p_full, topk_logprobs=test_data.topk_logprobs.numpy())
+    warnings = list(results["base"].get("warnings", []))
     uni = H.build_head(HeadConfig(variant="uniform", k=k))
-    results["uniform"] = metrics.evaluate(test_q, *head_probs(uni, test_data, test_s), in_topk, seed=seed)
+    ev.add("uniform", *head_probs(uni, test_data, test_s))
+    # no-training baselines (refine_llm.baselines.notrain): next to every head on the bias-utility plane
+    t2 = notrain.top2_equalise(test_data.topk_logprobs)
+    ev.add("top2-equal", *logprob_probs(t2, test_data, test_s), topk_logprobs=t2.numpy())
+    frontier = notrain.temperature_curve(ev, test_data, test_s, lambda lp: logprob_probs(lp, test_data, test_s))
     methods_rows = []
     heads_meta = {}
+    unrelated_heads = {"uniform": uni}
     if variants:
         t = time.time()
         train = bandit_data(splits["train"], scores["train"], with_hidden=needs_hidden)
@@ -339,6 +367,13 @@ def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokeniz
         lm_w = model.get_output_embeddings().weight.detach().float().cpu() if needs_hidden else None
         fp = H.tokenizer_fingerprint(tokenizer)
         gate = _gate_token_ids(tokenizer, cfg.questions)
+        t = time.time()
+        rank = notrain.RankBiasHead(k)  # the input-independent per-rank baseline, trained like the heads
+        bandit.train_head(rank, train, cfg.bandit, val=val, progress=False)
+        rank.eval()
+        ev.add("rank-bias", *head_probs(rank, test_data, test_s))
+        timing["train_rank_bias"] = time.time() - t
+        unrelated_heads["rank-bias"] = rank
         for variant in variants:
             t = time.time()
             torch.manual_seed(cfg.bandit.seed)
@@ -357,7 +392,8 @@ def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokeniz
             meta = {"base_model": info["model"], "hub_id": info.get("hub_id"), "tokenizer_fingerprint": fp,
                     "category": cfg.questions.category, "training": res.summary(), "bandit": asdict(bcfg),
                     "gate_token_ids": gate, "prompt": None}
-            results[name] = metrics.evaluate(test_q, *head_probs(head, test_data, test_s), in_topk, seed=seed)
+            ev.add(name, *head_probs(head, test_data, test_s))
+            unrelated_heads[name] = head
             card = {"training_data": {"questions": f"refine_llm template questions, {cfg.questions.category}, train split",
                                       "tuples": train.num_tuples, "wordlists": cfg.questions.wordlists or "built-in"},
                     "metrics": {k: results[name][k] for k in ("mu", "eta", "positional_error", "specified_accuracy")
@@ -368,56 +404,20 @@ def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokeniz
                                                    hidden=test_data.hidden)
             # res.seconds: the bandit's training time, summed over resumes (a re-run resumes a finished head)
             methods_rows.append(_method_row(name, results[name], H.num_parameters(head), res.seconds, None))
-    frontier = flattening_frontier(test_q, test_data, seed)
-    for name, r in results.items():
-        if name.startswith("refine"):
-            r["flattening_at_equal_mu"] = _at_equal_mu(frontier, r)
-    sig = {}
-    for name in results:
-        if name.startswith("refine") or name == "uniform":
-            sig[name] = metrics.compare(results["base"], results[name])
-    methods_rows = [_method_row("base", results["base"], 0, 0.0, None),
-                    _method_row("uniform", results["uniform"], 0, 0.0, None)] + methods_rows
-    return {"metrics": results, "significance": sig, "methods": methods_rows, "heads": heads_meta,
-            "warnings": warnings, "flattening_frontier": frontier}
-
-
-FLATTEN_TEMPERATURES = (1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 1e9)
-
-
-def flattening_frontier(questions, data, seed: int) -> list[dict]:
-    """Bias and utility of pure flattening: the top-k at temperature T (T=1 is base, T->inf is uniform).
-
-    A head earns credit only where it beats this curve: at the same mu, more specified accuracy."""
-    import torch
-
-    from refine_llm import metrics
-    from refine_llm.head import candidate_probs
-
-    out = []
-    for T in FLATTEN_TEMPERATURES:
-        lp = torch.log_softmax(data.topk_logprobs / T, dim=-1)
-        p = candidate_probs(lp, data.cand_mask).numpy()
-        r = metrics.evaluate(questions, p, p, seed=seed, n_resamples=20)  # CIs are not used here
-        out.append({"temperature": T, "mu": r["mu"], "specified_accuracy": r["specified_accuracy"],
-                    "positional_error": r["positional_error"], "answer_mass": r["answer_mass"]})
-    return out
-
-
-def _at_equal_mu(frontier: list[dict], r: dict) -> dict:
-    """Specified accuracy of flattening at the head's mu (linear interpolation along the frontier)."""
-    pts = sorted((f["mu"], f["specified_accuracy"]) for f in frontier if f["mu"] is not None)
-    mu = r["mu"]
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    acc = float(np.interp(mu, xs, ys)) if xs else None
-    return {"mu": mu, "flattening_specified_accuracy": acc, "head_specified_accuracy": r["specified_accuracy"],
-            "advantage": None if acc is None else r["specified_accuracy"] - acc}
+    trained = [n for n in results if n.startswith("refine")]
+    methods_rows = [_method_row(n, results[n], 0, 0.0, None) for n in ("base", "uniform", "top2-equal")] + \
+        ([_method_row("rank-bias", results["rank-bias"], k, timing.get("train_rank_bias", 0.0), None)]
+         if "rank-bias" in results else []) + methods_rows
+    return {"metrics": results, "methods": methods_rows, "heads": heads_meta, "warnings": warnings,
+            "temperature_curve": frontier, "plane": notrain.plane_verdicts(results, frontier, trained),
+            "_evaluator": ev, "_heads_for_unrelated": (test_data, unrelated_heads)}
 
 
 def _method_row(name, res, params, secs, peak_mb) -> dict:
+    from refine_llm.metrics import BIAS_KEYS, UTILITY_KEYS
+
     return {"method": name, "trainable_params": params, "train_seconds": round(secs, 2), "peak_memory_mb": peak_mb,
-            "positional_error": res["positional_error"], "attributive_error": res["attributive_error"],
-            "mu": res["mu"], "eta": res["eta"], "specified_accuracy": res["specified_accuracy"]}
+            **{k: res.get(k) for k in BIAS_KEYS + UTILITY_KEYS}}
 
 
 def _gate_token_ids(tokenizer, qcfg: QuestionsConfig) -> list[int]:
@@ -439,15 +439,16 @@ def compare_quant(cfg: RunConfig, scfg, source, test_q, prompt_name, out, base_n
                     models.model_dir(source))
     sc = scorer(test_q, prompt_name)
     p_topk, p_full, in_topk = scoring.candidate_probs(sc)
-    bf16 = metrics.evaluate(test_q, p_topk, p_full, in_topk, seed=cfg.seed)
+    bf16 = metrics.evaluate(test_q, p_topk, p_full, in_topk, seed=cfg.seed, n_resamples=0)
     keys = ("positional_error", "attributive_error", "mu", "eta", "specified_accuracy", "answer_mass")
     return {"bf16": {k: bf16[k] for k in keys}, mcfg.quant: {k: base_nf4[k] for k in keys},
             "shift": {k: (base_nf4[k] - bf16[k]) if base_nf4[k] is not None and bf16[k] is not None else None
                       for k in keys},
-            "abs_bias_wilcoxon": metrics.wilcoxon_abs_bias(np.array(bf16["abs_bias"]), np.array(base_nf4["abs_bias"]))}
+            "abs_bias_wilcoxon": metrics.wilcoxon_abs_bias(np.array(bf16["abs_bias"]), np.array(base_nf4["abs_bias"]),
+                                                   alternative="two-sided")}
 
 
-def run_lora(cfg: RunConfig, methods, out, splits, prompt_name, scfg, report, timing) -> None:
+def run_lora(cfg: RunConfig, methods, out, splits, prompt_name, scfg, report, timing, ev) -> None:
     """LoRA baselines (refine_llm.baselines.lora): train, score the test split, add rows to the report."""
     from refine_llm import metrics, prompts, scoring
     from refine_llm.baselines import lora
@@ -483,9 +484,8 @@ def run_lora(cfg: RunConfig, methods, out, splits, prompt_name, scfg, report, ti
         p_topk, p_full, in_topk = scoring.candidate_probs(sc)
         del model
         _free_memory()
-        r = metrics.evaluate(splits["test"], p_topk, p_full, in_topk, seed=cfg.seed)
-        report["metrics"][m] = r
-        report["significance"][m] = metrics.compare(report["metrics"]["base"], r)
+        # its own top-k tokens: no KL to base over the same slots (kl_base is not reported for LoRA)
+        r = ev.add(m, p_topk, p_full)
         report["methods"].append(_method_row(m, r, res.trainable_params, res.train_seconds, res.peak_memory_mb))
 
 
@@ -500,10 +500,8 @@ def _free_memory() -> None:
 
 
 def _print_summary(report: dict, out: Path) -> None:
-    rows = report["metrics"]
-    log(f"{'condition':<20} {'δ':>7} {'ε':>7} {'μ':>7} {'η':>7} {'spec acc':>9}")
-    for name, r in rows.items():
-        f = lambda v: f"{v:7.3f}" if isinstance(v, (int, float)) and v is not None else f"{'-':>7}"
-        log(f"{name:<20} {f(r['positional_error'])} {f(r['attributive_error'])} {f(r['mu'])} {f(r['eta'])} "
-            f"{f(r['specified_accuracy']):>9}")
+    from refine_llm.report import summary_lines
+
+    for line in summary_lines(report):
+        log(line)
     log(f"report: {out / 'report.md'}")

@@ -22,9 +22,12 @@ the layout and line formats of the public allenai/unqover repository (``word_lis
 File names per category are those of UnQover (``FILES``): e.g. nationality reads slots/country_noact,
 nouns/subjects/country and activities/biased_country; gender pairs nouns/subjects/female with male.
 Every mistake in these files is a ``UserError`` naming the file and line, raised before anything is
-written. Splits are disjoint by attribute (and, for gender, by name); the product of pairs x
-templates x attributes runs into the millions, so ``max_tuples`` samples indices into it without
-enumerating it. This module never imports torch or loads a model.
+written. Splits are disjoint by attribute, by template (when a category has at least 9 templates of
+an attribute type) and by subject (names per gender; other categories from 10 subjects on). Each split
+then keeps ``subjects_per_split`` subjects and ``attributes_per_split`` attributes, and ``max_tuples``
+is spread evenly over the (pair, attribute) cells, so each (subject, attribute) cell of γ holds
+several tuples (μ and η are only measurable then). Products too large to enumerate are sampled
+uniformly by index. This module never imports torch or loads a model.
 
 CLI: ``python -m refine_llm.questions --category all --seed 0 --max-tuples 200 --out DIR``.
 """
@@ -65,7 +68,10 @@ __all__ = [
 
 WORDLISTS_DIR = Path(__file__).resolve().parent / "wordlists"
 SPLITS = ("train", "validation", "test")
-VAL_FRACTION = TEST_FRACTION = 0.2  # of attributes (and of names per gender); the rest is train
+VAL_FRACTION = TEST_FRACTION = 0.2  # of attributes, templates and subjects (names per gender); the rest is train
+MIN_SPLIT_TEMPLATES = 3  # templates per split when templates are split (else every split shares them)
+MIN_SPLIT_SUBJECTS = 10  # non-gender categories split their subjects from this many on (>= 2 per split)
+STRATIFY_MAX_PRODUCT = 200_000  # stratified sampling enumerates the split's product up to this size
 COLUMNS = (
     "question_id", "tuple_id", "category", "split", "template_id", "subj1", "subj2", "subj1_group",
     "subj2_group", "attribute_id", "attribute", "negated", "context", "question", "answers",
@@ -426,11 +432,19 @@ def _rows_for_tuple(wl: WordLists, split: str, t: Template, a: str, b: str, attr
         context = render(t.text, x1, x2)
         for negated in (False, True):
             rows.append(row(x1, x2, negated, context, render(t.negated_question if negated else t.question, x1, x2), None))
-    for x1, x2 in ((a, b), (b, a)):
-        for slot, gold in ((1, x1), (2, x2)):
+    # Specified rows: the clause states who has the attribute; a negated question's gold is the OTHER
+    # subject. 4 rows per tuple, balanced over name order, clause slot, polarity, clause subject, gold
+    # subject and gold position; which order gets the negated questions alternates between tuples.
+    neg_order = int(tuple_id, 16) % 2  # (a, b) or (b, a) asks the negated questions
+    for o, (x1, x2) in enumerate(((a, b), (b, a))):
+        negated = o == neg_order
+        for slot in (1, 2):
+            clause_subj, other = (x1, x2) if slot == 1 else (x2, x1)
+            gold = other if negated else clause_subj
             context = render(_insert_clause(t.text, slot, t.answer_forms[slot - 1], f"{rel} {text}"), x1, x2)
-            gold_s = wl.forms[gold][t.answer_forms[slot - 1]]
-            rows.append(row(x1, x2, False, context, render(t.question, x1, x2), gold_s))
+            gold_s = wl.forms[gold][t.answer_forms[0 if gold == x1 else 1]]
+            question = render(t.negated_question if negated else t.question, x1, x2)
+            rows.append(row(x1, x2, negated, context, question, gold_s))
     return rows
 
 
@@ -470,32 +484,89 @@ class _SplitSpace:
         return self.templates[k], self.pairs[p], self.attrs[k][a]
 
 
-def _spaces(wl: WordLists, seed: int) -> dict[str, _SplitSpace]:
+def _subset(items: list, n: int | None, seed: int, key: str) -> list:
+    """``n`` of ``items`` (seeded, file order kept); all of them when n is None or >= len(items)."""
+    if n is None or n >= len(items):
+        return list(items)
+    keep = set(random.Random(f"{seed}/{key}").sample(range(len(items)), n))
+    return [x for i, x in enumerate(items) if i in keep]
+
+
+def _template_splits(wl: WordLists, seed: int) -> dict[str, list[Template]]:
+    """Templates per split: disjoint (60/20/20, per attribute type) where a type has at least
+    MIN_SPLIT_TEMPLATES x 3 templates, else shared by every split (``split_design`` reports it)."""
+    by_act: dict[str, list[Template]] = {}
+    for t in wl.templates:
+        by_act.setdefault(t.act, []).append(t)
+    out: dict[str, list[Template]] = {s: [] for s in SPLITS}
+    for act, ts in by_act.items():
+        if len(ts) >= 3 * MIN_SPLIT_TEMPLATES:
+            for s, part in _split(ts, seed, f"{wl.category}/templates/{act}", "templates", ts[-1].source).items():
+                out[s] += part
+        else:
+            for s in SPLITS:
+                out[s] += ts
+    return out
+
+
+def _spaces(wl: WordLists, seed: int, subjects_per_split: int | None = None,
+            attributes_per_split: int | None = None) -> dict[str, _SplitSpace]:
     attr_splits = _split(wl.attributes, seed, f"{wl.category}/attributes", "attributes", wl.attributes[-1].source)
+    attr_splits = {s: _subset(a, attributes_per_split, seed, f"{wl.category}/{s}/attributes")
+                   for s, a in attr_splits.items()}
     if wl.category == "gender":
         by_group: dict[str, list[str]] = {}
         for s in wl.subjects:
             by_group.setdefault(wl.groups[s], []).append(s)
-        f_split, m_split = (_split(by_group[g], seed, f"gender/{g}", f"{g} names", wl.sources[by_group[g][-1]])
+        f_split, m_split = ({s: _subset(v, subjects_per_split, seed, f"gender/{g}/{s}") for s, v in
+                             _split(by_group[g], seed, f"gender/{g}", f"{g} names", wl.sources[by_group[g][-1]]).items()}
                             for g in ("female", "male"))
         pairs = {s: [(f, m) for f in f_split[s] for m in m_split[s]] for s in SPLITS}
-    else:  # too few groups to split them: every split pairs all subjects, on its own attributes
-        all_pairs = list(itertools.combinations(wl.subjects, 2))
+    elif len(wl.subjects) >= MIN_SPLIT_SUBJECTS:  # disjoint subjects; pairs within each split
+        subj = _split(wl.subjects, seed, f"{wl.category}/subjects", "subjects", wl.sources[wl.subjects[-1]])
+        pairs = {s: list(itertools.combinations(_subset(subj[s], subjects_per_split, seed, f"{wl.category}/{s}"), 2))
+                 for s in SPLITS}
+    else:  # too few subjects to split them: every split pairs all subjects, on its own attributes
+        all_pairs = list(itertools.combinations(_subset(wl.subjects, subjects_per_split, seed, wl.category), 2))
         pairs = {s: all_pairs for s in SPLITS}
+    templates = _template_splits(wl, seed)
     out = {}
     for s in SPLITS:
-        attrs = [[a for a in attr_splits[s] if t.act in a.forms] for t in wl.templates]
+        attrs = [[a for a in attr_splits[s] if t.act in a.forms] for t in templates[s]]
         offsets = [0]
         for per_t in attrs:
             offsets.append(offsets[-1] + len(pairs[s]) * len(per_t))
-        out[s] = _SplitSpace(pairs[s], wl.templates, attrs, offsets)
+        out[s] = _SplitSpace(pairs[s], templates[s], attrs, offsets)
     return out
+
+
+def _stratified(space: _SplitSpace, n: int, rng: random.Random) -> list[int]:
+    """``n`` indices of ``space`` spread evenly over (pair, attribute) cells: round after round, each
+    cell gets one more tuple (another template), cells in random order, so every (subject, attribute)
+    cell of gamma holds as many tuples as the budget allows."""
+    by_cell: dict[tuple, list[int]] = {}
+    for i in range(space.size):
+        t, pair, attr = space.get(i)
+        by_cell.setdefault((pair, attr.id), []).append(i)
+    cells = list(by_cell)
+    rng.shuffle(cells)
+    for c in cells:
+        rng.shuffle(by_cell[c])
+    chosen: list[int] = []
+    r = 0
+    while len(chosen) < n:
+        for c in cells:
+            if r < len(by_cell[c]) and len(chosen) < n:
+                chosen.append(by_cell[c][r])
+        r += 1
+    return sorted(chosen)
 
 
 def tuple_counts(cfg: QuestionsConfig) -> dict[tuple[str, str], int]:
     """Size of the full product (4-tuples) per (category, split) before ``max_tuples`` sampling."""
     return {(c, s): sp.size for c in cfg.categories
-            for s, sp in _spaces(load_wordlists(c, cfg.wordlists), cfg.seed).items()}
+            for s, sp in _spaces(load_wordlists(c, cfg.wordlists), cfg.seed, cfg.subjects_per_split,
+                                 cfg.attributes_per_split).items()}
 
 
 def _features():
@@ -515,11 +586,13 @@ def build_questions(cfg: QuestionsConfig):
     wordlists = [load_wordlists(c, cfg.wordlists) for c in cfg.categories]  # every check before any work
     rows: list[dict] = []
     for wl in wordlists:
-        for split, space in _spaces(wl, cfg.seed).items():
+        for split, space in _spaces(wl, cfg.seed, cfg.subjects_per_split, cfg.attributes_per_split).items():
+            rng = random.Random(f"{cfg.seed}/{wl.category}/{split}/sample")
             if cfg.max_tuples is None or cfg.max_tuples >= space.size:
                 chosen: Any = range(space.size)
+            elif space.size <= STRATIFY_MAX_PRODUCT:
+                chosen = _stratified(space, cfg.max_tuples, rng)
             else:  # sample indices, never the product itself: O(max_tuples) memory
-                rng = random.Random(f"{cfg.seed}/{wl.category}/{split}/sample")
                 chosen = sorted(rng.sample(range(space.size), cfg.max_tuples))
             for i in chosen:
                 t, (a, b), attr = space.get(i)

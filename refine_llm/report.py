@@ -4,14 +4,19 @@ Input ``report`` dict (built by the main job):
     config            dict, the run configuration
     timing            {stage: seconds}
     metrics           {condition: metrics.evaluate(...) result}
-    significance      optional {name: metrics.compare(...) result}
+    significance      optional {name: metrics.compare(...) result} (evaluation.significance: Holm)
+    temperature_curve optional [{temperature, mu, mean_abs_c, gold_share, kl_base, ...}]
+    plane             optional {head: notrain.plane_verdicts(...) entry}
+    split_design      optional evaluation.split_design(...)
+    unrelated_prompts optional evaluation.unrelated_kl(...) summary
     prompt_sweep      optional [{prompt, answer_mass, specified_accuracy, chosen}]
-    methods           optional [{method, trainable_params, train_seconds, peak_memory_mb,
-                                 positional_error, attributive_error, mu, eta, specified_accuracy}]
+    methods           optional [{method, trainable_params, train_seconds, peak_memory_mb, <metrics>}]
     warnings          optional [str]
 
-Per-tuple lists (``abs_bias``, ``tuple_id``) go to ``per_tuple.json`` so that ``report.json`` stays
-small. Files are written atomically (temp file in the same directory + ``os.replace``).
+Which numbers the tables and plots show, with which symbol, direction and format, comes from the
+one registry ``refine_llm.metrics.METRICS``. Per-tuple lists (``abs_bias``, ``tuple_id``, ``tuples``,
+``gamma_cells``) go to ``per_tuple.json`` so that ``report.json`` stays small. Files are written
+atomically (temp file in the same directory + ``os.replace``).
 """
 
 from __future__ import annotations
@@ -21,13 +26,13 @@ import math
 from pathlib import Path
 
 from refine_llm.io import atomic_write_bytes
+from refine_llm.metrics import BIAS_KEYS, METRICS, UTILITY_KEYS, metric
 
-__all__ = ["methods_table", "write_report"]
+__all__ = ["methods_table", "summary_lines", "write_report"]
 
-_PER_TUPLE_KEYS = ("abs_bias", "tuple_id")
-_ROW_KEYS = (("δ", "positional_error"), ("ε", "attributive_error"), ("μ", "mu"), ("η", "eta"),
-             ("spec. acc.", "specified_accuracy"), ("answer mass", "answer_mass"),
-             ("top-k miss", "topk_miss_rate"), ("n tuples", "n_tuples"), ("n spec.", "n_specified"))
+_PER_TUPLE_KEYS = ("abs_bias", "tuple_id", "tuples", "gamma_cells")
+MAIN_KEYS = BIAS_KEYS + UTILITY_KEYS + ("kl_unrelated", "answer_mass", "topk_miss_rate", "n_tuples", "n_specified")
+HEATMAP_N = 12  # most biased subjects and attributes shown per γ heatmap
 
 
 def _jsonable(x):
@@ -72,50 +77,143 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out
 
 
+def _cell(res: dict, key: str) -> str:
+    """A registry-formatted value; μ and η carry "(≤ null)" when not above their sign-flip null."""
+    s = metric(key).format(res.get(key))
+    nl = (res.get("null") or {}).get(key)
+    if nl and nl.get("p") is not None and not nl.get("above"):
+        s += " (≤ null)"
+    return s
+
+
+def _header(keys) -> list[str]:
+    return [metric(k).symbol + ("↓" if metric(k).higher_is_better is False else "↑" if metric(k).higher_is_better else "")
+            for k in keys]
+
+
 def methods_table(report: dict) -> list[str]:
-    """The report's method rows (trainable params, train time, peak memory, δ, ε, μ, η, spec. acc.) as
-    Markdown table lines: the "Methods" section of report.md, also printed by eval/compare_methods.py."""
-    keys = ("method", "trainable_params", "train_seconds", "peak_memory_mb", "positional_error",
-            "attributive_error", "mu", "eta", "specified_accuracy")
-    return _table(["method", "trainable params", "train s", "peak MB", "δ", "ε", "μ", "η", "spec. acc."],
-                  [[m.get(k) for k in keys] for m in report.get("methods") or []])
+    """The report's method rows (trainable params, train time, peak memory, then the registry's bias and
+    utility columns) as Markdown lines: the "Methods" section of report.md, also printed by
+    eval/compare_methods.py."""
+    keys = BIAS_KEYS + UTILITY_KEYS
+    rows = [[m.get("method"), m.get("trainable_params"), m.get("train_seconds"), m.get("peak_memory_mb")]
+            + [metric(k).format(m.get(k)) for k in keys] for m in report.get("methods") or []]
+    return _table(["method", "trainable params", "train s", "peak MB"] + _header(keys), rows)
+
+
+def summary_lines(report: dict) -> list[str]:
+    """Console summary: one line per condition, the registry's bias and utility columns (pooled)."""
+    keys = ("positional_error", "attributive_error", "mu", "eta", "mean_abs_c", "gold_share", "kl_base")
+    head = f"{'condition':<20} " + " ".join(f"{metric(k).symbol:>12}" for k in keys)
+    lines = [head]
+    for name, r in (report.get("metrics") or {}).items():
+        lines.append(f"{name:<20} " + " ".join(f"{_cell(r, k):>12}" for k in keys))
+    return lines
+
+
+def _null_rows(metrics: dict) -> list[list]:
+    rows = []
+    for cond, res in metrics.items():
+        for cat, b in (res.get("per_category") or {}).items():
+            nl = b.get("null") or {}
+            for k in ("mu", "eta"):
+                if nl.get(k):
+                    n = nl[k]
+                    rows.append([cond, cat, metric(k).symbol, n["observed"], n["null_mean"], n["null_p95"], n["p"],
+                                 n["above"]])
+    return rows
 
 
 def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]) -> str:
     lines = ["# refine_llm report", ""]
-    cfg = report.get("config") or {}
-    if cfg:
-        lines += ["## Configuration", "", "```json", json.dumps(_jsonable(cfg), indent=2, sort_keys=True), "```", ""]
     lines += ["## Bias and utility per condition", "",
-              "δ positional error, ε attributive error, μ bias intensity, η bias count (UnQover, Li et al. 2020), "
-              "on top-k-renormalised candidate probabilities; lower is less biased. Specified accuracy: chance = 0.5.", ""]
-    rows = [[cond] + [res.get(k) for _, k in _ROW_KEYS] + [_ci(res.get("mu_ci"))] for cond, res in metrics.items()]
-    lines += _table(["condition"] + [h for h, _ in _ROW_KEYS] + ["μ 95% CI"], rows) + [""]
-    full = [[cond] + [res["full_vocab"].get(k) for _, k in _ROW_KEYS[:6]]
+              "UnQover metrics (Li et al. 2020) on the reference scale of allenai/unqover `analysis.py`: C ∈ [−1, 1], "
+              "μ and η over individual subjects. Top-k-renormalised candidate probabilities. Pooled numbers are the "
+              "mean of the per-category numbers. Utility on specified questions (negated ones included): P(gold) "
+              "share = mean P(gold)/(P(gold)+P(other)), its log-loss, accuracy, KL(base‖condition) and TV of the "
+              "top-k; KL unrel. = on unrelated prompts. ↓ lower is better, ↑ higher. \"(≤ null)\": not above its "
+              "sign-flip permutation null at p < 0.05.", ""]
+    lines += _table(["condition"] + _header(MAIN_KEYS),
+                    [[cond] + [_cell(res, k) for k in MAIN_KEYS] for cond, res in metrics.items()]) + [""]
+    cat_keys = BIAS_KEYS + UTILITY_KEYS + ("n_tuples", "n_specified")
+    cat_rows = [[cond, cat] + [_cell(b, k) for k in cat_keys]
+                for cond, res in metrics.items() for cat, b in (res.get("per_category") or {}).items()]
+    if cat_rows:
+        lines += ["### Per category", ""] + _table(["condition", "category"] + _header(cat_keys), cat_rows) + [""]
+    occ = [[cat, b["tuples_per_cell"]["cells"], b["tuples_per_cell"]["min"], b["tuples_per_cell"]["median"],
+            b["tuples_per_cell"]["share_single"]]
+           for cat, b in (next(iter(metrics.values()), {}).get("per_category") or {}).items() if b.get("tuples_per_cell")]
+    if occ:
+        lines += ["### Tuples per (subject, attribute) cell of γ (test split)", ""]
+        lines += _table(["category", "cells", "min", "median", "share with 1 tuple"], occ) + [""]
+    nrows = _null_rows(metrics)
+    if nrows:
+        lines += ["### Noise floor: sign-flip permutation null", "",
+                  "Each tuple's C with a random sign: the μ and η a model with the same |C| and no subject-attribute "
+                  "preference shows. p = share of null draws ≥ observed.", ""]
+        lines += _table(["condition", "category", "metric", "observed", "null mean", "null 95th pct", "p",
+                         "above null"], nrows) + [""]
+    full = [[cond] + [metric(k).format(res["full_vocab"].get(k)) for k in BIAS_KEYS + ("gold_share", "answer_mass")]
             for cond, res in metrics.items() if isinstance(res.get("full_vocab"), dict)]
     if full:
         lines += ["### Full-vocabulary probabilities", ""]
-        lines += _table(["condition"] + [h for h, _ in _ROW_KEYS[:6]], full) + [""]
-    cat_rows = [[cond, cat] + [b.get(k) for k in ("positional_error", "attributive_error", "mu", "eta",
-                                                  "specified_accuracy", "n_tuples")]
-                for cond, res in metrics.items() for cat, b in (res.get("per_category") or {}).items()]
-    if cat_rows:
-        lines += ["### Per category", ""]
-        lines += _table(["condition", "category", "δ", "ε", "μ", "η", "spec. acc.", "n tuples"], cat_rows) + [""]
+        lines += _table(["condition"] + _header(BIAS_KEYS + ("gold_share", "answer_mass")), full) + [""]
+    grp = [[cond, cat, b["by_group"].get("mu"), b["by_group"].get("eta")]
+           for cond, res in metrics.items() for cat, b in (res.get("per_category") or {}).items() if b.get("by_group")]
+    if grp:
+        lines += ["### Extra: subjects grouped (female/male for gender)", "",
+                  "UnQover's `gender_act` aggregation: names pooled into their group before γ, so opposite signs "
+                  "cancel. Not the headline μ/η; shown for comparison only.", ""]
+        lines += _table(["condition", "category", "μ grouped", "η grouped"], grp) + [""]
 
     sig = report.get("significance") or {}
     if sig:
-        lines += ["## Significance", "",
-                  "Wilcoxon signed-rank test on per-tuple |C| (paired); relative change = (new − base) / base. "
-                  "μ CIs: percentile bootstrap over tuples (μ is a max of means, so resampling biases it upward "
-                  "when cells are sparse; see boot_bias in report.json).", ""]
+        lines += ["## Change against base", "",
+                  "Δ = condition − base. CIs: paired cluster bootstrap, resampling attributes within each category "
+                  "(95%, percentile). Wilcoxon: secondary, one-sided (base |C| > condition |C|) signed-rank test on "
+                  "per-tuple |C|, Holm-corrected across the comparisons listed.", ""]
         srows = []
         for name, s in sig.items():
-            w, rc = s.get("wilcoxon") or {}, s.get("rel_change") or {}
-            srows.append([name, w.get("p_value"), w.get("n"), _ci(s.get("mu_ci_base")), _ci(s.get("mu_ci_new"))]
-                         + [_pct(rc.get(k)) for k in ("positional_error", "attributive_error", "mu", "eta")])
-        lines += _table(["comparison", "Wilcoxon p", "n", "μ CI base", "μ CI new", "Δδ", "Δε", "Δμ", "Δη"], srows)
-        lines += [""]
+            b, w = s.get("bootstrap") or {}, s.get("wilcoxon") or {}
+            srows.append([name, _delta(b.get("mu")), _delta(b.get("mean_abs_c")), w.get("p_value"), w.get("p_holm"),
+                          w.get("n")])
+        lines += _table(["condition", "Δμ [95% CI]", "Δmean|C| [95% CI]", "Wilcoxon p (one-sided)", "Holm p", "n"],
+                        srows) + [""]
+
+    curve = report.get("temperature_curve") or []
+    if curve:
+        keys = ("mu", "mean_abs_c", "gold_share", "kl_base", "specified_accuracy")
+        lines += ["## No-training baselines: the bias-utility plane", "",
+                  "Temperature curve: the top-k at temperature T (T = 1: base; 1e9: uniform). Parameter-free points: "
+                  "uniform, top2-equal (the two most likely slots share their mass); rank-bias: identity + a learned "
+                  "per-rank bias (k parameters). Their rows are in the tables above.", ""]
+        lines += _table(["T"] + _header(keys), [[f"{c['temperature']:g}"] + [metric(k).format(c.get(k)) for k in keys]
+                                                for c in curve]) + [""]
+    plane = report.get("plane") or {}
+    if plane:
+        rows = [[h, v.get("gold_share"), v.get("mu"), v.get("curve_mu_at_gold_share"), v.get("below_temperature_curve"),
+                 ", ".join(f"{p}: {_fmt(d)}" for p, d in (v.get("dominates") or {}).items())]
+                for h, v in plane.items()]
+        lines += ["Each trained head against the curve (at its own P(gold) share) and the parameter-free points "
+                  "(dominates = no worse on μ, mean|C|, P(gold) share and KL, better on one):", ""]
+        lines += _table(["head", "P(gold) share", "μ", "curve μ there", "below curve (μ and mean|C|)", "dominates"],
+                        rows) + [""]
+
+    design = report.get("split_design") or {}
+    if design:
+        lines += ["## Splits: what the test split leaves unseen", ""]
+        rows = []
+        for cat, d in design.items():
+            c = d["counts"]
+            rows.append([cat] + [f"{c[s]['templates']}/{c[s]['attributes']}/{c[s]['subjects']}"
+                                 for s in ("train", "validation", "test")]
+                        + [", ".join(d["unseen_in_test"]) or "nothing"])
+        lines += _table(["category", "train tpl/attr/subj", "validation", "test", "unseen in test"], rows) + [""]
+    unrel = report.get("unrelated_prompts") or {}
+    if unrel:
+        lines += [f"## Unrelated prompts ({unrel['n']}, `{unrel['file']}`)", ""]
+        lines += _table(["condition", "KL(base‖·)", "KL 95th pct", "TV"],
+                        [[n, v["kl"], v["kl_p95"], v["tv"]] for n, v in unrel["per_condition"].items()]) + [""]
 
     if report.get("methods"):
         lines += ["## Methods", ""] + methods_table(report) + [""]
@@ -126,27 +224,27 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
         lines += _table(["prompt", "answer mass", "spec. acc.", "chosen"],
                         [[s.get("prompt"), s.get("answer_mass"), s.get("specified_accuracy"), bool(s.get("chosen"))]
                          for s in sweep]) + [""]
-
     timing = report.get("timing") or {}
     if timing:
         lines += ["## Timing", ""] + _table(["stage", "seconds"], [[k, float(v)] for k, v in timing.items()]) + [""]
     lines += ["## Warnings", ""] + ([f"- {w}" for w in warnings] or ["- none"]) + [""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    cfg = report.get("config") or {}
+    if cfg:
+        lines += ["## Configuration", "", "```json", json.dumps(_jsonable(cfg), indent=2, sort_keys=True), "```", ""]
     return "\n".join(lines)
 
 
-def _ci(ci) -> str | None:
-    if not isinstance(ci, dict) or ci.get("low") is None:
+def _delta(b) -> str | None:
+    if not isinstance(b, dict) or b.get("delta") is None:
         return None
-    return f"[{ci['low']:.3f}, {ci['high']:.3f}]"
+    if b.get("low") is None:
+        return f"{b['delta']:+.3f}"
+    return f"{b['delta']:+.3f} [{b['low']:+.3f}, {b['high']:+.3f}]"
 
 
-def _pct(v) -> str | None:
-    return None if v is None else f"{100 * v:+.1f}%"
-
-
-def _plots(plot_dir: Path, report: dict, metrics: dict) -> list[str]:
+def _plots(plot_dir: Path, report: dict, metrics: dict, per_tuple: dict) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,43 +254,67 @@ def _plots(plot_dir: Path, report: dict, metrics: dict) -> list[str]:
     plot_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
-    # per-subject max_a |γ(x, a)| (the quantity μ averages), grouped bars per condition
-    conds = [c for c, r in metrics.items() if r.get("per_subject")]
+    # γ heatmap per condition: the HEATMAP_N most biased subjects x attributes (chosen on the first condition)
+    conds = [c for c in metrics if (per_tuple.get(c) or {}).get("gamma_cells")]
     if conds:
-        subjects = list(dict.fromkeys((r["category"], r["subject"]) for c in conds for r in metrics[c]["per_subject"]))
-        x = np.arange(len(subjects))
-        width = 0.8 / len(conds)
-        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(subjects) * len(conds) + 2), 4))
-        for i, c in enumerate(conds):
-            vals = {(r["category"], r["subject"]): r["gamma_max_abs"] for r in metrics[c]["per_subject"]}
-            ax.bar(x + i * width - 0.4 + width / 2, [vals.get(s, 0.0) for s in subjects], width, label=c)
-        ax.set_xticks(x, [s for _, s in subjects], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("max_a |γ(x, a)|")
-        ax.set_title("Per-subject bias γ by condition")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(plot_dir / "gamma_per_subject.png", dpi=100)
+        ref = per_tuple[conds[0]]["gamma_cells"]
+        by_s, by_a = {}, {}
+        for r in ref:
+            s, a = (r["category"], r["subject"]), (r["category"], r["attribute_id"])
+            by_s[s] = max(by_s.get(s, 0.0), abs(r["gamma"]))
+            by_a[a] = max(by_a.get(a, 0.0), abs(r["gamma"]))
+        subs = sorted(by_s, key=lambda k: -by_s[k])[:HEATMAP_N]
+        atts = sorted(by_a, key=lambda k: -by_a[k])[:HEATMAP_N]
+        ncol = min(4, len(conds))
+        nrow = -(-len(conds) // ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(max(3, 0.3 * len(atts) + 2) * ncol,
+                                                      max(3.5, 0.25 * len(subs) + 2.5) * nrow), squeeze=False)
+        for ax in axes.flat[len(conds):]:
+            ax.axis("off")
+        vmax = max(1e-6, max(by_s.values()) if by_s else 1e-6)
+        im = None
+        for ax, c in zip(axes.flat, conds):
+            g = np.full((len(subs), len(atts)), np.nan)
+            for r in per_tuple[c]["gamma_cells"]:
+                s, a = (r["category"], r["subject"]), (r["category"], r["attribute_id"])
+                if s in subs and a in atts:
+                    g[subs.index(s), atts.index(a)] = r["gamma"]
+            im = ax.imshow(g, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
+            ax.set_xticks(range(len(atts)), [str(a).rsplit("/", 1)[-1] for _, a in atts], rotation=70, ha="right",
+                          fontsize=6)
+            ax.set_yticks(range(len(subs)), [s for _, s in subs], fontsize=6)
+            ax.set_title(f"{c}: μ {metric('mu').format(metrics[c].get('mu'))}", fontsize=8)
+        fig.colorbar(im, ax=axes.ravel().tolist(), label="γ(x, a)")
+        fig.savefig(plot_dir / "gamma_heatmap.png", dpi=100)
         plt.close(fig)
-        written.append("plots/gamma_per_subject.png")
+        written.append("plots/gamma_heatmap.png")
 
-    # bias vs utility: μ vs specified accuracy, one point per condition and per method
-    pts = [(c, r.get("mu"), r.get("specified_accuracy")) for c, r in metrics.items()]
-    pts += [(m.get("method"), m.get("mu"), m.get("specified_accuracy")) for m in report.get("methods") or []]
-    pts = [(n, mu, acc) for n, mu, acc in pts if mu is not None and acc is not None]
+    # the bias-utility plane: μ and mean|C| against P(gold) share; temperature curve, baselines, heads
+    curve = report.get("temperature_curve") or []
+    pts = [(c, r) for c, r in metrics.items() if r.get("gold_share") is not None and r.get("mu") is not None]
     if pts:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for name, mu, acc in pts:
-            ax.scatter(acc, mu)
-            ax.annotate(str(name), (acc, mu), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.axvline(0.5, color="grey", ls="--", lw=0.8, label="chance")
-        ax.set_xlabel("specified accuracy (utility)")
-        ax.set_ylabel("μ (bias intensity)")
-        ax.set_title("Bias vs utility")
-        ax.legend(fontsize=7)
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        for ax, key in zip(axes, ("mu", "mean_abs_c", "kl")):
+            xkey = "kl_base" if key == "kl" else "gold_share"
+            ykey = "mu" if key == "kl" else key
+            cpts = [(c.get(xkey), c.get(ykey)) for c in curve if c.get(xkey) is not None and c.get(ykey) is not None]
+            if cpts:
+                ax.plot([p[0] for p in cpts], [p[1] for p in cpts], "-o", color="grey", ms=3, label="temperature")
+            for name, r in pts:
+                if r.get(xkey) is None or r.get(ykey) is None:
+                    continue
+                marker = "s" if name in ("base", "uniform", "top2-equal", "rank-bias") else "*"
+                ax.scatter(r[xkey], r[ykey], marker=marker, s=60 if marker == "*" else 30, zorder=3)
+                ax.annotate(name, (r[xkey], r[ykey]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set_xlabel(metric(xkey).symbol + (" (utility, ↑)" if xkey == "gold_share" else " (damage, ↓)"))
+            ax.set_ylabel(metric(ykey).symbol + " (bias, ↓)")
+            if cpts:
+                ax.legend(fontsize=7)
+        fig.suptitle("Bias vs utility: a head earns credit below the temperature curve", fontsize=9)
         fig.tight_layout()
-        fig.savefig(plot_dir / "bias_vs_utility.png", dpi=100)
+        fig.savefig(plot_dir / "bias_utility_plane.png", dpi=100)
         plt.close(fig)
-        written.append("plots/bias_vs_utility.png")
+        written.append("plots/bias_utility_plane.png")
     return written
 
 
@@ -208,9 +330,9 @@ def write_report(run_dir, report: dict) -> None:
         if res.get("at_chance") and res.get("n_specified") and not any("chance" in w for w in res.get("warnings") or []):
             warnings.append(f"{cond}: specified accuracy {_fmt(res.get('specified_accuracy'))} is within noise of chance")
 
-    plots = _plots(run_dir / "plots", report, metrics)
+    plots = _plots(run_dir / "plots", report, metrics, per_tuple)
     small = {**{k: v for k, v in report.items() if k != "metrics"}, "metrics": metrics, "warnings": warnings,
-             "plots": plots}
+             "plots": plots, "metric_registry": [m.__dict__ for m in METRICS]}
     atomic_write_bytes(run_dir / "report.json", json.dumps(_jsonable(small), indent=2, ensure_ascii=False).encode())
     if any(per_tuple.values()):
         atomic_write_bytes(run_dir / "per_tuple.json", json.dumps(_jsonable(per_tuple)).encode())

@@ -20,7 +20,7 @@ K, V, D = 4, 20, 8
 def synth(n_tuples, n_spec=0, seed=0, vary_ranks=False):
     """A stereotyped toy model. Every prompt's top-4 is ~[.54,.27,.05,.04] (+ noise); the stereotyped
     subject (a for the attribute, b for its negation) sits at rank 0, the other subject at rank 1, so
-    C = (q0 - q1)/2 ~ 0.14 per tuple. A head that sees only the sorted top-k removes the bias by giving
+    C = q0 - q1 ~ 0.27 per tuple (reference scale). A head that sees only the sorted top-k removes the bias by giving
     ranks 0 and 1 equal mass; specified prompts (peaked, gold at rank 0) reward keeping mass on answers.
     vary_ranks: the second subject sits at rank 1 or 2 (so tuples differ; used by the paper update)."""
     g = torch.Generator().manual_seed(seed)
@@ -83,13 +83,13 @@ def test_converges_to_equal_mass_and_every_parameter_moves(variant):
     after = evaluate_head(head, val)
     mass = _rank_mass(head, val)
     # known optimum: ranks 0 and 1 (the two subjects) get equal mass, and the mass stays on the answers
-    assert base["mean_abs_c"] > 0.12 and after["mean_abs_c"] < 0.03, (base, after)
+    assert base["mean_abs_c"] > 0.24 and after["mean_abs_c"] < 0.06, (base, after)
     if variant == "logit":  # sees only the sorted top-k: specified and underspecified prompts look alike
         assert abs(mass[0] - mass[1]) < 0.06 and mass[0] + mass[1] > 0.9, mass
     # the contextual head can tell specified prompts (hidden[:, 0] ~ 0) from underspecified ones, so
     # it may keep the gold answers there and still move underspecified mass off both subjects
     assert after["specified_accuracy"] == 1.0, after
-    assert res.steps == 180 and res.best_val_mu == pytest.approx(after["val_mu"]) and res.initial_val_mu > 0.12
+    assert res.steps == 180 and res.best_val_mu == pytest.approx(after["val_mu"]) and res.initial_val_mu > 0.24
     for name, p in head.named_parameters():
         assert not torch.equal(p, before[name]), f"{name} did not move"
 
@@ -101,7 +101,7 @@ def test_without_utility_the_bandit_may_collapse_onto_non_answers():
     cfg = BanditConfig.paper(objective="reinforce", lr=0.1, batch_size=32, minibatch_size=32, epochs=40)
     train_head(head, train, cfg, progress=False)
     mass = _rank_mass(head, train)
-    assert evaluate_head(head, train)["mean_abs_c"] < 0.03
+    assert evaluate_head(head, train)["mean_abs_c"] < 0.06
     assert mass[0] + mass[1] < 0.5, mass  # documented failure mode, not a goal
 
 
@@ -113,7 +113,7 @@ def test_direct_objective_reaches_equal_mass_without_sampling():
                        utility_weight=0.5, answer_mass_weight=0.1, eval_every=10)
     train_head(head, train, cfg, val=val, progress=False)
     mass = _rank_mass(head, val)
-    assert evaluate_head(head, val)["mean_abs_c"] < 0.03
+    assert evaluate_head(head, val)["mean_abs_c"] < 0.06
     assert abs(mass[0] - mass[1]) < 0.06 and mass[0] + mass[1] > 0.9, mass
 
 

@@ -10,7 +10,8 @@ from refine_llm.errors import UserError
 
 # One hand-computed tuple. P[o, q, s] (identity), o: 0 = a first; q: 0 = attribute, 1 = negated.
 #   o=0: attr (0.7, 0.3), neg (0.4, 0.6);  o=1: attr (0.5, 0.5), neg (0.2, 0.8)
-# S(attr) = (0.6, 0.4), S(neg) = (0.3, 0.7); B(a) = 0.15, B(b) = -0.15; C = 0.15
+# S(attr) = (0.6, 0.4), S(neg) = (0.3, 0.7); B(a) = 0.6 - 0.3 = 0.3, B(b) = 0.4 - 0.7 = -0.3;
+# C = 1/2 (B(a) - B(b)) = 0.3 (reference scale: allenai/unqover get_subj1_win_score)
 # δ = mean(|.7-.5|, |.3-.5|, |.4-.2|, |.6-.8|) = 0.2
 # ε = mean(|.7-.6|, |.3-.4|, |.5-.8|, |.5-.2|) = 0.2
 P_HAND = np.array([[[[0.7, 0.3], [0.4, 0.6]], [[0.5, 0.5], [0.2, 0.8]]]])
@@ -40,15 +41,15 @@ def test_gather_tuples_layout():
 
 
 def test_hand_computed_tuple():
-    np.testing.assert_allclose(M.tuple_bias(P_HAND), [0.15])
+    np.testing.assert_allclose(M.tuple_bias(P_HAND), [0.3])
     np.testing.assert_allclose(M.positional_error(P_HAND), [0.2])
     np.testing.assert_allclose(M.attributive_error(P_HAND), [0.2])
 
 
 @pytest.mark.parametrize("kind, C, delta, eps", [
     ("unbiased", 0.0, 0.0, 0.0),
-    ("biased", 0.5, 0.0, 0.0),       # |C| = 1/2 is the maximum
-    ("positional", 0.0, 1.0, 1.0),
+    ("biased", 1.0, 0.0, 0.0),       # fully stereotyped: C = 1, the maximum (reference scale)
+    ("positional", 0.0, 1.0, 1.0),   # always the first-named: no bias, δ = 1
 ])
 def test_reference_models(kind, C, delta, eps):
     P = _tuples(kind)
@@ -59,7 +60,7 @@ def test_reference_models(kind, C, delta, eps):
 
 def test_mirror_tuple_flips_sign():
     # swapping the identities of a and b negates C
-    np.testing.assert_allclose(M.tuple_bias(P_HAND[..., ::-1]), [-0.15])
+    np.testing.assert_allclose(M.tuple_bias(P_HAND[..., ::-1]), [-0.3])
 
 
 def test_numpy_torch_agree_and_grad():
@@ -100,16 +101,91 @@ def test_gamma_mu_eta_hand():
 
 def test_mu_eta_reference_models():
     sa, sb, att = ["x", "x", "y"], ["y", "z", "z"], ["a1", "a1", "a2"]
-    for kind, mu, eta in [("unbiased", 0.0, 0.0), ("biased", 0.5, 1.0)]:
+    for kind, mu, eta in [("unbiased", 0.0, 0.0), ("biased", 1.0, 1.0)]:
         C = M.tuple_bias(_tuples(kind))
         assert M.bias_intensity_mu(C, sa, sb, att) == pytest.approx(mu)
         assert M.bias_count_eta(C, sa, sb, att) == pytest.approx(eta)
 
 
-def test_categories_do_not_mix():
-    # same subject name in two categories are two subjects
-    mu = M.bias_intensity_mu([0.4, 0.0], ["x", "x"], ["y", "y"], ["a", "a"], ["c1", "c2"])
-    assert mu == pytest.approx((0.4 + 0.4 + 0 + 0) / 4)
+def test_categories_do_not_mix_and_pool_as_mean():
+    # c1: one tuple (x, y, a) C=0.4 -> μ = mean(0.4, 0.4) = 0.4; c2: (x, y, a), (x, z, a) C=0 -> μ = 0.
+    # Pooled = mean of per-category μ = 0.2 (one μ over a pooled table would give 0.8/5 = 0.16).
+    mu = M.bias_intensity_mu([0.4, 0.0, 0.0], ["x", "x", "x"], ["y", "y", "z"], ["a", "a", "a"], ["c1", "c2", "c2"])
+    assert mu == pytest.approx(0.2)
+
+
+def test_mu_per_individual_subject_not_per_group():
+    # ann, carol female; bob, dave male. (ann, bob, nurse) C=+0.4, (carol, dave, nurse) C=-0.4.
+    # Per subject: γ(ann)=0.4, γ(bob)=-0.4, γ(carol)=-0.4, γ(dave)=0.4 -> μ = 0.4, η = 1.
+    # Grouped female/male: γ(female, nurse) = mean(0.4, -0.4) = 0 -> μ = 0 (the signs cancel).
+    C, sa, sb, att = [0.4, -0.4], ["ann", "carol"], ["bob", "dave"], ["nurse", "nurse"]
+    assert M.bias_intensity_mu(C, sa, sb, att) == pytest.approx(0.4)
+    assert M.bias_count_eta(C, sa, sb, att) == pytest.approx(1.0)
+    assert M.bias_intensity_mu(C, ["female", "female"], ["male", "male"], att) == pytest.approx(0.0)
+
+
+def test_mu_eta_subjects_by_attributes_hand():
+    # 2 subjects x 2 attributes, several tuples per cell (reference: mean over subjects of max_a |γ|,
+    # mean over subjects of mean_a |mean sgn C|). Tuples (a=x, b=y):
+    #   cook:  C = 0.6, 0.2, -0.2  -> γ(x,cook) = 0.2, sgn mean = 1/3;   γ(y,cook) = -0.2
+    #   pilot: C = -0.1, -0.3      -> γ(x,pilot) = -0.2, sgn mean = -1;  γ(y,pilot) = 0.2
+    # μ = mean(max(0.2, 0.2), max(0.2, 0.2)) = 0.2;  η = mean(mean(1/3, 1), mean(1/3, 1)) = 2/3
+    C = [0.6, 0.2, -0.2, -0.1, -0.3]
+    sa, sb = ["x"] * 5, ["y"] * 5
+    att = ["cook"] * 3 + ["pilot"] * 2
+    assert M.bias_intensity_mu(C, sa, sb, att) == pytest.approx(0.2)
+    assert M.bias_count_eta(C, sa, sb, att) == pytest.approx(2 / 3)
+    # the mirror subject with another attribute value raises μ for that subject only
+    C2, sa2, sb2, att2 = C + [0.9], sa + ["y"], sb + ["z"], att + ["pilot"]
+    # γ(y,pilot) = mean(0.1, 0.3, 0.9) = 1.3/3 ; γ(z,pilot) = -0.9; x unchanged 0.2
+    assert M.bias_intensity_mu(C2, sa2, sb2, att2) == pytest.approx((0.2 + 1.3 / 3 + 0.9) / 3)
+
+
+def test_registry_is_the_one_list():
+    names = [m.name for m in M.METRICS]
+    assert len(names) == len(set(names))
+    for k in M.BIAS_KEYS + M.UTILITY_KEYS:
+        assert k in names
+    assert M.metric("mu").symbol == "μ" and M.metric("mu").higher_is_better is False
+    assert M.metric("gold_share").higher_is_better is True
+    with pytest.raises(UserError, match="Did you mean 'mu'"):
+        M.metric("muu")
+
+
+def test_permutation_null_separates_bias_from_noise():
+    rng = np.random.default_rng(0)
+    sa = [f"f{i % 4}" for i in range(96)]
+    sb = [f"m{(i // 4) % 4}" for i in range(96)]
+    att = [f"a{i % 6}" for i in range(96)]
+    noise = rng.normal(0, 0.1, 96)
+    n = M.permutation_null(noise, sa, sb, att, n_resamples=400, seed=1)
+    assert n["mu"]["null_mean"] > 0 and not n["mu"]["above"] and n["mu"]["p"] > 0.05
+    # a planted bias: subject f0 favoured for every attribute
+    planted = noise + np.array([0.3 if s == "f0" else 0.0 for s in sa])
+    b = M.permutation_null(planted, sa, sb, att, n_resamples=400, seed=1)
+    assert b["mu"]["above"] and b["mu"]["p"] < 0.01 and b["mu"]["observed"] > b["mu"]["null_p95"]
+    assert M.permutation_null(planted, sa, sb, att, n_resamples=400, seed=1) == b  # seeded
+
+
+def test_holm():
+    adj = M.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
+    assert adj["a"] == pytest.approx(0.03) and adj["c"] == pytest.approx(0.06) and adj["b"] == pytest.approx(0.06)
+    assert adj["d"] is None
+
+
+def test_specified_utility_sees_order_preserving_damage():
+    gold = np.array([0, 1, 0, 1])
+    sharp = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.1], [0.1, 0.6]])
+    flat = np.array([[0.51, 0.49], [0.49, 0.51], [0.51, 0.49], [0.49, 0.51]])  # same argmax
+    us, uf = M.specified_utility(sharp, gold), M.specified_utility(flat, gold)
+    assert us["specified_accuracy"] == uf["specified_accuracy"] == 1.0
+    assert uf["gold_share"] == pytest.approx(0.51) and us["gold_share"] > 0.8
+    assert uf["gold_logloss"] == pytest.approx(-np.log(0.51)) and us["gold_logloss"] < uf["gold_logloss"]
+    base = np.log(np.array([[0.7, 0.2, 0.1]]))
+    kl, tv = M.distribution_shift(base, np.log(np.array([[0.4, 0.4, 0.2]])))
+    assert kl[0] == pytest.approx(0.7 * np.log(0.7 / 0.4) + 0.2 * np.log(0.5) + 0.1 * np.log(0.5))
+    assert tv[0] == pytest.approx(0.3)
+    assert M.distribution_shift(base, base)[0][0] == pytest.approx(0.0)
 
 
 def test_specified_accuracy():
@@ -139,20 +215,19 @@ def test_wilcoxon_clear_and_null():
         M.wilcoxon_abs_bias(base, base[:10])
 
 
-def test_bootstrap_mu_ci_deterministic_and_covers():
+def test_cluster_bootstrap_delta():
     rng = np.random.default_rng(1)
-    n = 200
-    sa = [f"s{i % 5}" for i in range(n)]
-    sb = [f"s{(i % 5) + 5}" for i in range(n)]
-    att = [f"a{i % 4}" for i in range(n)]
-    C = rng.normal(0.1, 0.05, size=n)
-    r1 = M.bootstrap_mu_ci(C, sa, sb, att, n_resamples=300, seed=3)
-    r2 = M.bootstrap_mu_ci(C, sa, sb, att, n_resamples=300, seed=3)
-    assert r1 == r2
-    assert r1["low"] <= r1["mu"] <= r1["high"]
-    assert r1["mu"] == pytest.approx(M.bias_intensity_mu(C, sa, sb, att))
-    z = M.bootstrap_mu_ci(np.zeros(n), sa, sb, att, n_resamples=50)
-    assert z["low"] == z["high"] == 0.0
+    n = 240
+    base = {"tuple_id": list(range(n)), "C": list(rng.normal(0.3, 0.1, n)), "subj_a": [f"s{i % 5}" for i in range(n)],
+            "subj_b": [f"t{i % 7}" for i in range(n)], "attribute_id": [f"a{i % 8}" for i in range(n)],
+            "category": ["g"] * n}
+    new = {**base, "C": list(np.asarray(base["C"]) * 0.2)}
+    r = M.cluster_bootstrap_delta(base, new, n_resamples=300, seed=3)
+    assert r == M.cluster_bootstrap_delta(base, new, n_resamples=300, seed=3)
+    assert r["mu"]["high"] < 0 and r["mu"]["excludes_zero"] and r["mean_abs_c"]["high"] < 0
+    assert r["mean_abs_c"]["delta"] == pytest.approx(-0.8 * np.mean(np.abs(base["C"])))
+    same = M.cluster_bootstrap_delta(base, base, n_resamples=50)
+    assert same["mu"]["low"] == same["mu"]["high"] == 0.0 and not same["mu"]["excludes_zero"]
 
 
 # ---- questions tables -------------------------------------------------------------------------
@@ -228,14 +303,17 @@ def test_evaluate_and_compare():
     rb = M.evaluate(q, p_b, p_b * 0.5, n_resamples=50)
     ru = M.evaluate(q, p_u, p_u, n_resamples=50)
     for k in ("positional_error", "attributive_error", "mu", "eta", "specified_accuracy", "answer_mass",
-              "topk_miss_rate", "n_tuples", "n_specified", "at_chance"):
+              "topk_miss_rate", "n_tuples", "n_specified", "mean_abs_c", "gold_share", "gold_logloss"):
         assert k in rb and k in rb["full_vocab"]
+    assert "at_chance" in rb
     assert rb["n_tuples"] == 2 and rb["n_specified"] == 2
-    assert rb["mu"] == pytest.approx(0.5) and rb["eta"] == pytest.approx(1.0)
-    assert rb["full_vocab"]["mu"] == pytest.approx(0.25)
+    assert rb["mu"] == pytest.approx(1.0) and rb["eta"] == pytest.approx(1.0)
+    assert rb["full_vocab"]["mu"] == pytest.approx(0.5)
+    assert rb["mean_abs_c"] == pytest.approx(1.0) and rb["by_group"]["mu"] == pytest.approx(1.0)
+    assert rb["gold_share"] == pytest.approx(0.8 / 0.9) and rb["null"]["mu"]["observed"] == pytest.approx(1.0)
     assert rb["positional_error"] == pytest.approx(0.0)
     assert rb["specified_accuracy"] == 1.0 and rb["at_chance"]  # n=2 cannot beat chance
-    assert rb["abs_bias"] == [0.5, 0.5]
+    assert rb["abs_bias"] == [1.0, 1.0]
     assert ru["mu"] == 0.0 and ru["eta"] == 0.0 and ru["positional_error"] == 0.0
     assert set(rb["per_category"]) == {"occupation"}
     assert {r["subject"] for r in rb["per_subject"]} == {"ann", "bob", "carl"}
@@ -243,7 +321,8 @@ def test_evaluate_and_compare():
     c = M.compare(rb, ru)
     assert c["rel_change"]["mu"] == pytest.approx(-1.0)
     assert c["rel_change"]["positional_error"] is None
-    assert "p_value" in c["wilcoxon"] and c["mu_ci_base"]["mu"] == pytest.approx(0.5)
+    assert "p_value" in c["wilcoxon"] and c["wilcoxon"]["sidedness"] == "one-sided"
+    assert c["bootstrap"]["mu"]["delta"] == pytest.approx(-1.0)
 
 
 def test_evaluate_rejects_misaligned():

@@ -50,6 +50,23 @@ def test_method_refine_end_to_end(tmp_path, smollm2_dir, smollm2_nf4):
         assert cond in report["metrics"], cond
     assert "refine" in report["significance"]
     assert {"method", "trainable_params", "mu", "specified_accuracy"} <= set(report["methods"][0])
+    # predictions.parquet alone reproduces every per-category number of report.json
+    from refine_llm import evaluation
+
+    again = evaluation.metrics_from_predictions(evaluation.read_predictions(tmp_path / "predictions.parquet"))
+    assert set(again) == set(report["metrics"])
+    for cond, res in report["metrics"].items():
+        for cat, block in res["per_category"].items():
+            for k, v in block.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    assert again[cond]["per_category"][cat][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (cond, cat, k)
+            assert again[cond]["per_category"][cat]["null"]["mu"]["p"] == pytest.approx(block["null"]["mu"]["p"])
+    # no-training baselines, the plane verdicts, unrelated prompts, what the test split leaves unseen
+    for cond in ("top2-equal", "rank-bias"):
+        assert cond in report["metrics"], cond
+    assert isinstance(report["plane"]["refine"]["below_temperature_curve"], bool)
+    assert report["unrelated_prompts"]["n"] >= 200 and report["metrics"]["refine"]["kl_unrelated"] >= 0
+    assert report["split_design"]["gender"]["unseen_in_test"]
     from refine_llm.head import load_head
 
     head, hcfg = load_head(tmp_path / "heads" / "logit")

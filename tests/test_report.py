@@ -24,7 +24,7 @@ def _report():
         "config": {"model": "tiny", "k": 8},
         "timing": {"scoring": 1.5, "training": np.float64(2.0)},
         "metrics": {"base": base, "refine": head},
-        "significance": {"refine vs base": M.compare(base, head)},
+        "significance": {"refine": M.compare(base, head, n_resamples=50)},
         "prompt_sweep": [{"prompt": "fill_in_blank", "answer_mass": 0.4, "specified_accuracy": 0.7, "chosen": True},
                          {"prompt": "chat", "answer_mass": 0.2, "specified_accuracy": 0.55, "chosen": False}],
         "methods": [{"method": "lora-r8", "trainable_params": 1000, "train_seconds": 3.0, "peak_memory_mb": 12.0,
@@ -38,15 +38,15 @@ def test_write_report(tmp_path):
     write_report(tmp_path, _report())
     rep = json.loads((tmp_path / "report.json").read_text())
     assert set(rep["metrics"]) == {"base", "refine"}
-    assert rep["metrics"]["base"]["mu"] == 0.5 and "abs_bias" not in rep["metrics"]["base"]
+    assert rep["metrics"]["base"]["mu"] == 1.0 and "abs_bias" not in rep["metrics"]["base"]
     assert rep["timing"]["training"] == 2.0
     assert "demo warning" in rep["warnings"] and any("chance" in w for w in rep["warnings"])
     per_tuple = json.loads((tmp_path / "per_tuple.json").read_text())
-    assert per_tuple["base"]["abs_bias"] == [0.5, 0.5]
+    assert per_tuple["base"]["abs_bias"] == [1.0, 1.0]
     md = (tmp_path / "report.md").read_text()
-    assert "| condition | δ | ε | μ | η |" in md and "| base |" in md and "| refine |" in md
-    assert "## Significance" in md and "## Prompt sweep" in md and "fill_in_blank" in md and "lora-r8" in md
-    for name in ("gamma_per_subject.png", "bias_vs_utility.png"):
+    assert "| condition | δ↓ | ε↓ | μ↓ | η↓ |" in md and "| base |" in md and "| refine |" in md
+    assert "## Change against base" in md and "## Prompt sweep" in md and "fill_in_blank" in md and "lora-r8" in md
+    for name in ("gamma_heatmap.png", "bias_utility_plane.png"):
         png = tmp_path / "plots" / name
         assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp"))

@@ -1,0 +1,109 @@
+"""Debiasing baselines that need no (or almost no) training, to place every head on the bias-utility plane.
+
+A head that only flattens the top-k lowers |C| for free: at temperature T -> inf every answer is 50/50.
+So a head earns credit only where its point lies below what these cheap transforms reach:
+
+    temperature curve   log_softmax(top-k log-probs / T) for T in TEMPERATURES (T = 1: base, 1e9: uniform)
+    top2-equal          the two most likely slots share their mass equally (parameter-free; keeps the rest)
+    rank-bias           an input-independent head: identity plus a learned bias per rank (k parameters),
+                        trained with the main job's trainer and objective on the train split
+    uniform             every top-k slot equal (T -> inf; the "uniform" condition of the report)
+
+(Swap-averaging, scoring both name orders and averaging, only lowers δ: C already averages both orders.)
+
+``plane_verdicts`` says, for each trained head, whether its point lies below the temperature curve
+(lower μ, and lower mean|C|, than the curve at the head's utility = mean P(gold) share) and whether it
+dominates the parameter-free points (no worse on μ, mean|C|, P(gold) share and KL, better on one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["TEMPERATURES", "PARAMETER_FREE", "RankBiasHead", "temperature_logprobs", "top2_equalise",
+           "temperature_curve", "plane_verdicts"]
+
+TEMPERATURES = (1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 1e9)
+PARAMETER_FREE = ("uniform", "top2-equal")
+PLANE_KEYS = ("mu", "mean_abs_c", "gold_share", "kl_base", "specified_accuracy", "answer_mass")
+
+
+def temperature_logprobs(topk_logprobs, T: float) -> torch.Tensor:
+    """(M, k) log_softmax(top-k log-probs / T)."""
+    return torch.log_softmax(torch.as_tensor(topk_logprobs, dtype=torch.float32) / T, dim=-1)
+
+
+def top2_equalise(topk_logprobs) -> torch.Tensor:
+    """(M, k) log-probs with the two most likely slots at the mean of their probabilities."""
+    lp = torch.log_softmax(torch.as_tensor(topk_logprobs, dtype=torch.float32), dim=-1)
+    p = lp.exp()
+    top = p.topk(2, dim=-1).indices  # (M, 2)
+    mean = p.gather(1, top).mean(-1, keepdim=True).expand(-1, 2)
+    return p.scatter(1, top, mean).clamp_min(1e-30).log()
+
+
+class RankBiasHead(nn.Module):
+    """Input-independent head: log_softmax(renormalised top-k log-probs + b), b (k,) starts at 0.
+
+    The same rank gets the same shift on every prompt, so it can only move mass between ranks, never
+    act on who is who: the cheapest thing a head of ranks could learn."""
+
+    variant = "rank-bias"
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+        self.bias = nn.Parameter(torch.zeros(k))
+
+    def forward(self, topk_logprobs, topk_ids=None, hidden=None, logits=None):
+        lp = torch.log_softmax(topk_logprobs.float(), dim=-1)  # (B, k)
+        return torch.log_softmax(lp + self.bias, dim=-1)
+
+
+def temperature_curve(evaluator, data, scores, probs_of) -> list[dict]:
+    """The registry's plane metrics of the top-k at each temperature (evaluated, not kept as conditions).
+
+    evaluator: evaluation.Evaluator; data: BanditData of the test split; probs_of(lp) -> (p_topk, p_full)."""
+    out = []
+    for T in TEMPERATURES:
+        lp = temperature_logprobs(data.topk_logprobs, T)
+        r = evaluator.add(f"T={T:g}", *probs_of(lp), topk_logprobs=lp.numpy(), keep=False)
+        out.append({"temperature": T, **{k: r.get(k) for k in PLANE_KEYS}})
+    return out
+
+
+def _curve_at(curve: list[dict], x: float, key: str) -> float | None:
+    pts = sorted((c["gold_share"], c[key]) for c in curve if c.get("gold_share") is not None and c.get(key) is not None)
+    if not pts or x is None:
+        return None
+    return float(np.interp(x, [p[0] for p in pts], [p[1] for p in pts]))
+
+
+def _dominates(h: dict, p: dict) -> bool | None:
+    """h no worse than p on μ, mean|C|, P(gold) share and KL to base, strictly better on one."""
+    pairs = [(h.get("mu"), p.get("mu"), -1), (h.get("mean_abs_c"), p.get("mean_abs_c"), -1),
+             (h.get("gold_share"), p.get("gold_share"), 1), (h.get("kl_base"), p.get("kl_base"), -1)]
+    pairs = [(a, b, s) for a, b, s in pairs if a is not None and b is not None]
+    if not pairs:
+        return None
+    no_worse = all(s * (a - b) >= -1e-12 for a, b, s in pairs)
+    better = any(s * (a - b) > 1e-12 for a, b, s in pairs)
+    return bool(no_worse and better)
+
+
+def plane_verdicts(results: dict[str, dict], curve: list[dict], heads: list[str]) -> dict[str, dict]:
+    """For each head: the temperature curve's μ and mean|C| at the head's P(gold) share, whether the
+    head lies below it on both, and whether it dominates each parameter-free point."""
+    out = {}
+    for h in heads:
+        r = results[h]
+        mu_c = _curve_at(curve, r.get("gold_share"), "mu")
+        abs_c = _curve_at(curve, r.get("gold_share"), "mean_abs_c")
+        below = None if mu_c is None or r.get("mu") is None else bool(r["mu"] < mu_c and r["mean_abs_c"] < abs_c)
+        dom = {p: _dominates(r, results[p]) for p in PARAMETER_FREE if p in results}
+        out[h] = {"gold_share": r.get("gold_share"), "mu": r.get("mu"), "curve_mu_at_gold_share": mu_c,
+                  "curve_mean_abs_c_at_gold_share": abs_c, "below_temperature_curve": below,
+                  "dominates": dom, "dominates_all_parameter_free": bool(dom) and all(v is True for v in dom.values())}
+    return out
