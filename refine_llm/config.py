@@ -196,7 +196,7 @@ class LoraConfig:
     """LoRA/QLoRA baselines trained for the same goal as the head."""
 
     objective: str = field(
-        default="bandit", metadata={"help": "bandit (same REINFORCE reward as the head) or direct (|B| loss)."}
+        default="bandit", metadata={"help": "bandit (same REINFORCE reward as the head) or direct (|C| loss)."}
     )
     r: int = field(default=8, metadata={"help": "LoRA rank."})
     alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
