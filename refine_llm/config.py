@@ -13,7 +13,7 @@ from typing import Any
 
 CATEGORIES = ("gender", "nationality", "ethnicity", "religion")
 QUANTS = ("nf4", "int8", "bf16", "fp32")
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "ray")
 METHODS = ("none", "refine", "lora-reward", "lora-cda", "all")
 HEAD_VARIANTS = ("logit", "paper", "contextual", "uniform", "identity")
 OBJECTIVES = ("reinforce", "expected", "paper")
@@ -89,7 +89,11 @@ class ScoringConfig:
     )
     top_k: int = field(default=10, metadata={"help": "Top-k tokens kept per prompt (the head's input size)."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
-    backend: str = field(default="hf", metadata={"help": "hf (transformers) or vllm."})
+    backend: str = field(
+        default="hf",
+        metadata={"help": "hf (transformers), vllm, or ray (a Ray Data actor pool running the hf scorer; "
+                          "pip install '.[ray]')."},
+    )
     mode: str = field(
         default="first-token",
         metadata={"help": "first-token (candidate = its first tokens) or exact (whole continuation)."},
