@@ -209,6 +209,19 @@ class _Cells:
         self.cell = x_codes * self.A + np.concatenate([a_codes, a_codes])  # (2N,)
         self.sign = np.concatenate([np.ones(n), -np.ones(n)])  # (2N,)
 
+    @classmethod
+    def from_codes(cls, x_codes: np.ndarray, a_codes: np.ndarray, n_subjects: int, n_attributes: int) -> "_Cells":
+        """Cells from integer codes: x_codes (2N,) = subject a of each tuple, then subject b; a_codes (N,).
+        For millions of rows (refine_llm.stream_metrics), where lists of keys would not fit."""
+        self = cls.__new__(cls)
+        n = len(a_codes)
+        self.subjects, self.attributes = list(range(n_subjects)), list(range(n_attributes))
+        self.n, self.X, self.A = n, n_subjects, n_attributes
+        self.x = np.asarray(x_codes, np.int64)
+        self.cell = self.x * self.A + np.concatenate([a_codes, a_codes]).astype(np.int64)
+        self.sign = np.concatenate([np.ones(n), -np.ones(n)])
+        return self
+
     def gamma(self, C: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """γ(x,a) and mean sgn C(x,·,a) as dense (X, A) arrays, NaN where no tuple covers the cell."""
         w = np.ones(self.n) if weights is None else np.asarray(weights, dtype=float)
