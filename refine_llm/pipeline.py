@@ -267,7 +267,7 @@ def run(args, loaded=None) -> int:
         return 0
 
     # The cache key names what produced the numbers: weights + quantization (HF) or vLLM's dtype.
-    model_key = f"{models.fingerprint(source)}-" + (mcfg.quant if scfg.backend == "hf" else "vllm-float32")
+    model_key = f"{models.fingerprint(source)}-" + (mcfg.quant if scfg.backend in ("hf", "ray") else "vllm-float32")
     scorer = Scorer(model, tokenizer, scfg, out / "scores", model_key, models.model_dir(source))
     splits = {s: _split(questions, s) for s in ("train", "validation", "test")}
 

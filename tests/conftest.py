@@ -80,3 +80,15 @@ def tiny_mistral_dir(tmp_path_factory):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs, usage stats off) shared by every test that needs it; stopped, with
+    every process it started, at the end of the session. Under CI=true a missing Ray fails the test."""
+    if os.environ.get("CI") != "true":
+        pytest.importorskip("ray")
+    from refine_llm import ray_backend
+
+    with ray_backend.local_cluster(num_cpus=2) as session:
+        yield session
