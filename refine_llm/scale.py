@@ -9,7 +9,9 @@ that occurs twice is scored in the batch of its first occurrence only. So:
 - ``--shard i/n`` takes the batches [i*nb//n, (i+1)*nb//n) of the nb batches (never cutting a batch),
   and merging the n shard caches gives the cache of one unsharded run, bit for bit;
 - ``--backend ray`` runs the same per-batch code (`scoring.score_rows`) in Ray actors
-  (refine_llm.ray_backend), so its scores are bit-identical to ``--backend hf`` at the same batch size.
+  (refine_llm.ray_backend), so its scores are bit-identical to ``--backend hf`` at the same batch size
+  and torch thread count (an actor runs ``--ray-cpus-per-actor`` threads; 1 vs 2 threads moves CPU
+  log-probs by ~5e-6, within the project's 1e-4 tolerance but not bit for bit).
 
 A batch is scored when one of its question ids is not in the cache yet; only those rows are written.
 Results go to the same Arrow cache as the main job (``RUN/scores/<model fp>-<quant>/<prompt fp>-...``),

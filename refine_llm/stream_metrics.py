@@ -5,9 +5,10 @@ at 2M rows those lists alone take gigabytes. Here nothing holds a Python object 
 
 - questions: the needed columns of the questions dataset, memory-mapped Arrow; tuples are found with
   Arrow's dictionary encoding and numpy (`tuple_rows`), not with a dict of lists;
-- scores: the cache's Arrow files are read one record batch at a time; each batch gives candidate
-  probabilities through `scoring.candidate_probs` (the one formula) and is scattered into (U, 2)
-  float64 arrays indexed by unique question id (U <= M rows), through `pyarrow.compute.index_in`;
+- scores: the cache's question ids are looked up once in the questions' ids (`pyarrow.compute.index_in`);
+  then the Arrow files are read one record batch at a time; each batch gives candidate probabilities
+  through `scoring.candidate_probs` (the one formula) and is scattered into (U, 2) float64 arrays
+  indexed by unique question id (U <= M rows);
 - bias: `metrics.gather_tuples`, `tuple_bias`, `positional_error`, `attributive_error`, and μ/η from
   `metrics._Cells.from_codes` (integer-coded subject groups and attributes), so every formula is the one
   in metrics.py. Results equal `metrics.evaluate`'s main keys (tests check it).
@@ -161,7 +162,9 @@ def _cache_dir(scores: str | Path) -> Path:
 
 def read_probs(cache: Path, idx: TupleIndex) -> dict[str, np.ndarray]:
     """(U, 2) top-k and full-vocabulary candidate probabilities, (U,) in-top-k / nonfinite / found flags per
-    unique question id, read one record batch at a time."""
+    unique question id. Two passes: the id column of every file (memory-mapped: only its pages are read)
+    is looked up once in the questions' ids (one hash table, not one per batch); then each record batch is
+    read (not mapped) and dropped after its rows are scattered."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -171,27 +174,38 @@ def read_probs(cache: Path, idx: TupleIndex) -> dict[str, np.ndarray]:
     u = len(idx.qids)
     out = {"p_topk": np.full((u, 2), np.nan), "p_full": np.full((u, 2), np.nan), "in_topk": np.zeros(u, bool),
            "nonfinite": np.zeros(u, bool), "found": np.zeros(u, bool)}
-    for f in cache_files(cache):
+    files, ids = cache_files(cache), []
+    for f in files:
         try:
             reader = pa.ipc.open_file(pa.memory_map(str(f)))
-        except (pa.ArrowInvalid, OSError) as e:
+            ids += [reader.get_batch(i).column("question_id") for i in range(reader.num_record_batches)]
+        except (pa.ArrowInvalid, OSError, KeyError) as e:
             raise UserError(f"{f}: unreadable score cache file ({e}); re-run the shard that wrote it") from None
-        for i in range(reader.num_record_batches):
-            b = reader.get_batch(i)
-            m = b.num_rows
-            if not m:
-                continue
-            pos = pc.index_in(b.column("question_id"), value_set=idx.qids)
-            valid = _np(pc.is_valid(pos), bool)
-            k = len(b.column("topk_logprobs")[0])
-            sc = {"topk_logprobs": _list_values(b.column("topk_logprobs"), (m, k)),
-                  "cand_mask": _list_values(b.column("cand_mask"), (m, 2, k)),
-                  "cand_logprobs": _list_values(b.column("cand_logprobs"), (m, 2))}
-            p_topk, p_full, in_topk = candidate_probs(sc)
-            j = _np(pc.fill_null(pos, 0), np.int64)[valid]
-            out["p_topk"][j], out["p_full"][j], out["in_topk"][j] = p_topk[valid], p_full[valid], in_topk[valid]
-            out["nonfinite"][j] = _np(b.column("nonfinite"), bool)[valid]
-            out["found"][j] = True
+    if not ids:
+        return out
+    pos_all = pc.index_in(pa.chunked_array(ids, pa.string()), value_set=idx.qids).combine_chunks()  # (rows,)
+    valid_all = _np(pc.is_valid(pos_all), bool)
+    pos_all = _np(pc.fill_null(pos_all, 0), np.int64)
+    start = 0
+    for f in files:
+        with pa.OSFile(str(f)) as src:
+            reader = pa.ipc.open_file(src)
+            for i in range(reader.num_record_batches):
+                b = reader.get_batch(i)
+                m = b.num_rows
+                valid, j = valid_all[start: start + m], pos_all[start: start + m]
+                start += m
+                if not m:
+                    continue
+                k = len(b.column("topk_logprobs")[0])
+                sc = {"topk_logprobs": _list_values(b.column("topk_logprobs"), (m, k)),
+                      "cand_mask": _list_values(b.column("cand_mask"), (m, 2, k)),
+                      "cand_logprobs": _list_values(b.column("cand_logprobs"), (m, 2))}
+                p_topk, p_full, in_topk = candidate_probs(sc)
+                j = j[valid]
+                out["p_topk"][j], out["p_full"][j], out["in_topk"][j] = p_topk[valid], p_full[valid], in_topk[valid]
+                out["nonfinite"][j] = _np(b.column("nonfinite"), bool)[valid]
+                out["found"][j] = True
     return out
 
 
