@@ -2,7 +2,8 @@
 
 Same questions, prompt, batch size and model (SmolLM2-135M) for every row of the table:
 
-- single process: `scale.LocalScorer` in this process (the model is already loaded; load time apart);
+- single process: `scale.LocalScorer` in this process (the model is already loaded; load time apart),
+  with torch's default thread count and with 1 thread (what an actor uses);
 - Ray, 1 and 2 actors (local cluster, num_cpus=1 per actor): wall time including the actors' start and
   model load, and the steady rate after the first batch came back;
 - the driver's ceiling: how many prompts/s the driver absorbs (filter + Arrow cache writes) when actors
@@ -115,8 +116,13 @@ def main() -> None:
     t = time.time()
     model, tok = models.load_model("smollm2-135m", quant=args.quant, device="cpu")
     load = time.time() - t
-    wall, _ = _run(q, cfg, scale.LocalScorer(model, tok, prompt, cfg))
-    rows.append((f"single process (torch {torch.get_num_threads()} threads)", wall, n / wall, None, f"+ {load:.1f} s model load"))
+    threads = torch.get_num_threads()
+    for th in dict.fromkeys((threads, 1)):
+        torch.set_num_threads(th)
+        wall, _ = _run(q, cfg, scale.LocalScorer(model, tok, prompt, cfg))
+        rows.append((f"single process (torch {th} thread{'s' if th > 1 else ''})", wall, n / wall, None,
+                     f"+ {load:.1f} s model load"))
+    torch.set_num_threads(threads)
     del model
 
     with ray_backend.local_cluster(num_cpus=2):

@@ -29,6 +29,7 @@ holds their directory, by pid, before it starts (Linux ``/proc``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -146,6 +147,18 @@ def cluster(address: str | None = None, num_cpus: int | None = None) -> Iterator
         return
     with local_cluster(num_cpus):
         yield ray
+
+
+def job_cluster(address: str | None = None):
+    """`ray`, connected for the rest of this process (the main job scores several question sets): the
+    first call joins ``address`` / ``$RAY_ADDRESS`` or starts a local cluster, and it is left or stopped
+    (with every process it started) when the process exits."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        cm = cluster(address)
+        cm.__enter__()
+        atexit.register(cm.__exit__, None, None, None)
+    return ray
 
 
 @contextlib.contextmanager

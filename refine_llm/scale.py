@@ -301,7 +301,7 @@ def score_questions_ray(model, questions, prompt, cfg: ScoringConfig, cache_dir=
                         *, address: str | None = None, num_actors: int | None = None):
     """`scoring.score` with ``cfg.backend == "ray"`` (the main job's ``--backend ray``): actors load the
     model the driver loaded (same alias and quantization) and score on CPU; returns the same Dataset.
-    The cluster: ``address``, else ``$RAY_ADDRESS``, else a local one for this call."""
+    The cluster: ``address``, else ``$RAY_ADDRESS``, else a local one that lives as long as this process."""
     from refine_llm import ray_backend, scoring
 
     source = getattr(model, "refine_llm_source", None)
@@ -314,8 +314,8 @@ def score_questions_ray(model, questions, prompt, cfg: ScoringConfig, cache_dir=
     device = next(model.parameters()).device.type
     scorer = ray_backend.RayScorer(source.name, model.refine_llm_quant, prompt, cfg,
                                    device=device if device == "cpu" else None, num_actors=num_actors)
-    with ray_backend.cluster(address):
-        st = score_to_cache(q, cfg, path, scorer, progress=False)
+    ray_backend.job_cluster(address)  # one cluster for the whole job, stopped when it exits
+    st = score_to_cache(q, cfg, path, scorer, progress=False)
     tables = st["tables"] + ([scoring._read_cache(path, cfg.store_hidden)] if path is not None else [])
     return _in_order(tables, q.column("question_id").to_pylist(), cfg.store_hidden)
 

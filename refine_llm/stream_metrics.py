@@ -49,6 +49,10 @@ def _codes(arr) -> tuple[np.ndarray, object]:
     return enc.indices.to_numpy().astype(np.int64), enc.dictionary
 
 
+def _chunks(a) -> list:
+    return list(a.chunks) if hasattr(a, "chunks") else [a]
+
+
 def _join(a, b):
     import pyarrow.compute as pc
 
@@ -98,36 +102,38 @@ def tuple_rows(q) -> TupleIndex:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    # Columns stay chunked (memory-mapped): only the rows taken below are copied.
     spec = _np(q.column("specified"), bool)
     neg = _np(q.column("negated"), bool)
     under = np.flatnonzero(~spec)
-    tid = q.column("tuple_id").combine_chunks()
-    t_codes, t_dict = _codes(tid.take(pa.array(under)))
+    t_codes, t_dict = _codes(q.column("tuple_id").take(pa.array(under)))
     n = len(t_dict)
-    s1, s2 = q.column("subj1").combine_chunks(), q.column("subj2").combine_chunks()
-    order = (~_np(pc.less(s1, s2), bool)).astype(np.int64)  # subject a = the alphabetically first
-    slot = t_codes * 4 + order[under] * 2 + neg[under]
+    s1, s2 = q.column("subj1"), q.column("subj2")
+    order = (~_np(pc.less(s1.take(pa.array(under)), s2.take(pa.array(under))), bool)).astype(np.int64)  # a = first
+    slot = t_codes * 4 + order * 2 + neg[under]
+    del order, t_codes
     count = np.bincount(slot, minlength=4 * n)
     if (count != 1).any():
-        bad = int(np.flatnonzero(count.reshape(n, 4).sum(1) != 4)[0]) if (count.reshape(n, 4).sum(1) != 4).any() \
-            else int(np.flatnonzero((count != 1).reshape(n, 4).any(1))[0])
+        bad = int(np.flatnonzero((count != 1).reshape(n, 4).any(1))[0])
         raise UserError(f"tuple {t_dict[bad].as_py()!r} is incomplete: expected 4 underspecified rows (both orders x "
                         "attribute/negated); regenerate the questions or drop this tuple")
     rows = np.empty(4 * n, np.int64)
     rows[slot] = under
     rows = rows.reshape(n, 2, 2)
+    del slot, under, count, t_dict
     r0 = pa.array(rows[:, 0, 0])  # order 0: subj1 is subject a
-    cat = q.column("category").combine_chunks()
+    cat = q.column("category")
     tcat = cat.take(r0)
-    ga = _join(tcat, q.column("subj1_group").combine_chunks().take(r0))
-    gb = _join(tcat, q.column("subj2_group").combine_chunks().take(r0))
-    x_codes, x_dict = _codes(pa.concat_arrays([ga, gb]))
-    a_codes, a_dict = _codes(_join(tcat, q.column("attribute_id").combine_chunks().take(r0)))
+    ga = _join(tcat, q.column("subj1_group").take(r0))
+    gb = _join(tcat, q.column("subj2_group").take(r0))
+    x_codes, x_dict = _codes(pa.chunked_array(_chunks(ga) + _chunks(gb)))
+    a_codes, a_dict = _codes(_join(tcat, q.column("attribute_id").take(r0)))
     cells = metrics._Cells.from_codes(x_codes, a_codes, len(x_dict), len(a_dict))
+    del ga, gb, tcat
     cat_codes_all, cat_dict = _codes(cat)
     spec_rows = np.flatnonzero(spec)
     sp = pa.array(spec_rows)
-    gold_col = q.column("gold").combine_chunks().take(sp)
+    gold_col = q.column("gold").take(sp)
     is1 = _np(pc.fill_null(pc.equal(gold_col, s1.take(sp)), False), bool)
     is2 = _np(pc.fill_null(pc.equal(gold_col, s2.take(sp)), False), bool)
     if (~(is1 | is2)).any():
