@@ -133,7 +133,7 @@ def main() -> None:
                          "wall includes actor start + model load"))
     ceiling = driver_ceiling()
 
-    base = rows[0][2]
+    base = rows[1][2] if len(rows) > 3 else rows[0][2]  # single process at 1 thread: the same threads as an actor
     print(f"{n} prompts, batch {args.batch_size}, prompt {args.prompt}, SmolLM2-135M {args.quant}, CPU")
     print(f"{'path':<40} {'wall s':>7} {'prompts/s':>10} {'vs single':>9} {'steady p/s':>10}  note")
     for name, wall, rate, steady, note in rows:
