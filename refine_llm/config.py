@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 # Choices are typed as Literal; the tuples below are derived from them (one home per list).
 Category = Literal["gender", "nationality", "ethnicity", "religion"]
 Quant = Literal["nf4", "int8", "bf16", "fp32"]
-Backend = Literal["hf", "vllm"]
+Backend = Literal["hf", "vllm", "ray"]
 Method = Literal["none", "refine", "lora-reward", "lora-cda", "all"]
 HeadVariant = Literal["logit", "paper", "contextual", "uniform", "identity"]
 HeadObjective = Literal["reinforce", "direct", "paper"]

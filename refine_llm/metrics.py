@@ -297,6 +297,20 @@ class _Cells:
         self.sign = np.concatenate([np.ones(n), -np.ones(n)])  # (2N,)
         self.attr_code = a_codes  # (N,)
 
+    @classmethod
+    def from_codes(cls, x_codes: np.ndarray, a_codes: np.ndarray, n_subjects: int, n_attributes: int) -> "_Cells":
+        """Cells from integer codes: x_codes (2N,) = subject a of each tuple, then subject b; a_codes (N,).
+        For millions of rows (refine_llm.stream_metrics), where lists of keys would not fit."""
+        self = cls.__new__(cls)
+        n = len(a_codes)
+        self.subjects, self.attributes = list(range(n_subjects)), list(range(n_attributes))
+        self.n, self.X, self.A = n, n_subjects, n_attributes
+        self.x = np.asarray(x_codes, np.int64)
+        self.attr_code = np.asarray(a_codes, np.int64)
+        self.cell = self.x * self.A + np.concatenate([self.attr_code, self.attr_code])
+        self.sign = np.concatenate([np.ones(n), -np.ones(n)])
+        return self
+
     def tables(self, C: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """γ and mean sgn C per cell for R resamples: C (R, N) or (N,), weights like C or None.
 

@@ -60,7 +60,9 @@ from refine_llm.vocab import candidate_token_ids  # noqa: F401  (also scoring's 
 
 __all__ = [
     "score",
+    "score_rows",
     "batch_ranges",
+    "make_runner",
     "candidate_token_ids",
     "candidate_probs",
     "score_stats",
@@ -427,6 +429,49 @@ def _finish(plan: _Plan, idx: list[int], res: dict[str, np.ndarray], cfg: Scorin
     return cols
 
 
+def batch_ranges(n_rows: int, batch_size: int) -> list[tuple[int, int]]:
+    """The fixed batches of a question set: batch b is rows [b*B, min((b+1)*B, n)) in stored order.
+
+    Batches never depend on what is cached, on sharding or on which process runs them, so a resumed,
+    sharded or Ray run puts the same prompts into the same forward pass as one uninterrupted run (the
+    padded shapes, hence the floating-point results, are the same)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [(s, min(s + batch_size, n_rows)) for s in range(0, n_rows, batch_size)]
+
+
+class _NoBar:
+    def update(self, n) -> None:
+        pass
+
+
+def make_runner(model, tokenizer, prompt: PromptTemplate, cfg: ScoringConfig) -> _HFRunner:
+    """The HF forward runner for ``prompt``, with the few-shot prefix's KV cache when ``cfg.prefix_cache``."""
+    prefix_ids = None
+    if cfg.prefix_cache:
+        prefix_ids = tokenizer(prompt.prefix(tokenizer), add_special_tokens=prompt.add_special_tokens)["input_ids"]
+    return _HFRunner(model, tokenizer, prefix_ids)
+
+
+def score_rows(model, tokenizer, rows: dict[str, list], prompt: PromptTemplate, cfg: ScoringConfig,
+               runner: _HFRunner | None = None, *, model_dir: str | None = None, vllm_dtype: str = "float32"):
+    """Score one fixed batch (``rows``: columns question_id, context, question, subj1, subj2, subj1_group,
+    subj2_group, category; at most ``cfg.batch_size`` rows, so the HF path makes one forward pass, plus the
+    exact pass for collision rows) and return its cache table (``_schema``), rows in input order.
+
+    The per-batch body shared by the sharded and Ray drivers (refine_llm.scale, refine_llm.ray_backend):
+    prompts are rendered and tokenized here, in the process that scores them. ``model`` None (or a
+    ``cfg.backend`` of "vllm") scores with vLLM from ``model_dir``."""
+    plan = _plan(tokenizer, rows, prompt, cfg)
+    idx = list(range(len(plan.qids)))
+    if model is None or cfg.backend == "vllm":
+        res = _score_vllm(model_dir, plan, idx, cfg, vllm_dtype)
+    else:
+        runner = runner if runner is not None else make_runner(model, tokenizer, prompt, cfg)
+        res = _score_hf(model, tokenizer, plan, idx, prompt, cfg, runner, _NoBar())
+    return _to_table(_finish(plan, idx, res, cfg), cfg.store_hidden)
+
+
 def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfig,
           cache_dir: str | os.PathLike | None = None, model_key: str | None = None, *,
           model_dir: str | None = None, vllm_dtype: str = "float32", progress: bool = True, flush_rows: int = 512):
@@ -438,6 +483,10 @@ def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfi
     Batches are ``batch_ranges(len(unique questions), cfg.batch_size)`` (vLLM: ranges of
     ``max(flush_rows, cfg.batch_size)`` rows per engine call); each range is one cache shard.
     """
+    if cfg.backend == "ray":  # actors score fixed batches; the driver fills the same cache (refine_llm.scale)
+        from refine_llm.scale import score_questions_ray
+
+        return score_questions_ray(model, questions, prompt, cfg, cache_dir, model_key)
     from datasets import Dataset
     from datasets.table import InMemoryTable
 

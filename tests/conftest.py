@@ -205,3 +205,13 @@ def pytest_make_collect_report(collector):
     rep = outcome.get_result()
     if _ci() and _missing_import_skip(rep):
         _fail_under_ci(rep)
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs, usage stats off) shared by every test that needs it; stopped, with
+    every process it started, at the end of the session. Under CI=true a missing Ray fails the test."""
+    if os.environ.get("CI") != "true":
+        pytest.importorskip("ray")
+    from refine_llm import ray_backend
+
+    with ray_backend.local_cluster(num_cpus=2) as session:
+        yield session
