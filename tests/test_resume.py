@@ -3,9 +3,10 @@ report metrics, heads and adapter of an uninterrupted run, bit for bit.
 
 Kills are deterministic: ``REFINE_LLM_TEST_KILL_AT=<point>:<n>`` makes the library SIGKILL itself at the
 n-th durable write of that kind (``refine_llm.io.kill_point``): "scoring" (a score shard), "head" (a head
-checkpoint), "lora" (a LoRA checkpoint). Small job in fp32 (the 4-bit path is covered by tests/test_numerics.py;
-fp32 keeps this fast): 4 tuples per split, batches of 8 prompts (so each
-split is 4 ranges, 4 shards), 12 head steps (checkpoint at step 10), 6 LoRA steps (checkpoint at step 5).
+checkpoint), "lora" (a LoRA checkpoint). The model is the session's tiny 2-layer Mistral (random weights,
+fp32): resuming is about which batches, steps and RNG states a run replays, not about the model, and seven
+runs of the main job must fit the suite's time budget. 4 tuples per split, batches of 8 prompts (each split
+is 4 ranges, 4 shards), 12 head steps (checkpoint at step 10), 6 LoRA steps (checkpoint at step 5).
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--max-tuples", "4", "--prompt", "paper", "--batch-size", "8", "--quant", "fp32"]
-REFINE = COMMON + ["--method", "refine", "--epochs", "12"]
-LORA = COMMON + ["--method", "lora-reward", "--lora-steps", "6", "--lora-batch-size", "2"]
+REFINE = ["--method", "refine", "--epochs", "12"]
+LORA = ["--method", "lora-reward", "--lora-steps", "6", "--lora-batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def job(tiny_mistral_dir):
+    """The main job's arguments for the tiny model, per method."""
+    return {m: ["--model", tiny_mistral_dir, *COMMON, *extra] for m, extra in (("refine", REFINE), ("lora", LORA))}
 
 
 def _run(args: list[str], out: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
@@ -53,30 +60,31 @@ def _shards(out: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, job):
     base = tmp_path_factory.mktemp("uninterrupted")
-    _run(REFINE, base / "refine")
+    _run(job["refine"], base / "refine")
     return base
 
 
-def test_kill9_during_scoring_and_head_training_resumes_bit_identical(uninterrupted, tmp_path):
+def test_kill9_during_scoring_and_head_training_resumes_bit_identical(uninterrupted, job, tmp_path):
+    cmd = job["refine"]
     ref = uninterrupted / "refine"
     out = tmp_path / "run"
     # 1. killed while scoring: the 6th range (train's 4 and 2 of validation's 4) is on disk, then SIGKILL
-    _run(REFINE, out, kill_at="scoring:6")
+    _run(cmd, out, kill_at="scoring:6")
     assert len(_shards(out)) == 6
     # 2. the same command resumes scoring from those ranges, then is killed after the first head checkpoint
-    _run(REFINE, out, kill_at="head:1")
+    _run(cmd, out, kill_at="head:1")
     assert len(_shards(out)) == len(_shards(ref)) == 12
     ckpts = list((out / "heads" / "logit" / "checkpoints").rglob("last.safetensors"))
     assert len(ckpts) == 1 and not list((out / "heads").rglob("model.safetensors"))
     from safetensors import safe_open
 
     with safe_open(str(ckpts[0]), framework="pt") as f:
-        state = json.loads(f.metadata()["trainer_state"])
-    assert state["step"] == 10 and "optim.0.exp_avg" in f.keys()
+        state, keys = json.loads(f.metadata()["trainer_state"]), set(f.keys())
+    assert state["step"] == 10 and "optim.0.exp_avg" in keys
     # 3. the same command finishes: the logit head resumes at step 10
-    _run(REFINE, out)
+    _run(cmd, out)
     assert json.loads((out / "heads" / "logit" / "config.json").read_text())["training"]["resumed_from"] == 10
 
     assert _metrics(out) == _metrics(ref)
@@ -85,15 +93,16 @@ def test_kill9_during_scoring_and_head_training_resumes_bit_identical(uninterrup
     assert all(heads[k] == ref_heads[k] for k in heads), [k for k in heads if heads[k] != ref_heads[k]]
 
 
-def test_kill9_during_lora_training_resumes_bit_identical(tmp_path_factory):
+def test_kill9_during_lora_training_resumes_bit_identical(job, tmp_path_factory):
     pytest.importorskip("peft")
+    cmd = job["lora"]
     ref = tmp_path_factory.mktemp("lora_ref") / "run"
     out = tmp_path_factory.mktemp("lora_killed") / "run"
-    _run(LORA, ref)
-    _run(LORA, out, kill_at="lora:1")  # after step 5's checkpoint, before step 6
+    _run(cmd, ref)
+    _run(cmd, out, kill_at="lora:1")  # after step 5's checkpoint, before step 6
     ckpt = out / "adapters" / "lora-reward.checkpoint" / "last.safetensors"
     assert ckpt.is_file() and not (out / "adapters" / "lora-reward").exists()
-    _run(LORA, out)
+    _run(cmd, out)
     assert not ckpt.parent.exists()  # removed once the adapter is saved
     info = json.loads((out / "adapters" / "lora-reward" / "refine_llm_lora.json").read_text())
     assert [h["step"] for h in info["history"]] == list(range(1, 7))

@@ -43,6 +43,7 @@ it is deleted once the adapter is saved.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -431,10 +432,9 @@ def train_reward(model, tokenizer, questions, prompt, cfg: LoraConfig, *, pronou
     if st is not None:
         history, done, seconds_before = st["history"], int(st["step"]), float(st["seconds"])
     t0 = time.perf_counter()
-    for step, tuples in progress_bar(_schedule(len(ts.tuple_rows), cfg), total=cfg.steps, disable=not progress,
-                                    desc=f"lora[{cfg.objective}]", leave=False, initial=done):
-        if step < done:
-            continue  # done before the checkpoint this run resumed from
+    # steps before `done` ran before the checkpoint this run resumed from
+    for step, tuples in progress_bar(itertools.islice(_schedule(len(ts.tuple_rows), cfg), done, None), total=cfg.steps,
+                                     disable=not progress, desc=f"lora[{cfg.objective}]", leave=False, initial=done):
         g = torch.Generator().manual_seed(_step_seed(cfg.seed, step))
         loss, logs = _step_loss(model, ts, tuples, cfg, g)
         opt.zero_grad(set_to_none=True)
