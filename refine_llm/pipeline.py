@@ -293,10 +293,9 @@ def run(args, loaded=None) -> int:
     ev = report.pop("_evaluator")
     report.update(config=config, prompt=prompt_name, prompt_sweep=sweep, model=info)
     report["split_design"] = evaluation.split_design(questions)
-    if model is not None:
-        t = time.time()
-        evaluation.unrelated_kl(report, ev, scorer, prompt_name, report.pop("_heads_for_unrelated"))
-        timing["unrelated_prompts"] = time.time() - t
+    t = time.time()  # KL on prompts with nothing to debias, through the same scorer and prompt
+    evaluation.unrelated_kl(report, ev, scorer, prompt_name, report.pop("_heads_for_unrelated"))
+    timing["unrelated_prompts"] = time.time() - t
 
     if args.compare_quant and mcfg.quant != "bf16":
         report["quant_shift"] = compare_quant(args, mcfg, scfg, source, splits["test"], prompt_name, out,
@@ -321,7 +320,8 @@ def run(args, loaded=None) -> int:
 
 
 def run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, info, timing) -> dict:
-    """Evaluate base and uniform, train and evaluate each head variant; significance of base vs refine."""
+    """Evaluate base and the no-training baselines, train and evaluate each head variant (through an
+    evaluation.Evaluator, returned under "_evaluator"; significance is computed once all conditions are in)."""
     import torch
 
     from refine_llm import bandit, evaluation, head as H, scoring
