@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--max-tuples", "4", "--prompt", "paper", "--batch-size", "8", "--quant", "fp32"]
-REFINE = ["--method", "refine", "--epochs", "12"]
+REFINE = ["--method", "refine", "--head-epochs", "12"]
 LORA = ["--method", "lora-reward", "--lora-steps", "6", "--lora-batch-size", "2"]
 
 
