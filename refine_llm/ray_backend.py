@@ -252,7 +252,7 @@ class RayScorer:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = False  # the driver keys results by question id
         ctx.enable_progress_bars = False
-        n = self.actors(ray)
+        n = min(self.actors(ray), payload.num_rows)  # no idle actors (each would load a model for nothing)
         per_block = max(1, min(BATCHES_PER_BLOCK, math.ceil(payload.num_rows / (2 * n))))
         blocks = [payload.slice(i, per_block) for i in range(0, payload.num_rows, per_block)]
         ds = ray.data.from_arrow(blocks)
