@@ -69,7 +69,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refine_llm import metrics
-from refine_llm.config import BanditConfig
+from refine_llm.config import CONTEXT_VARIANTS, BanditConfig
 from refine_llm.errors import UserError
 from refine_llm.head import candidate_probs
 
@@ -431,8 +431,8 @@ def train_head(
         raise UserError("utility_weight is not part of the paper's update: use objective='reinforce' or utility_weight=0")
     if resume and checkpoint_dir is None:
         raise UserError("resume=True needs checkpoint_dir")
-    if getattr(head, "variant", None) == "contextual" and train.hidden is None:
-        raise UserError("the contextual head trains on cached hidden states: score with store_hidden=True")
+    if getattr(head, "variant", None) in CONTEXT_VARIANTS and train.hidden is None:
+        raise UserError(f"the {head.variant} head trains on cached hidden states: score with store_hidden=True")
     head.train()
     opt = _make_optimizer(head, cfg)
     total = num_steps(train.num_tuples, cfg)

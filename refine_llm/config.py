@@ -15,7 +15,8 @@ CATEGORIES = ("gender", "nationality", "ethnicity", "religion")
 QUANTS = ("nf4", "int8", "bf16", "fp32")
 BACKENDS = ("hf", "vllm")
 METHODS = ("none", "refine", "lora-reward", "lora-cda", "all")
-HEAD_VARIANTS = ("logit", "paper", "contextual", "uniform", "identity")
+HEAD_VARIANTS = ("logit", "paper", "contextual", "slot", "uniform", "identity")
+CONTEXT_VARIANTS = ("contextual", "slot")  # heads that read the hidden state / logits row
 OBJECTIVES = ("reinforce", "expected", "paper")
 SERVING_MODES = ("first", "gated", "all")
 
@@ -122,10 +123,10 @@ class HeadConfig:
 
     variant: str = field(
         default="logit",
-        metadata={"help": "logit (identity-initialised, default), paper (authors' head), contextual, uniform, identity."},
+        metadata={"help": "logit (identity-initialised, default), paper (authors' head), contextual, slot (knows who is who), uniform, identity."},
     )
     k: int = field(default=10, metadata={"help": "Top-k size; must equal the scoring top_k."})
-    rank: int = field(default=8, metadata={"help": "Rank of the contextual head's bilinear correction."})
+    rank: int = field(default=8, metadata={"help": "Rank of the contextual head's bilinear correction and of the slot head's codes."})
 
     def __post_init__(self) -> None:
         _check_choice("variant", self.variant, HEAD_VARIANTS)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from refine_llm.config import (
+    CONTEXT_VARIANTS,
     BanditConfig,
     HeadConfig,
     LoraConfig,
@@ -220,18 +221,18 @@ def run(args, loaded=None) -> int:
                "all": ["refine", "lora-reward", "lora-reward-direct", "lora-cda"]}[args.method]
     train_heads = "refine" in methods
     variants = _head_variants(args) if train_heads else []
-    if args.backend == "vllm" and "contextual" in variants:
-        # vLLM returns log-probs, not hidden states; the contextual head trains on cached hidden states.
-        if args.head == "contextual":
-            raise UserError("--head contextual trains on hidden states, which --backend vllm does not return: "
+    if args.backend == "vllm" and set(CONTEXT_VARIANTS) & set(variants):
+        # vLLM returns log-probs, not hidden states; the contextual and slot heads train on cached hidden states.
+        if args.head in CONTEXT_VARIANTS:
+            raise UserError(f"--head {args.head} trains on hidden states, which --backend vllm does not return: "
                             "use --backend hf for it")
-        variants.remove("contextual")
+        variants = [v for v in variants if v not in CONTEXT_VARIANTS]
         log("--backend vllm: skipping the contextual head (it needs hidden states; use --backend hf)")
     batch_size = args.batch_size or (32 if str(args.device or models.default_device()).startswith("cuda") else 128)
     scfg = _config(ScoringConfig, prompt=args.prompt, top_k=args.top_k, batch_size=batch_size,
                    backend=args.backend, mode=args.scoring_mode, pronouns=args.pronouns,
                    prefix_cache=not args.no_prefix_cache,
-                   store_hidden=args.store_hidden or "contextual" in variants,
+                   store_hidden=args.store_hidden or bool(set(CONTEXT_VARIANTS) & set(variants)),
                    tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
     train_kw = dict(DEFAULT_TRAIN)
     for k in ("objective", "lr", "epochs", "utility_weight"):
@@ -310,7 +311,7 @@ def run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, 
     p_topk, p_full, in_topk = scoring.candidate_probs(test_s)
     results = {"base": metrics.evaluate(test_q, p_topk, p_full, in_topk, seed=args.seed)}
     warnings = list(results["base"].get("warnings", []))
-    needs_hidden = "contextual" in variants
+    needs_hidden = bool(set(CONTEXT_VARIANTS) & set(variants))
     test_data = bandit_data(test_q, test_s, with_hidden=needs_hidden)
     uni = H.build_head(HeadConfig(variant="uniform", k=args.top_k))
     results["uniform"] = metrics.evaluate(test_q, *head_probs(uni, test_data, test_s), in_topk, seed=args.seed)
@@ -329,7 +330,7 @@ def run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, 
             torch.manual_seed(args.seed)
             head = H.build_head(HeadConfig(variant=variant, k=args.top_k), lm_head_weight=lm_w, seed=args.seed)
             cfg = bcfg
-            if variant == "contextual" and args.lr is None:
+            if variant in CONTEXT_VARIANTS and args.lr is None:
                 # ~790k parameters instead of 110: a smaller step, and a stronger answer-mass term (at the
                 # shared defaults it moved all validation mass off the names within 10 steps on SmolLM2).
                 cfg = replace(bcfg, lr=bcfg.lr * 0.3, answer_mass_weight=max(bcfg.answer_mass_weight, 1.0))

@@ -37,7 +37,7 @@ from typing import Any, Mapping
 
 import torch
 
-from refine_llm.config import SERVING_MODES
+from refine_llm.config import CONTEXT_VARIANTS, SERVING_MODES
 from refine_llm.head import load_head, read_head_config
 
 __all__ = [
@@ -77,7 +77,7 @@ class ServedHead:
 
     @property
     def contextual(self) -> bool:
-        return self.config.get("variant") == "contextual"
+        return self.config.get("variant") in CONTEXT_VARIANTS
 
 
 def load_served_head(
