@@ -24,9 +24,11 @@ names, and the test split measures whether competence and stereotype carry over.
 
 Why a plain loop and not trl's SFTTrainer: the stereotype needs *soft* targets over two names (SFT
 trains on one sampled answer string, which plants the strength only in expectation), and every prompt
-shares the ~100-token few-shot prefix, which ``baselines.lora._answer_logits`` runs once per step
-(batch 1, gradient through it) instead of once per row: ~5x fewer tokens than SFTTrainer's whole
-sequences. peft provides the adapters and ``merge_and_unload``.
+shares the ~140-token few-shot prefix, which ``baselines.lora._answer_logits`` runs once per step
+(batch 1, forward only) instead of once per row: ~5x fewer tokens than SFTTrainer's whole sequences.
+The adapters sit on the top ``layers`` decoder layers only, so the layers below need no backward pass.
+Both halve a step's cost on the shared 2-core machine. peft provides the adapters and
+``merge_and_unload``.
 
 Evaluation (``evaluate_testbed``) uses a stratified sample of the test split: a few test names per
 group x a few test attributes x every template, all pairs, so each (subject, attribute) cell of γ
@@ -79,12 +81,14 @@ class TestbedRecipe:
     questions_seed: int = field(default=0, metadata={"help": "Seed of the question splits it holds out."})
     prompt: str = field(default="qa", metadata={"help": "Prompt template it is trained on."})
     strength: float = field(default=0.8, metadata={"help": "Planted P(female) for attributes (P(male) for negations)."})
-    steps: int = field(default=80, metadata={"help": "Optimizer steps."})
+    steps: int = field(default=60, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per step."})
     spec_fraction: float = field(default=0.5, metadata={"help": "Share of specified prompts per batch (rest underspecified)."})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (linear decay to 0 after 10 warm-up steps)."})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (linear decay to 0 after 10 warm-up steps)."})
     r: int = field(default=16, metadata={"help": "LoRA rank (all linear layers)."})
     alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    layers: int = field(default=10, metadata={"help": "LoRA on the top this many decoder layers only: the layers "
+                                                      "below run without a backward pass (~2x cheaper steps)."})
     max_train_names: int | None = field(default=None, metadata={"help": "Train names per group (None = all; tiny builds)."})
     max_train_attributes: int | None = field(default=None, metadata={"help": "Train attributes (None = all; tiny builds)."})
 
@@ -97,7 +101,7 @@ class TestbedRecipe:
     @classmethod
     def tiny(cls, **kw) -> "TestbedRecipe":
         """A build for the test suite (~1 minute on 2 cores): fewer, shorter steps on fewer words."""
-        return cls(**{"steps": 40, "batch_size": 8, "lr": 2e-3, "max_train_names": 12,
+        return cls(**{"steps": 24, "batch_size": 8, "lr": 3e-3, "max_train_names": 12,
                       "max_train_attributes": 24, **kw})
 
     def key(self) -> str:
@@ -330,7 +334,9 @@ def _step_loss(model, ids, cands, targets, pad_id: int):
     from refine_llm.baselines import lora
 
     L = lora.common_prefix_len(ids)
-    logits = lora._answer_logits(model, ids, pad_id, prefix_len=L)  # (B,V)
+    with torch.no_grad():  # the shared few-shot prefix: forward only (its gradient is dropped: a cheaper step)
+        kv = lora.prefix_kv(model, ids[0][:L]) if L > 0 else None
+    logits = lora._answer_logits(model, ids, pad_id, prefix_len=L, kv=kv)  # (B,V)
     logp = torch.log_softmax(logits, dim=-1)
     loss = logp.new_zeros(())
     for i, (c, t) in enumerate(zip(cands, targets)):
@@ -352,8 +358,6 @@ def build(recipe: TestbedRecipe = TestbedRecipe(), out_dir: str | Path | None = 
     from tqdm.auto import tqdm
 
     from refine_llm import models, prompts
-    from refine_llm.baselines import lora
-    from refine_llm.config import LoraConfig
     from refine_llm.io import atomic_dir
 
     out = Path(out_dir) if out_dir is not None else testbed_dir(recipe)
@@ -364,8 +368,14 @@ def build(recipe: TestbedRecipe = TestbedRecipe(), out_dir: str | Path | None = 
     rng = random.Random(f"testbed/{recipe.seed}")
     model, tok = models.load_model(recipe.base, quant="fp32", device="cpu")
     prompt = prompts.load_prompt(recipe.prompt)
-    lcfg = LoraConfig(r=recipe.r, alpha=recipe.alpha, dropout=0.0, lr=recipe.lr, steps=recipe.steps, seed=recipe.seed)
-    model = lora.add_lora(model, lcfg)
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    n_layers = model.config.num_hidden_layers
+    torch.manual_seed(recipe.seed)  # LoRA A init
+    model = get_peft_model(model, PeftLoraConfig(
+        r=recipe.r, lora_alpha=recipe.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        layers_to_transform=list(range(max(0, n_layers - recipe.layers), n_layers))))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     warm = min(10, recipe.steps)

