@@ -101,7 +101,7 @@ class TestbedRecipe:
     @classmethod
     def tiny(cls, **kw) -> "TestbedRecipe":
         """A build for the test suite (~1 minute on 2 cores): fewer, shorter steps on fewer words."""
-        return cls(**{"steps": 24, "batch_size": 8, "lr": 3e-3, "max_train_names": 12,
+        return cls(**{"steps": 32, "batch_size": 8, "lr": 3e-3, "max_train_names": 12,
                       "max_train_attributes": 24, **kw})
 
     def key(self) -> str:

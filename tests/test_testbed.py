@@ -16,7 +16,7 @@ import pytest
 from refine_llm import models, testbed
 from refine_llm.errors import UserError
 
-TINY_EVAL = testbed.EvalSpec(names=3, attributes=2, spec_tuples=32, null_resamples=200)
+TINY_EVAL = testbed.EvalSpec(names=3, attributes=1, spec_tuples=24, null_resamples=200)
 
 
 @pytest.fixture(scope="module")
