@@ -118,9 +118,9 @@ class TestbedRecipe:
 class EvalSpec:
     """The stratified test sample: names per group x attributes x every template, all pairs."""
 
-    names: int = 5
-    attributes: int = 3
-    spec_tuples: int = 128  # tuples whose specified rows are scored (accuracy)
+    names: int = 4
+    attributes: int = 2
+    spec_tuples: int = 48  # tuples whose specified rows are scored (accuracy)
     null_resamples: int = 1000
     seed: int = 0
 
