@@ -62,7 +62,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from refine_llm import metrics, rewards
-from refine_llm.config import BanditConfig
+from refine_llm.config import CONTEXT_VARIANTS, BanditConfig
 from refine_llm.errors import UserError
 from refine_llm.head import _renorm as renormalised_topk
 from refine_llm.head import candidate_probs
@@ -291,8 +291,8 @@ class HeadTrainer:
             raise UserError(f"samples must be >= 2 for the leave-one-out baseline, got {self.samples}")
         if cfg.objective == "paper" and cfg.utility_weight > 0:
             raise UserError("utility_weight is not part of the paper's update: use objective='direct' or utility_weight=0")
-        if getattr(head, "variant", None) == "contextual" and train.hidden is None:
-            raise UserError("the contextual head trains on cached hidden states: score with store_hidden=True")
+        if getattr(head, "variant", None) in CONTEXT_VARIANTS and train.hidden is None:
+            raise UserError(f"the {head.variant} head trains on cached hidden states: score with store_hidden=True")
         self.head, self.data, self.cfg, self.val = head, train, cfg, val
         self.ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
         self.progress, self.log_every = progress, log_every

@@ -18,7 +18,7 @@ Category = Literal["gender", "nationality", "ethnicity", "religion"]
 Quant = Literal["nf4", "int8", "bf16", "fp32"]
 Backend = Literal["hf", "vllm", "ray"]
 Method = Literal["none", "refine", "lora-reward", "lora-cda", "all"]
-HeadVariant = Literal["logit", "paper", "contextual", "uniform", "identity"]
+HeadVariant = Literal["logit", "paper", "contextual", "slot", "uniform", "identity"]
 HeadObjective = Literal["reinforce", "direct", "paper"]
 LoraObjective = Literal["reinforce", "direct"]
 ScoringMode = Literal["first-token", "exact"]
@@ -30,6 +30,7 @@ METHODS = get_args(Method)
 HEAD_VARIANTS = get_args(HeadVariant)
 OBJECTIVES = get_args(HeadObjective)
 LORA_OBJECTIVES = get_args(LoraObjective)
+CONTEXT_VARIANTS = ("contextual", "slot")  # heads that read the hidden state / logits row
 SERVING_MODES = ("first", "gated", "all")
 # Objective names before the rename (heads: expected; LoRA: bandit): refused with the new name.
 RENAMED_OBJECTIVES = {"expected": "direct", "bandit": "reinforce"}
@@ -173,11 +174,11 @@ class HeadConfig:
 
     variant: HeadVariant = field(
         default="logit",
-        metadata={"help": "logit (identity-initialised, default), paper (authors' head), contextual, uniform, identity.",
+        metadata={"help": "logit (identity-initialised, default), paper (authors' head), contextual, slot (knows who is who), uniform, identity.",
                   "flag": "--head"},
     )
     k: int = field(default=10, metadata={"help": "Top-k size; must equal the scoring top_k.", "cli": False})
-    rank: int = field(default=8, metadata={"help": "Rank of the contextual head's bilinear correction."})
+    rank: int = field(default=8, metadata={"help": "Rank of the contextual head's bilinear correction and of the slot head's codes."})
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -262,7 +263,7 @@ class BanditConfig:
         if variant == "paper":  # the authors' update and hyper-parameters, on this job's schedule
             return BanditConfig.paper(seed=self.seed, epochs=self.epochs, eval_every=self.eval_every,
                                       patience=self.patience, checkpoint_every=self.checkpoint_every)
-        if variant == "contextual":
+        if variant in CONTEXT_VARIANTS:
             return replace(self, lr=self.lr * self.contextual_lr_scale,
                            answer_mass_weight=max(self.answer_mass_weight, self.contextual_answer_mass_weight))
         return self

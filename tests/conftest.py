@@ -90,12 +90,14 @@ SERVED_MODEL = "smollm2-135m"  # the name requests use (serve.py serves --model 
 
 @pytest.fixture(scope="session")
 def served_heads_dir(smollm2_fp32, tmp_path_factory):
-    """A heads directory with 'gender' (test_serving_hf's swap head, with gate_token_ids) for SmolLM2."""
-    from test_serving_hf import make_served_head
+    """A heads directory for SmolLM2: 'gender' (test_serving_hf's swap head, with gate_token_ids) and 'slot'
+    (a slot head that knows who is who)."""
+    from test_serving_hf import make_served_head, make_served_slot_head
 
-    _, tok = smollm2_fp32
+    model, tok = smollm2_fp32
     root = tmp_path_factory.mktemp("served_heads")
     make_served_head(root / "gender", tok)
+    make_served_slot_head(root / "slot", model, tok)
     return root
 
 

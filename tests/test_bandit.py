@@ -70,7 +70,7 @@ def _params(head):
     return {n: p.detach().clone() for n, p in head.named_parameters()}
 
 
-@pytest.mark.parametrize("variant", ["logit", "contextual"])
+@pytest.mark.parametrize("variant", ["logit", "contextual", "slot"])
 def test_converges_to_equal_mass_and_every_parameter_moves(variant):
     train, val = synth(48, n_spec=48, seed=0), synth(16, n_spec=32, seed=1)
     head = build_head(HeadConfig(variant=variant, k=K, rank=3), lm_head_weight=_lm_head())

@@ -21,7 +21,7 @@ from refine_llm.head import (
 )
 
 K, V, D, B = 6, 50, 12, 7
-VARIANTS = ["logit", "paper", "contextual", "uniform", "identity"]
+VARIANTS = ["logit", "paper", "contextual", "slot", "uniform", "identity"]
 
 
 def _inputs(seed=0, b=B):
@@ -61,11 +61,45 @@ def test_output_is_a_distribution(variant):
     assert torch.isfinite(head(bad, topk_ids=topk_ids, logits=logits)).all()
 
 
-@pytest.mark.parametrize("variant", ["logit", "contextual", "identity"])
+@pytest.mark.parametrize("variant", ["logit", "contextual", "slot", "identity"])
 def test_identity_init_reproduces_renormalised_topk(variant):
     w, h, logits, topk_lp, topk_ids = _inputs()
     out = _head(variant, w)(topk_lp, topk_ids=topk_ids, hidden=h)
     torch.testing.assert_close(out, torch.log_softmax(topk_lp, -1), atol=1e-6, rtol=0)
+
+
+def test_slot_head_starts_exactly_as_the_identity():
+    w, h, logits, topk_lp, topk_ids = _inputs()
+    ident = _head("identity")(topk_lp)
+    head = _head("slot", w)
+    assert torch.equal(head(topk_lp, topk_ids=topk_ids, hidden=h), ident)
+    assert torch.equal(head(topk_lp, topk_ids=topk_ids, logits=logits), ident)
+
+
+def test_slot_head_is_permutation_equivariant_and_sees_identity_and_context():
+    w, h, logits, topk_lp, topk_ids = _inputs()
+    head = _perturb(_head("slot", w))
+    out = head(topk_lp, topk_ids=topk_ids, hidden=h)
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(3))
+    out_p = head(topk_lp[:, perm], topk_ids=topk_ids[:, perm], hidden=h)
+    torch.testing.assert_close(out_p, out[:, perm], atol=1e-5, rtol=1e-5)
+    # identity: the same log-probs on other tokens give another answer (a rank-only head could not tell)
+    other_ids = (topk_ids + 1) % V
+    assert not torch.allclose(head(topk_lp, topk_ids=other_ids, hidden=h), out, atol=1e-3)
+    # context: the same top-k in another context gives another answer
+    assert not torch.allclose(head(topk_lp, topk_ids=topk_ids, hidden=h.flip(0)), out, atol=1e-3)
+    # hidden state and logits row give the same context (vLLM serves from logits)
+    torch.testing.assert_close(head(topk_lp, topk_ids=topk_ids, logits=logits), out, atol=1e-4, rtol=1e-4)
+
+
+def test_slot_head_served_without_lm_head_matches(tmp_path):
+    w, h, logits, topk_lp, topk_ids = _inputs()
+    head = _perturb(_head("slot", w))
+    save_head(head, tmp_path / "s", {})
+    loaded, cfg = load_head(tmp_path / "s")  # no W_out: codes come from the saved table
+    assert cfg["variant"] == "slot" and loaded.lm_head_weight is None
+    torch.testing.assert_close(loaded(topk_lp, topk_ids=topk_ids, logits=logits),
+                               head(topk_lp, topk_ids=topk_ids, logits=logits), atol=1e-5, rtol=1e-5)
 
 
 def test_paper_init_is_input_independent_and_flat():

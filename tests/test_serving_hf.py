@@ -44,6 +44,19 @@ def make_served_head(out_dir: Path, tokenizer, k: int = K, fingerprint: str | No
     return save_head(head, out_dir, meta)
 
 
+def make_served_slot_head(out_dir: Path, model, tokenizer, k: int = K) -> Path:
+    """Save a non-identity ``slot`` head for ``model`` (random MLP output layer: it reorders by identity
+    and context). Saved without W_out: served from the logits row and the saved code table."""
+    head = build_head(HeadConfig(variant="slot", k=k), lm_head_weight=model.get_output_embeddings().weight, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for prm in head.mlp.parameters():
+            prm.add_(0.5 * torch.randn(prm.shape, generator=g))
+    meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "base_model": "smollm2-135m",
+            "category": "gender", "gate_token_ids": gate_token_ids_for_words(tokenizer, GENDER_WORDS)}
+    return save_head(head, out_dir, meta)
+
+
 @pytest.fixture(scope="module")
 def head_dir(smollm2_fp32, tmp_path_factory):
     _, tok = smollm2_fp32
@@ -170,3 +183,32 @@ def test_refuses_a_head_for_another_tokenizer(smollm2_fp32, tmp_path):
 def test_served_head_type(head_dir):
     served = load_served_head(head_dir)
     assert isinstance(served, ServedHead) and served.k == K and served.gate_ids is not None
+
+
+def test_slot_head_served_from_logits_equals_the_trained_head_on_hidden_states(smollm2_fp32, tmp_path):
+    """Training reads cached hidden states (with W_out); serving reads the logits row (no W_out)."""
+    from refine_llm.head import load_head
+    from refine_llm.serving.hf import RefineHeadProcessor
+
+    model, tok = smollm2_fp32
+    d = make_served_slot_head(tmp_path / "slot", model, tok)
+    served = load_served_head(d)
+    assert served.contextual and served.head.lm_head_weight is None
+    trained, _ = load_head(d, lm_head_weight=model.get_output_embeddings().weight)
+    proc = RefineHeadProcessor(d, mode="first", tokenizer=tok)
+    changed = 0
+    for prompt in PROMPTS:
+        x = tok([prompt], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model(input_ids=x, output_hidden_states=True)
+        z, h = out.logits[:, -1].float(), out.hidden_states[-1][:, -1].float()  # (1,V), (1,d)
+        ids, new = refine_topk(z, served)
+        lp = z.log_softmax(-1)
+        topk_lp = lp.gather(1, ids)
+        want = topk_lp.logsumexp(-1, keepdim=True) + trained(topk_lp, topk_ids=ids, hidden=h)
+        got = new - torch.logsumexp(z, -1, keepdim=True)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        proc.reset()
+        torch.testing.assert_close(proc(x, z.clone()).log_softmax(-1).gather(1, ids), want, atol=1e-4, rtol=0)
+        changed += int(not torch.allclose(want, topk_lp, atol=1e-3))
+    assert changed == len(PROMPTS)  # the head acts: the parity above is not the identity's

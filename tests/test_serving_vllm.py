@@ -230,47 +230,53 @@ def test_parity_with_hf(smollm2_dir, smollm2_fp32, smollm2_heads, monkeypatch):
 
     model, tok = smollm2_fp32
     ids = [tok(p, add_special_tokens=True)["input_ids"] for p in PROMPTS]
+    names = ("gender", "slot")  # a rank head and the slot head (identity codes + logits-row context)
 
     # HF: the processor's output at the first generated token, per prompt (no padding)
-    proc = RefineHeadProcessor(smollm2_heads / "gender", mode="first", tokenizer=tok)
-    hf_lp, hf_greedy = [], []
-    for row in ids:
-        x = torch.tensor([row])
-        with torch.no_grad():
-            z = model(input_ids=x).logits[:, -1].float()
-        proc.reset()
-        s = LogitsProcessorList([proc])(x, z)
-        hf_lp.append(s.log_softmax(-1)[0])
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=3, do_sample=False,
-                             logits_processor=LogitsProcessorList([proc]), pad_token_id=tok.pad_token_id)
-        proc.reset()
-        hf_greedy.append(out[0, len(row):].tolist())
+    hf_lp, hf_greedy = {n: [] for n in names}, {n: [] for n in names}
+    for name in names:
+        proc = RefineHeadProcessor(smollm2_heads / name, mode="first", tokenizer=tok)
+        for row in ids:
+            x = torch.tensor([row])
+            with torch.no_grad():
+                z = model(input_ids=x).logits[:, -1].float()
+            proc.reset()
+            s = LogitsProcessorList([proc])(x, z)
+            hf_lp[name].append(s.log_softmax(-1)[0])
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=3, do_sample=False,
+                                 logits_processor=LogitsProcessorList([proc]), pad_token_id=tok.pad_token_id)
+            proc.reset()
+            hf_greedy[name].append(out[0, len(row):].tolist())
 
     _engine_env(monkeypatch, smollm2_heads)
     llm = LLM(model=smollm2_dir, dtype="float32", max_model_len=1024, logprobs_mode="processed_logprobs",
               enforce_eager=True, seed=0, max_num_seqs=8)
     try:
         prompts = [{"prompt_token_ids": r} for r in ids]
-        on = SamplingParams(temperature=0, max_tokens=3, logprobs=K,
-                            extra_args={"refine_head": "gender", "refine_mode": "first"})
+        on = {n: SamplingParams(temperature=0, max_tokens=3, logprobs=K,
+                                extra_args={"refine_head": n, "refine_mode": "first"}) for n in names}
         off = SamplingParams(temperature=0, max_tokens=3, logprobs=K)
-        res_on = llm.generate(prompts, on, use_tqdm=False)
+        res_on = {n: llm.generate(prompts, on[n], use_tqdm=False) for n in names}
         res_off = llm.generate(prompts, off, use_tqdm=False)
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
 
-    worst = 0.0
-    for b, (r_on, r_off) in enumerate(zip(res_on, res_off)):
-        first = r_on.outputs[0].logprobs[0]  # token id -> Logprob, processed (after the head)
-        for tid, lp in first.items():
-            worst = max(worst, abs(lp.logprob - float(hf_lp[b][tid])))
-        assert list(r_on.outputs[0].token_ids) == hf_greedy[b], f"prompt {b}: greedy answers differ"
-        top_off = sorted(r_off.outputs[0].logprobs[0].items(), key=lambda kv: -kv[1].logprob)
-        assert r_on.outputs[0].token_ids[0] == top_off[1][0], "the swap head must pick the runner-up"
-        # later tokens of the first-mode request are not rewritten: compare with HF raw logits
-    print(f"parity HF vs vLLM, first-token debiased log-probs (top-{K}): max |diff| = {worst:.2e}")
-    assert worst < 1e-3, worst
+    for name in names:
+        worst = 0.0
+        for b, (r_on, r_off) in enumerate(zip(res_on[name], res_off)):
+            first = r_on.outputs[0].logprobs[0]  # token id -> Logprob, processed (after the head)
+            for tid, lp in first.items():
+                worst = max(worst, abs(lp.logprob - float(hf_lp[name][b][tid])))
+            assert list(r_on.outputs[0].token_ids) == hf_greedy[name][b], f"{name}, prompt {b}: greedy answers differ"
+            if name == "gender":
+                top_off = sorted(r_off.outputs[0].logprobs[0].items(), key=lambda kv: -kv[1].logprob)
+                assert r_on.outputs[0].token_ids[0] == top_off[1][0], "the swap head must pick the runner-up"
+            else:  # the slot head moves the first-token distribution
+                off_lp = {t: v.logprob for t, v in r_off.outputs[0].logprobs[0].items()}
+                assert any(abs(lp.logprob - off_lp.get(tid, lp.logprob)) > 1e-3 for tid, lp in first.items())
+        print(f"parity HF vs vLLM ({name}), first-token debiased log-probs (top-{K}): max |diff| = {worst:.2e}")
+        assert worst < 1e-3, (name, worst)
 
 
 # ---------------------------------------------------------------------------------------------

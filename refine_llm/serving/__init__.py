@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import torch
 
-from refine_llm.config import SERVING_MODES
+from refine_llm.config import CONTEXT_VARIANTS, SERVING_MODES
 from refine_llm.errors import UserError
 from refine_llm.head import load_head, read_head_config
 from refine_llm.vocab import gate_token_ids  # the one tokenization of gate words, shared with the pipeline
@@ -81,7 +81,7 @@ class ServedHead:
 
     @property
     def contextual(self) -> bool:
-        return self.config.get("variant") == "contextual"
+        return self.config.get("variant") in CONTEXT_VARIANTS
 
 
 def load_served_head(

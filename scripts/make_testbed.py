@@ -1,0 +1,48 @@
+"""Build the testbed model once (refine_llm.testbed): a competent SmolLM2 with a planted gender stereotype.
+
+    .venv/bin/python scripts/make_testbed.py            # the default recipe; prints where it is and its test metrics
+    .venv/bin/python scripts/debias_llm.py --model testbed
+
+A finished build is reused (the cache is keyed by a hash of the recipe). Flags override recipe fields
+(``--steps``, ``--strength``, ...); a non-default recipe is built next to the default one but
+``--model testbed`` selects only the default; pass the printed directory as ``--model`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import fields
+
+from transformers import HfArgumentParser
+
+from refine_llm.errors import UserError
+from refine_llm.testbed import EvalSpec, TestbedRecipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser(TestbedRecipe)
+    parser.add_argument("--no-eval", action="store_true", help="Skip the test-split evaluation (fp32 and NF4).")
+    parser.add_argument("--out", default=None, help="Build directory (default: the refine_llm cache).")
+    try:
+        recipe, rest = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        from refine_llm import testbed
+
+        path = testbed.build(recipe, rest.out, evaluate=not rest.no_eval, eval_spec=EvalSpec(),
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
+        info = testbed.read_info(path)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"testbed: {path}")
+    print(json.dumps({k: info.get(k) for k in ("build_seconds", "build_cpu_seconds", "train_seconds",
+                                               "loss_first10", "loss_last10", "test")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
