@@ -208,6 +208,26 @@ class LoraConfig:
         _check_positive("steps", self.steps)
 
 
+@dataclass
+class BBQConfig:
+    """BBQ (Parrish et al. 2022) in the main job: refine_llm.bbq scores the model and its heads on it."""
+
+    bbq_dir: str | None = field(
+        default=None,
+        metadata={"help": "Directory of BBQ jsonl files (nyu-mll/BBQ data/, CC-BY-4.0): adds the BBQ table "
+                          "(accuracy, s_AMB, s_DIS with CIs; base, uniform, the run's heads, a head trained on "
+                          "BBQ) and a plot to the report."},
+    )
+    bbq_max_items: int | None = field(
+        default=60,
+        metadata={"help": "BBQ items per category, stratified by condition and polarity (0 or None = all)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.bbq_max_items is not None:
+            _check_positive("bbq_max_items", self.bbq_max_items, allow_zero=True)
+
+
 def help_of(cls: type, name: str) -> str:
     """The help text of field ``name`` of dataclass ``cls`` (for argparse)."""
     for f in fields(cls):

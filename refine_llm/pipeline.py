@@ -282,6 +282,9 @@ def run(args, loaded=None) -> int:
     report = run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, info, timing)
     report.update(config=config, prompt=prompt_name, prompt_sweep=sweep, model=info)
 
+    if getattr(args, "bbq_dir", None):
+        run_bbq_stage(args, out, model, tokenizer, report, timing, batch_size)
+
     if args.compare_quant and mcfg.quant != "bf16":
         report["quant_shift"] = compare_quant(args, mcfg, scfg, source, splits["test"], prompt_name, out,
                                               report["metrics"]["base"])
@@ -296,8 +299,31 @@ def run(args, loaded=None) -> int:
     from refine_llm.report import write_report
 
     write_report(out, report)
+    if report.get("bbq"):
+        from refine_llm import bbq
+
+        bbq.append_to_report(out, report["bbq"])
     _print_summary(report, out)
     return 0
+
+
+def run_bbq_stage(args, out, model, tokenizer, report, timing, batch_size) -> None:
+    """--bbq DIR: BBQ tables for base, uniform, the run's heads and a head trained on BBQ (refine_llm.bbq)."""
+    from refine_llm import bbq
+    from refine_llm.config import BBQConfig
+
+    bcfg = _config(BBQConfig, bbq_dir=args.bbq_dir, bbq_max_items=getattr(args, "bbq_max_items", None))
+    if model is None:
+        log("--bbq: skipped, BBQ scoring needs the HF model (use --backend hf)")
+        return
+    t = time.time()
+    report["bbq"] = bbq.run_bbq(out, model, tokenizer, bcfg.bbq_dir, report.get("heads") or {},
+                                max_items=bcfg.bbq_max_items or None, top_k=args.top_k,
+                                batch_size=min(batch_size, 32), seed=args.seed)
+    timing["bbq"] = time.time() - t
+    for v in report["bbq"].get("verdict_cloze", []):
+        log(f"BBQ {v['condition']}: s_AMB {v['s_amb_base']:.1f} -> {v['s_amb']:.1f}, disambiguated accuracy "
+            f"{v['acc_disambig_base']:.3f} -> {v['acc_disambig']:.3f}")
 
 
 def run_conditions(args, out, splits, scores, variants, bcfg, model, tokenizer, info, timing) -> dict:

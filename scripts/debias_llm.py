@@ -26,6 +26,7 @@ from refine_llm.config import (  # noqa: E402
     OBJECTIVES,
     QUANTS,
     BanditConfig,
+    BBQConfig,
     HeadConfig,
     LoraConfig,
     ModelConfig,
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cda-steps", type=int, default=None,
                    help="Optimizer steps of lora-cda (default: --lora-steps). Its SFT runs whole prompts with logits "
                         "at every position, several times the cost per example of lora-reward.")
+
+    g = p.add_argument_group("BBQ")
+    g.add_argument("--bbq", dest="bbq_dir", default=None, metavar="DIR", help=help_of(BBQConfig, "bbq_dir"))
+    g.add_argument("--bbq-max-items", type=int, default=BBQConfig.bbq_max_items, help=help_of(BBQConfig, "bbq_max_items"))
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="Run directory (default: runs/<model>-<category>-<method>).")
