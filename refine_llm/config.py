@@ -300,6 +300,27 @@ class LoraConfig:
 
 
 @dataclass
+class BBQConfig:
+    """BBQ (Parrish et al. 2022) in the main job: refine_llm.bbq scores the model and its heads on it."""
+
+    bbq_dir: str | None = field(
+        default=None,
+        metadata={"flag": "--bbq",
+                  "help": "Directory of BBQ jsonl files (nyu-mll/BBQ data/, CC-BY-4.0): adds the BBQ table "
+                          "(accuracy, s_AMB, s_DIS with CIs; base, uniform, the run's heads, a head trained on "
+                          "BBQ) and a plot to the report."},
+    )
+    bbq_max_items: int | None = field(
+        default=60,
+        metadata={"help": "BBQ items per category, stratified by condition and polarity (0 or None = all)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.bbq_max_items is not None:
+            _check_positive("bbq_max_items", self.bbq_max_items, allow_zero=True)
+
+
+@dataclass
 class RunConfig:
     """The main job (refine_llm.pipeline.run): what to train and compare, where, with which stage configs.
 
@@ -327,6 +348,7 @@ class RunConfig:
     head: HeadConfig = field(default_factory=HeadConfig, metadata={"prefix": "head-"})
     bandit: BanditConfig = field(default_factory=BanditConfig, metadata={"prefix": "head-"})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"prefix": "lora-"})
+    bbq: BBQConfig = field(default_factory=BBQConfig, metadata={"prefix": ""})
 
     def __post_init__(self) -> None:
         _check_literals(self)

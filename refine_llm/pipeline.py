@@ -310,6 +310,8 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
         t = time.time()
         evaluation.unrelated_kl(report, ev, scorer, prompt_name, unrelated)
         timing["unrelated_prompts"] = time.time() - t
+    if cfg.bbq.bbq_dir:
+        run_bbq_stage(cfg, out, model, tokenizer, report, timing)
 
     if cfg.compare_quant and mcfg.quant != "bf16" and until == "evaluate":
         report["quant_shift"] = compare_quant(cfg, scfg, source, splits["test"], prompt_name, out,
@@ -331,8 +333,30 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
     from refine_llm.report import write_report
 
     write_report(out, report)
+    if report.get("bbq"):
+        from refine_llm import bbq
+
+        bbq.append_to_report(out, report["bbq"])
     _print_summary(report, out)
     return 0
+
+
+def run_bbq_stage(cfg: RunConfig, out, model, tokenizer, report, timing) -> None:
+    """--bbq DIR: BBQ tables for base, uniform, the run's heads and a head trained on BBQ (refine_llm.bbq)."""
+    from refine_llm import bbq
+
+    bcfg = cfg.bbq
+    if model is None:
+        log("--bbq: skipped, BBQ scoring needs the HF model (use --backend hf)")
+        return
+    t = time.time()
+    report["bbq"] = bbq.run_bbq(out, model, tokenizer, bcfg.bbq_dir, report.get("heads") or {},
+                                max_items=bcfg.bbq_max_items or None, top_k=cfg.scoring.top_k,
+                                batch_size=min(cfg.scoring.batch_size, 32), seed=cfg.seed)
+    timing["bbq"] = time.time() - t
+    for v in report["bbq"].get("verdict_cloze", []):
+        log(f"BBQ {v['condition']}: s_AMB {v['s_amb_base']:.1f} -> {v['s_amb']:.1f}, disambiguated accuracy "
+            f"{v['acc_disambig_base']:.3f} -> {v['acc_disambig']:.3f}")
 
 
 def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokenizer, info, timing) -> dict:

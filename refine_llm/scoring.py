@@ -92,13 +92,14 @@ def _continuation_ids(tokenizer, prompt_ids: list[int], prompt: str, cont: str, 
     return ids[len(anchor):] if ids[: len(anchor)] == anchor else tokenizer.encode(cont, add_special_tokens=False)
 
 
-def cand_mask_of(topk_ids: np.ndarray, cand_ids: list[list[list[int]]]) -> np.ndarray:
-    """(M, 2, k) bool: which top-k positions hold a first token of subj1 / subj2. Shared by both backends."""
+def cand_mask_of(topk_ids: np.ndarray, cand_ids: list[list[list[int]]], n_sides: int = 2) -> np.ndarray:
+    """(M, n_sides, k) bool: which top-k positions hold a first token of subj1 / subj2 (or of each of
+    ``n_sides`` answers, e.g. BBQ's 3). Shared by both backends and by refine_llm.bbq."""
     topk_ids = np.asarray(topk_ids)
     m, k = topk_ids.shape
-    mask = np.zeros((m, 2, k), dtype=bool)
+    mask = np.zeros((m, n_sides, k), dtype=bool)
     for i, pair in enumerate(cand_ids):
-        for s in (0, 1):
+        for s in range(n_sides):
             if pair[s]:
                 mask[i, s] = np.isin(topk_ids[i], pair[s])
     return mask
