@@ -22,7 +22,6 @@ CLI: ``python -m refine_llm.scale evaluate --questions Q --scores RUN [--out met
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
