@@ -516,7 +516,7 @@ def _last_logprobs(runner, ids: list[list[int]], batch_size: int, progress: str 
     """Yield (batch indices, hidden (b,d), log-softmax (b,V)) at the last token of each sequence,
     longest sequences first."""
     import torch
-    from tqdm.auto import tqdm
+    from refine_llm.progress import progress as tqdm  # quiet in logs (no \r when stderr is not a TTY)
 
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     with tqdm(total=len(ids), desc=progress or "", unit="prompt", disable=progress is None or None) as bar:

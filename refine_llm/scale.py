@@ -237,7 +237,7 @@ def score_to_cache(q, cfg: ScoringConfig, path: Path | None, scorer: Callable[[A
     new rows to the cache at ``path`` as they arrive. Returns counts and the new tables (when ``path`` is None)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    from tqdm.auto import tqdm
+    from refine_llm.progress import progress as tqdm  # quiet in logs (no \r when stderr is not a TTY)
 
     from refine_llm.scoring import _write_shard
 
@@ -566,9 +566,9 @@ def run_score(args) -> dict:
     return {**man, **{k: v for k, v in st.items() if k != "tables"}}
 
 
-def score_main(argv: list[str] | None = None) -> int:
+def score_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`refine-llm score` / `python -m refine_llm.scale score`."""
-    args = score_parser().parse_args(argv)
+    args = (score_parser(prog) if prog else score_parser()).parse_args(argv)
     try:
         st = run_score(args)
     except UserError as e:
@@ -588,9 +588,9 @@ def merge_parser(prog: str = "python -m refine_llm.scale merge") -> argparse.Arg
     return p
 
 
-def merge_main(argv: list[str] | None = None) -> int:
+def merge_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`refine-llm merge` / `python -m refine_llm.scale merge`."""
-    args = merge_parser().parse_args(argv)
+    args = (merge_parser(prog) if prog else merge_parser()).parse_args(argv)
     try:
         rep = merge(args.runs, args.out, args.questions)
     except UserError as e:

@@ -355,7 +355,7 @@ def build(recipe: TestbedRecipe = TestbedRecipe(), out_dir: str | Path | None = 
     train loss, and with ``evaluate`` the test-split metrics in fp32 and NF4).
     """
     import torch
-    from tqdm.auto import tqdm
+    from refine_llm.progress import progress as tqdm  # quiet in logs (no \r when stderr is not a TTY)
 
     from refine_llm import models, prompts
     from refine_llm.io import atomic_dir
