@@ -645,20 +645,24 @@ def train_bbq_head(head, sc: ClozeScores, A: dict, cfg=None) -> dict:
     mask, olp = t(sc.cand_mask), t(sc.opt_logprobs, torch.float32)
     opt = _make_optimizer(head, cfg)
     torch.manual_seed(cfg.seed)
+    # a term whose items are missing from the split would be 0/0: leave it out (its gradient is NaN)
+    has_t = At["target"] >= 0
+    use_amb, use_dis = bool((At["ambig"] & has_t).any()), bool((~At["ambig"] & has_t).any())
     head.train()
     log = []
-    for step in range(cfg.epochs):
+    for step in range(cfg.epochs if (use_amb or use_dis) else 0):
         lp = head(tlp, topk_ids=tid, hidden=hid)
         p = candidate_probs_full(lp, mask, tlp, olp)  # (n,3)
         q = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
         s = _from_counts(_counts(q, At, xp=torch))
-        reward = -s["s_amb"].abs() / 100 + s["acc_disambig"]
+        reward = (-s["s_amb"].abs() / 100 if use_amb else 0.0) + (s["acc_disambig"] if use_dis else 0.0)
         loss = -reward
         opt.zero_grad()
         loss.backward()
         opt.step()
-        log.append({"step": step, "reward": float(reward), "s_amb": float(s["s_amb"]),
-                    "acc_disambig": float(s["acc_disambig"])})
+        # NaN (no ambiguous or no disambiguated item in the split) -> None, so the summary stays JSON
+        log.append({"step": step, "reward": _f(reward.detach()), "s_amb": _f(s["s_amb"].detach()),
+                    "acc_disambig": _f(s["acc_disambig"].detach())})
     head.eval()
     return {"steps": cfg.epochs, "lr": cfg.lr, "first": log[0] if log else None, "last": log[-1] if log else None,
             "n_train_items": int(len(keep))}

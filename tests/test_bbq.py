@@ -175,3 +175,103 @@ def test_stratified_sample_and_template_split():
     train, test = bbq.split_by_question_index(items, seed=0)
     assert train and test and not ({it.question_index for it in train} & {it.question_index for it in test})
     assert len(train) + len(test) == len(items)
+
+
+# ---------------------------------------------------------------------------------------------
+# model scoring on a slice with the session SmolLM2 (fp32)
+
+
+@pytest.fixture(scope="module")
+def slice_items():
+    return bbq.stratified_sample(bbq.load_bbq(DATA / "Age.jsonl"), 4, seed=0)
+
+
+def test_cloze_lettered_heads_and_report_on_a_slice(tmp_path, slice_items, smollm2_fp32):
+    from refine_llm import head as H
+    from refine_llm.config import BanditConfig, HeadConfig
+
+    model, tok = smollm2_fp32
+    items = slice_items
+    assert len(items) == 4 and {(it.condition, it.polarity) for it in items} == {
+        ("ambig", "neg"), ("ambig", "nonneg"), ("disambig", "neg"), ("disambig", "nonneg")}
+    sc = bbq.score_cloze(model, tok, items, top_k=10, batch_size=8)
+    assert sc.topk_ids.shape == (4, 10) and sc.cand_mask.shape == (4, 3, 10) and sc.opt_logprobs.shape == (4, 3)
+    P = sc.probs()
+    assert np.all(P > 0) and np.all(P.sum(1) <= 1 + 1e-6)
+    # the first-token rule: a non-exact row's answer probability is the mass of its candidate tokens
+    from refine_llm.scoring import candidate_token_ids
+
+    i = int(np.flatnonzero(~sc.exact)[0])
+    ids = candidate_token_ids(tok, bbq.option_text(items[i].answers[0]))
+    in_top = [j for j, t in enumerate(sc.topk_ids[i]) if t in ids]
+    assert sc.cand_mask[i, 0].nonzero()[0].tolist() == in_top
+    if in_top:
+        assert P[i, 0] >= np.exp(sc.topk_logprobs[i, in_top]).sum() - 1e-5
+    # identity head = the model; uniform head flattens the top-k and moves the answer probabilities
+    ident = bbq.head_probs(H.build_head(HeadConfig(variant="identity", k=10)), sc)
+    np.testing.assert_allclose(ident, P, rtol=1e-4, atol=1e-7)
+    uni = bbq.head_probs(H.build_head(HeadConfig(variant="uniform", k=10)), sc)
+    assert not np.allclose(uni[~sc.exact], P[~sc.exact])
+    # lettered: 3 rotations, each a probability over A/B/C mapped back to the answers
+    L = bbq.score_lettered(model, tok, items, batch_size=8)
+    assert L.shape == (3, 4, 3) and np.all(L > 0) and np.all(L.sum(2) <= 1 + 1e-6)
+    summ = bbq.lettered_summary(L, bbq.item_arrays(items))
+    assert len(summ["per_rotation"]) == 3 and summ["acc_disambig_spread"] >= 0
+    # a head trained on BBQ raises its own training reward
+    A = bbq.item_arrays(items)
+    head = H.build_head(HeadConfig(variant="logit", k=10))
+    w0 = head.out.weight.detach().clone()
+    res = bbq.train_bbq_head(head, sc, A, BanditConfig(objective="expected", lr=5e-2, epochs=15))
+    assert res["last"]["reward"] > res["first"]["reward"]
+    assert not torch_equal(head.out.weight, w0)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a.detach(), b))
+
+
+def test_run_bbq_writes_the_report_section_and_plot(tmp_path, slice_items, smollm2_fp32):
+    """The main job's hook: a saved (UnQover) head applied at the answer slot, a BBQ-trained head on
+    held-out templates, bbq.json, plots/bbq.png and a section appended to report.md."""
+    from refine_llm import head as H
+    from refine_llm.config import HeadConfig
+
+    model, tok = smollm2_fp32
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "Age.jsonl").write_text("\n".join(json.dumps(_raw(it)) for it in slice_items) + "\n")
+    H.save_head(H.build_head(HeadConfig(variant="logit", k=10)), tmp_path / "h",
+                {"tokenizer_fingerprint": H.tokenizer_fingerprint(tok)})
+    (tmp_path / "report.md").write_text("# report\n")
+    res = bbq.run_bbq(tmp_path, model, tok, str(d), {"refine": str(tmp_path / "h")}, max_items=None,
+                      mode="cloze", n_resamples=20)
+    bbq.append_to_report(tmp_path, res)
+    assert set(res["tables"]["cloze"]) == {"base", "uniform", "refine"}
+    assert set(res["tables"]["cloze_heldout"]) == {"base", "uniform", "refine", "bbq-trained"}
+    assert res["tables"]["cloze"]["refine"]["Age"]["s_amb"] == res["tables"]["cloze"]["base"]["Age"]["s_amb"]
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# report") and "## BBQ" in md and "| bbq-trained | Age |" in md
+    assert (tmp_path / "plots" / "bbq.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "bbq" / "bbq.json").read_text())["n_items"] == 4
+    H.load_head(tmp_path / "heads" / "bbq" / "head")  # the BBQ-trained head is saved for reuse
+
+
+def _raw(it: bbq.BBQItem) -> dict:
+    return {"example_id": it.example_id, "question_index": it.question_index, "question_polarity": it.polarity,
+            "context_condition": it.condition, "category": it.category,
+            "answer_info": {f"ans{i}": list(v) for i, v in enumerate(it.info)},
+            "additional_metadata": {"stereotyped_groups": list(it.stereotyped_groups)}, "context": it.context,
+            "question": it.question, "ans0": it.answers[0], "ans1": it.answers[1], "ans2": it.answers[2],
+            "label": it.label}
+
+
+def test_debias_parser_has_the_bbq_flags():
+    from scripts_path import debias_parser
+
+    from refine_llm.config import BBQConfig
+
+    a = debias_parser().parse_args(["--bbq", "some/dir", "--bbq-max-items", "7"])
+    assert (a.bbq_dir, a.bbq_max_items) == ("some/dir", 7)
+    assert debias_parser().parse_args([]).bbq_max_items == BBQConfig.bbq_max_items
