@@ -39,10 +39,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
