@@ -24,7 +24,7 @@ names, and the test split measures whether competence and stereotype carry over.
 
 Why a plain loop and not trl's SFTTrainer: the stereotype needs *soft* targets over two names (SFT
 trains on one sampled answer string, which plants the strength only in expectation), and every prompt
-shares the ~140-token few-shot prefix, which ``baselines.lora._answer_logits`` runs once per step
+shares the ~140-token few-shot prefix, which ``forward.answer_logits`` runs once per step
 (batch 1, forward only) instead of once per row: ~5x fewer tokens than SFTTrainer's whole sequences.
 The adapters sit on the top ``layers`` decoder layers only, so the layers below need no backward pass.
 Both halve a step's cost on the shared 2-core machine. peft provides the adapters and
@@ -39,10 +39,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -331,12 +330,13 @@ def _step_loss(model, ids, cands, targets, pad_id: int):
     full-vocabulary probabilities. ids: B prompts; cands: B x 2 id lists; targets (B,2)."""
     import torch
 
-    from refine_llm.baselines import lora
+    from refine_llm import forward
 
-    L = lora.common_prefix_len(ids)
-    with torch.no_grad():  # the shared few-shot prefix: forward only (its gradient is dropped: a cheaper step)
-        kv = lora.prefix_kv(model, ids[0][:L]) if L > 0 else None
-    logits = lora._answer_logits(model, ids, pad_id, prefix_len=L, kv=kv)  # (B,V)
+    L = forward.common_prefix_len(ids)
+    prefix = ids[0][:L] if L > 0 else None
+    # the shared few-shot prefix: forward only (its gradient is dropped: a cheaper step)
+    kv = forward.prefix_kv(model, prefix, grad=False) if prefix else None
+    _, logits = forward.answer_logits(model, ids, pad_id=pad_id, prefix_ids=prefix, kv=kv, grad=True)  # (B,V)
     logp = torch.log_softmax(logits, dim=-1)
     loss = logp.new_zeros(())
     for i, (c, t) in enumerate(zip(cands, targets)):

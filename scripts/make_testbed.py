@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import fields
-
 from transformers import HfArgumentParser
 
 from refine_llm.errors import UserError
