@@ -60,7 +60,9 @@ def direct_run(trainable, train_q, prompt):
     model.set_adapter("default")
     before = _lora_params(model, "default")
     abs_c0 = lora.mean_abs_bias(model, tok, train_q, prompt)
-    cfg = LoraConfig(objective="direct", steps=3, batch_size=2, lr=5e-3, dropout=0.0, seed=0)
+    # the bias term alone: near C = 0 its gradient (2C) is small next to the default answer-mass and utility terms
+    cfg = LoraConfig(objective="direct", steps=3, batch_size=2, lr=5e-3, dropout=0.0, seed=0, answer_mass_weight=0.0,
+                     utility_weight=0.0)
     res = lora.train_reward(model, tok, train_q, prompt, cfg)
     return {"before": before, "abs_c0": abs_c0, "res": res,
             "abs_c1": lora.mean_abs_bias(model, tok, train_q, prompt)}
