@@ -627,7 +627,7 @@ def train_bbq_head(head, sc: ClozeScores, A: dict, cfg=None) -> dict:
     """Train ``head`` on BBQ cloze scores: full-batch ascent on the closed-form reward
     R = -|s_AMB| / 100 + accuracy on disambiguated items, both from the head's answer probabilities
     (renormalised over the 3 answers) through the same ``_counts``/``_from_counts`` as the table (the
-    bandit's "expected" objective: the reward is a known differentiable function of the policy's
+    bandit's "direct" objective: the reward is a known differentiable function of the policy's
     answer probabilities, so no actions are sampled). Optimizer: refine_llm.bandit's; cfg: a
     BanditConfig (lr, epochs = full-batch steps). Exact rows are left out (the head cannot act there)."""
     import torch
@@ -636,7 +636,7 @@ def train_bbq_head(head, sc: ClozeScores, A: dict, cfg=None) -> dict:
     from refine_llm.config import BanditConfig
     from refine_llm.head import candidate_probs_full
 
-    cfg = cfg or BanditConfig(objective="expected", lr=1e-2, epochs=100)
+    cfg = cfg or BanditConfig(objective="direct", lr=1e-2, epochs=100)
     keep = np.flatnonzero(~sc.exact)
     t = lambda a, dt=None: torch.as_tensor(np.asarray(a)[keep], dtype=dt)
     At = {k: torch.as_tensor(v[keep]) for k, v in A.items() if k in ("label", "target", "unknown", "ambig")}

@@ -305,11 +305,9 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
     report.update(config=config, prompt=prompt_name, prompt_sweep=sweep, model=info)
     report.setdefault("environment", {}).update(models.cpu_info())  # CPU + numeric stack (README: Reproducibility)
     report["split_design"] = evaluation.split_design(questions)
-    unrelated = report.pop("_heads_for_unrelated")
-    if model is not None:
-        t = time.time()
-        evaluation.unrelated_kl(report, ev, scorer, prompt_name, unrelated)
-        timing["unrelated_prompts"] = time.time() - t
+    t = time.time()  # KL on prompts with nothing to debias, through the same scorer (HF or vLLM) and prompt
+    evaluation.unrelated_kl(report, ev, scorer, prompt_name, report.pop("_heads_for_unrelated"))
+    timing["unrelated_prompts"] = time.time() - t
     if cfg.bbq.bbq_dir:
         run_bbq_stage(cfg, out, model, tokenizer, report, timing)
 

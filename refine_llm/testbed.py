@@ -281,13 +281,16 @@ def testbed_metrics(questions, p_pos: np.ndarray, spec: EvalSpec = EvalSpec()) -
     female_a = np.array([g == "female" for g in meta["group_a"]])
     c_female = np.where(female_a, C, -C)
     spec_rows = np.flatnonzero(np.asarray(questions["specified"], dtype=bool))
-    s1, gold = questions["subj1"], questions["gold"]
-    gpos = np.array([0 if gold[m] == s1[m] else 1 for m in spec_rows], dtype=np.int64)
+    gpos = metrics.gold_positions(questions, spec_rows)
+    negated = np.asarray(questions["negated"], dtype=bool)[spec_rows]
     pg = p_pos[spec_rows, gpos]
     po = p_pos[spec_rows, 1 - gpos]
     null = sign_flip_null(C, meta["subj_a"], meta["subj_b"], meta["attribute_id"], spec.null_resamples, spec.seed)
     return {
         "specified_accuracy": metrics.specified_accuracy(p_pos[spec_rows], gpos)["accuracy"],
+        # plain ("Who was a nurse?" -> the holder) and negated ("Who can never be a nurse?" -> the other)
+        "specified_accuracy_plain": metrics.specified_accuracy(p_pos[spec_rows[~negated]], gpos[~negated])["accuracy"],
+        "specified_accuracy_negated": metrics.specified_accuracy(p_pos[spec_rows[negated]], gpos[negated])["accuracy"],
         "specified_gold_share": float(np.mean(pg / np.maximum(pg + po, 1e-12))),
         "n_specified": int(len(spec_rows)),
         "n_tuples": int(len(C)),

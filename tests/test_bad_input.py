@@ -116,11 +116,11 @@ MAIN_CASES = [
     ("backend-unknown", lambda p, t: ["--backend", "tgi"], "--backend"),
     # values the config dataclasses refuse
     ("max-tuples-zero", lambda p, t: ["--max-tuples", "0"], "max"),
-    ("top-k-one", lambda p, t: ["--top-k", "1"], "top_k"),
+    ("top-k-one", lambda p, t: ["--top-k", "1"], "--top-k"),
     ("batch-size-zero", lambda p, t: ["--batch-size", "0"], "--batch-size"),
     ("lr-negative", lambda p, t: ["--lr", "-1"], "lr"),
     ("epochs-zero", lambda p, t: ["--epochs", "0"], "epochs"),
-    ("utility-negative", lambda p, t: ["--utility-weight", "-0.5"], "utility_weight"),
+    ("utility-negative", lambda p, t: ["--head-utility-weight", "-0.5"], "utility-weight"),
     ("lora-steps-zero", lambda p, t: ["--method", "lora-reward", "--lora-steps", "0"], "--lora-steps"),
     ("lora-r-zero", lambda p, t: ["--method", "all", "--lora-r", "0"], "--lora-r"),
     # model paths

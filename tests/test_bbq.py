@@ -221,7 +221,7 @@ def test_cloze_lettered_heads_and_report_on_a_slice(tmp_path, slice_items, smoll
     A = bbq.item_arrays(items)
     head = H.build_head(HeadConfig(variant="logit", k=10))
     w0 = head.out.weight.detach().clone()
-    res = bbq.train_bbq_head(head, sc, A, BanditConfig(objective="expected", lr=5e-2, epochs=15))
+    res = bbq.train_bbq_head(head, sc, A, BanditConfig(objective="direct", lr=5e-2, epochs=15))
     assert res["last"]["reward"] > res["first"]["reward"]
     assert not torch_equal(head.out.weight, w0)
 
@@ -268,10 +268,9 @@ def _raw(it: bbq.BBQItem) -> dict:
 
 
 def test_debias_parser_has_the_bbq_flags():
-    from scripts_path import debias_parser
-
+    from refine_llm.cli import parse_run_config
     from refine_llm.config import BBQConfig
 
-    a = debias_parser().parse_args(["--bbq", "some/dir", "--bbq-max-items", "7"])
-    assert (a.bbq_dir, a.bbq_max_items) == ("some/dir", 7)
-    assert debias_parser().parse_args([]).bbq_max_items == BBQConfig.bbq_max_items
+    cfg, _ = parse_run_config(["--bbq", "some/dir", "--bbq-max-items", "7"])
+    assert (cfg.bbq.bbq_dir, cfg.bbq.bbq_max_items) == ("some/dir", 7)
+    assert parse_run_config([])[0].bbq.bbq_max_items == BBQConfig.bbq_max_items

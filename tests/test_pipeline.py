@@ -120,7 +120,7 @@ def test_compare_methods_all(tmp_path, smollm2_dir, smollm2_nf4, capsys):
     info = json.loads((out / "adapters" / "lora-reward-direct" / "refine_llm_lora.json").read_text())
     assert info["objective"] == "direct" and info["config"]["steps"] == 1
     assert all(f"| {m} |" in table for m in ("refine", "lora-reward", "lora-reward-direct", "lora-cda")), table
-    assert (out / "plots" / "bias_vs_utility.png").is_file()
+    assert (out / "plots" / "bias_utility_plane.png").is_file()
 
     # a re-run with the same config reuses every adapter (same config, model, prompt, train split) ...
     stamps = {m: (out / "adapters" / m / "adapter_model.safetensors").stat().st_mtime_ns for m in

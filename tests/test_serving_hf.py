@@ -53,7 +53,7 @@ def make_served_slot_head(out_dir: Path, model, tokenizer, k: int = K) -> Path:
         for prm in head.mlp.parameters():
             prm.add_(0.5 * torch.randn(prm.shape, generator=g))
     meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "base_model": "smollm2-135m",
-            "category": "gender", "gate_token_ids": gate_token_ids_for_words(tokenizer, GENDER_WORDS)}
+            "category": "gender", "gate_token_ids": gate_token_ids(tokenizer, GENDER_WORDS)}
     return save_head(head, out_dir, meta)
 
 

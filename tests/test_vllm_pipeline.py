@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from scripts_path import debias_parser  # noqa: F401  (tests/scripts_path.py puts scripts/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ["--max-tuples", "2", "--prompt", "paper", "--method", "none", "--quant", "fp32"]
@@ -55,9 +54,10 @@ def test_vllm_refuses_quantizations_it_would_not_run(quant, tmp_path):
 def test_vllm_fp32_base_metrics_equal_hf_fp32(tmp_path, smollm2_fp32):
     pytest.importorskip("vllm")
     from refine_llm import pipeline
+    from refine_llm.cli import parse_run_config
 
     hf_out, vllm_out = tmp_path / "hf", tmp_path / "vllm"
-    assert pipeline.run(debias_parser().parse_args(JOB + ["--out", str(hf_out)]), loaded=smollm2_fp32) == 0
+    assert pipeline.run(parse_run_config(JOB + ["--out", str(hf_out)])[0], loaded=smollm2_fp32) == 0
     proc = _script(*JOB, "--backend", "vllm", "--out", str(vllm_out))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
