@@ -358,26 +358,18 @@ def build_head(
         return PaperHead(cfg.k)
     if cfg.variant == "logit":
         return LogitHead(cfg.k)
-    if cfg.variant == "contextual":
+    if cfg.variant in ("contextual", "slot"):  # both read the context through the LLM's output embedding
         if lm_head_weight is not None:
             if lm_head_weight.ndim != 2:
                 raise UserError(f"lm_head_weight must be (vocab, hidden), got shape {tuple(lm_head_weight.shape)}")
             vocab_size, hidden_size = lm_head_weight.shape
         if vocab_size is None or hidden_size is None:
             raise UserError(
-                "the contextual head needs the LLM's output embedding: build_head(cfg, lm_head_weight=model.lm_head.weight)"
+                f"the {cfg.variant} head needs the LLM's output embedding: "
+                "build_head(cfg, lm_head_weight=model.lm_head.weight)"
             )
-        return ContextualHead(cfg.k, cfg.rank, int(vocab_size), int(hidden_size), lm_head_weight, seed=seed)
-    if cfg.variant == "slot":
-        if lm_head_weight is not None:
-            if lm_head_weight.ndim != 2:
-                raise UserError(f"lm_head_weight must be (vocab, hidden), got shape {tuple(lm_head_weight.shape)}")
-            vocab_size, hidden_size = lm_head_weight.shape
-        if vocab_size is None or hidden_size is None:
-            raise UserError(
-                "the slot head needs the LLM's output embedding: build_head(cfg, lm_head_weight=model.lm_head.weight)"
-            )
-        return SlotHead(cfg.k, cfg.rank, int(vocab_size), int(hidden_size), lm_head_weight, seed=seed)
+        cls = ContextualHead if cfg.variant == "contextual" else SlotHead
+        return cls(cfg.k, cfg.rank, int(vocab_size), int(hidden_size), lm_head_weight, seed=seed)
     raise UserError(f"unknown head variant {cfg.variant!r}: use one of {', '.join(HEAD_VARIANTS)}")
 
 

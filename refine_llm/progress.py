@@ -62,7 +62,17 @@ def progress(iterable: Iterable | None = None, **kw: Any):
         # tqdm.auto picks the notebook widget in Jupyter; a log file wants plain text
         from tqdm import tqdm as tqdm_std
 
-        return tqdm_std(iterable, **kw)
+        class _LogBar(tqdm_std):
+            """set_postfix / set_description redraw at once by default, one log line per training step;
+            in a log they wait for the next timed line instead."""
+
+            def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+                super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
+
+            def set_description(self, desc=None, refresh=False):
+                super().set_description(desc, refresh=refresh)
+
+        return _LogBar(iterable, **kw)
     return tqdm(iterable, **kw)
 
 

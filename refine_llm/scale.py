@@ -519,8 +519,14 @@ def run_score(args) -> dict:
     from refine_llm import models, prompts, scoring
 
     shard = Shard.parse(args.shard)
+    batch_size = args.batch_size
+    if batch_size is None:  # ScoringConfig's "auto", resolved once here: every shard of a job must share it
+        from refine_llm.config import AUTO_SCORING_BATCH_SIZE
+
+        gpu = args.backend == "ray" and float(getattr(args, "ray_gpus_per_actor", 0) or 0) > 0
+        batch_size = AUTO_SCORING_BATCH_SIZE["cuda" if gpu or str(args.device or "").startswith("cuda") else "cpu"]
     try:
-        cfg = ScoringConfig(prompt=args.prompt, top_k=args.top_k, batch_size=args.batch_size, backend=args.backend,
+        cfg = ScoringConfig(prompt=args.prompt, top_k=args.top_k, batch_size=batch_size, backend=args.backend,
                             mode=args.scoring_mode, pronouns=args.pronouns, prefix_cache=not args.no_prefix_cache,
                             store_hidden=args.store_hidden,
                             tensor_parallel_size=max(1, int(args.ray_gpus_per_actor)) if args.backend == "ray" else 1)

@@ -294,12 +294,17 @@ def test_progress_to_a_pipe_writes_few_lines(smollm2_dir, tmp_path):
         scoring.score(model, tok, QUESTIONS, prompt, ScoringConfig(top_k=5, batch_size=2))
         for _ in progress(range(200000), desc="fast loop"):  # 200k updates within the interval
             pass
+        bar = progress(total=300, desc="postfix loop")  # a trainer's bar: set_postfix every step
+        for i in range(300):
+            bar.update(1)
+            bar.set_postfix(abs_c=str(i))
+        bar.close()
     """)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "\r" not in r.stderr
-    bars = [ln for ln in r.stderr.splitlines() if "scoring (" in ln or "fast loop" in ln]
-    assert 2 <= len(bars) <= 6, r.stderr  # start + end of each bar (plus one per 10 s)
-    assert len(r.stderr.splitlines()) <= 12, r.stderr
+    bars = [ln for ln in r.stderr.splitlines() if "scoring (" in ln or "fast loop" in ln or "postfix loop" in ln]
+    assert 3 <= len(bars) <= 9, r.stderr  # start + end of each bar (plus one per 10 s)
+    assert len(r.stderr.splitlines()) <= 15, r.stderr
