@@ -64,7 +64,7 @@ def test_mirror_tuple_flips_sign():
 
 
 def test_numpy_torch_agree_and_grad():
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(0)
     p = rng.dirichlet([1, 1, 1], size=40)[:, :2]  # (40, 2), p1 + p2 < 1 like real LM probabilities
     rows = rng.permutation(40).reshape(10, 2, 2)
@@ -291,7 +291,7 @@ def test_tuple_index_incomplete_raises():
 
 
 def test_tuple_index_accepts_dataset():
-    datasets = pytest.importorskip("datasets")
+    import datasets
     q, _ = _questions()
     rows, _ = M.tuple_index(datasets.Dataset.from_dict(q))
     np.testing.assert_array_equal(rows, M.tuple_index(q)[0])

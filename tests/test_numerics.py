@@ -13,8 +13,8 @@ import torch
 
 from refine_llm import models
 
-pytest.importorskip("bitsandbytes")
-pytest.importorskip("peft")
+import bitsandbytes  # noqa: F401  (required: a missing bitsandbytes fails, never skips)
+import peft  # noqa: F401  (required: a missing peft fails, never skips)
 
 
 def _lora_grads(model, ids) -> dict[str, torch.Tensor]:

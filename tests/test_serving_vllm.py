@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("vllm")
+import vllm  # noqa: F401  (required: a missing vllm fails, never skips)
 
 from vllm import SamplingParams  # noqa: E402
 from vllm.config import VllmConfig  # noqa: E402

@@ -36,10 +36,10 @@ PROMPTS = [
 @pytest.fixture(scope="session")
 def vllm_llm(smollm2_dir):
     """The session's one vLLM engine (through the per-process cache), shut down at the end."""
-    pytest.importorskip("vllm")
+    import vllm  # noqa: F401  (required: a missing vllm fails, never skips)
     if importlib.util.find_spec("refine_llm.serving.vllm") is None:
         # vLLM loads every installed `vllm.logits_processors` entry point; ours must import.
-        pytest.skip("refine_llm.serving.vllm (the refine_head vLLM plugin entry point) is missing")
+        pytest.fail("refine_llm.serving.vllm (the refine_head vLLM plugin entry point) is missing")
     llm = vb.get_llm(smollm2_dir, "float32", **ENGINE_KW)
     yield llm
     vb.close_llms()
