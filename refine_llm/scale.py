@@ -81,9 +81,9 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
-def questions_table(questions):
-    """pyarrow Table of the columns scoring needs, in stored order, from a questions Dataset, its
-    directory (`questions.save_questions`), a pyarrow Table or a list of dicts."""
+def questions_table(questions, columns: tuple[str, ...] = QUESTION_COLUMNS):
+    """pyarrow Table of ``columns`` (default: those scoring needs), in stored order, from a questions
+    Dataset, its directory (`questions.save_questions`; memory-mapped), a pyarrow Table or a list of dicts."""
     import pyarrow as pa
 
     if isinstance(questions, (str, os.PathLike)):
@@ -91,14 +91,14 @@ def questions_table(questions):
 
         questions = load_questions(questions)
     if isinstance(questions, list):
-        return pa.Table.from_pylist([{c: q.get(c) for c in QUESTION_COLUMNS} for q in questions])
+        return pa.Table.from_pylist([{c: q.get(c) for c in columns} for q in questions])
     names = questions.column_names
-    missing = [c for c in QUESTION_COLUMNS if c not in names]
+    missing = [c for c in columns if c not in names]
     if missing:
         raise UserError(f"the questions have no column(s) {', '.join(missing)}: build them with refine_llm.questions")
     if isinstance(questions, pa.Table):
-        return questions.select(list(QUESTION_COLUMNS))
-    return questions.select_columns(list(QUESTION_COLUMNS)).with_format("arrow")[:]
+        return questions.select(list(columns))
+    return questions.select_columns(list(columns)).with_format("arrow")[:]
 
 
 def _string_digest(col) -> str:

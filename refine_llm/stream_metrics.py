@@ -60,25 +60,9 @@ def _join(a, b):
 
 def load_question_columns(questions):
     """The NEEDED columns as a pyarrow Table (memory-mapped when ``questions`` is a saved dataset directory)."""
-    import pyarrow as pa
+    from refine_llm.scale import questions_table
 
-    if isinstance(questions, (str, Path)):
-        from datasets import load_from_disk
-
-        p = Path(questions)
-        if not (p / "dataset_info.json").is_file():
-            raise UserError(f"{p}: no questions dataset there: write one with `python -m refine_llm.questions --out {p}`")
-        questions = load_from_disk(str(p))
-    if isinstance(questions, pa.Table):
-        names = questions.column_names
-    else:
-        names = questions.column_names
-    missing = [c for c in NEEDED if c not in names]
-    if missing:
-        raise UserError(f"the questions have no column(s) {', '.join(missing)}: build them with refine_llm.questions")
-    if isinstance(questions, pa.Table):
-        return questions.select(list(NEEDED))
-    return questions.select_columns(list(NEEDED)).with_format("arrow")[:]
+    return questions_table(questions, NEEDED)
 
 
 @dataclass
