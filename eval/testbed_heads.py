@@ -7,7 +7,7 @@ The testbed (refine_llm.testbed) is competent on specified questions and carries
 stereotype, so both sides of the trade-off are measurable. This script scores the train and
 validation splits (uniform samples of refine_llm.questions) and the testbed's stratified test sample
 (unseen names, attributes and templates) once, with hidden states, trains the heads with the existing
-bandit trainer (the main job's closed-form objective and defaults, ``pipeline.DEFAULT_TRAIN``), and
+bandit trainer (the main job's ``BanditConfig`` defaults and per-variant presets, ``for_variant``), and
 prints one row per condition:
 
 - mean |C| and μ (per individual subject, metrics' C scale), their change vs base with a paired
@@ -26,14 +26,13 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from refine_llm import bandit, metrics, models, pipeline, prompts, scoring, testbed
-from refine_llm.config import CONTEXT_VARIANTS, BanditConfig, HeadConfig, QuestionsConfig, ScoringConfig
+from refine_llm.config import BanditConfig, HeadConfig, QuestionsConfig, ScoringConfig
 from refine_llm.errors import UserError
 from refine_llm.head import build_head, candidate_probs
 
@@ -57,7 +56,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/testbed-heads")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
+    p.add_argument("--history", action="store_true", help="print each head's validation curve (step, val μ, "
+                   "train mean|C|, P(gold), KL)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a BanditConfig field for every head (repeatable), e.g. --set kl_weight=5")
     return p
+
+
+def _overrides(items: list[str]) -> dict:
+    """--set FIELD=VALUE pairs -> BanditConfig keyword arguments (typed by the field's default)."""
+    from dataclasses import fields
+
+    types = {f.name: type(f.default) for f in fields(BanditConfig)}
+    out = {}
+    for it in items:
+        k, _, v = it.partition("=")
+        if k not in types:
+            raise UserError(f"--set {it}: {k!r} is not a BanditConfig field ({', '.join(types)})")
+        out[k] = types[k](v) if types[k] is not bool else v.lower() in ("1", "true", "yes")
+    return out
 
 
 def _split(ds, split, n_tuples):
@@ -137,17 +154,17 @@ def main(argv=None) -> int:
     conditions["uniform"] = (torch.full_like(base_lp, -np.log(base_lp.shape[1])), {"params": 0, "seconds": 0.0})
     for T in TEMPERATURES:
         conditions[f"temperature {T:g}"] = (torch.log_softmax(td.topk_logprobs / T, -1), {"params": 0, "seconds": 0.0})
-    train_kw = dict(pipeline.DEFAULT_TRAIN)
-    if args.epochs:
-        train_kw["epochs"] = args.epochs
+    train_kw = {"epochs": args.epochs} if args.epochs else {}  # else the main job's BanditConfig defaults
     for variant in [v for v in args.heads.split(",") if v]:
         torch.manual_seed(args.seed)
         head = build_head(HeadConfig(variant=variant, k=10), lm_head_weight=lm_w, seed=args.seed)
-        cfg = BanditConfig(seed=args.seed, **train_kw)
-        if variant in CONTEXT_VARIANTS:  # the main job's setting for the heads with ~0.4M parameters
-            cfg = replace(cfg, lr=cfg.lr * 0.3, answer_mass_weight=max(cfg.answer_mass_weight, 1.0))
+        cfg = BanditConfig(seed=args.seed, **{**train_kw, **_overrides(args.set)}).for_variant(variant)
         res = bandit.train_head(head, data["train"], cfg, val=data["validation"], progress=False)
         head.eval()
+        if args.history:
+            print(f"{variant}: best step {res.best_step} of {res.steps}; " + "; ".join(
+                f"{h['step']}: val_mu {h['val_mu']:.3f}" + "".join(f" {k} {h[k]:.3f}" for k in ("abs_c", "utility", "kl") if k in h)
+                for h in res.history if "val_mu" in h))
         with torch.no_grad():
             lp = head(td.topk_logprobs, topk_ids=td.topk_ids, hidden=td.hidden).float()
         n_par = sum(p.numel() for p in head.parameters() if p.requires_grad)

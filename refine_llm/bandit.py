@@ -417,7 +417,7 @@ class HeadTrainer:
             raise UserError("resume=True needs checkpoint_dir")
         cfg, st = self.cfg, self.state
         self.head.train()
-        total = num_steps(self.data.num_tuples, cfg)
+        total = full = num_steps(self.data.num_tuples, cfg)
         if max_steps is not None:
             total = min(total, max_steps)
         if resume:
@@ -435,7 +435,7 @@ class HeadTrainer:
             logs = self.training_step(tuples, with_repl, torch.Generator().manual_seed(_step_seed(cfg.seed, i)))
             st.step = i + 1
             rec = {"step": st.step, "epoch": epoch, **logs}
-            if self.val is not None and (st.step % cfg.eval_every == 0 or st.step == total):
+            if self.val is not None and (st.step % cfg.eval_every == 0 or st.step == full):
                 rec["val_mu"] = self.evaluate()
                 if cfg.patience and st.bad_evals >= cfg.patience:
                     st.stopped = True
@@ -447,7 +447,10 @@ class HeadTrainer:
             if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
-        if self.val is not None and st.history and "val_mu" not in st.history[-1] and st.step > 0:
+        # The closing evaluation only when training is over: a run cut short by max_steps that evaluated
+        # here could keep a "best" that the uninterrupted run never saw (resume would then differ).
+        if (self.val is not None and st.history and "val_mu" not in st.history[-1] and st.step > 0
+                and (st.step >= full or st.stopped)):
             st.history.append({"step": st.step, "val_mu": self.evaluate()})
         self.save_checkpoint()  # the final state, so a re-run resumes a finished head
         if self.best is not None:

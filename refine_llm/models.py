@@ -31,12 +31,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from refine_llm.config import QUANTS
+from refine_llm.config import QUANTS, TESTBED_NAME
 from refine_llm.errors import UserError
 from refine_llm.io import atomic_dir, atomic_write_json
 
 DEFAULT_MODEL = "smollm2-135m"
-TESTBED_ALIAS = "testbed"  # the competent planted-bias model built by scripts/make_testbed.py (refine_llm.testbed)
+TESTBED_ALIAS = TESTBED_NAME  # "testbed": the competent planted-bias model built by scripts/make_testbed.py (refine_llm.testbed)
 
 # Alias -> hub id. The paper evaluates LLaMA-2 (7B/13B, base and chat), Vicuna-13B and Mistral-7B.
 ALIASES: dict[str, str] = {

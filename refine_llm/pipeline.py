@@ -15,7 +15,7 @@ each run one stage on the previous one's artifacts. Stages and what they leave i
 
 Conditions evaluated on the test split (unseen attributes, and for gender unseen names):
 `base` (the model), `uniform` (flattening alone: what a head gets for free), and each trained head
-variant (`refine` = the default `logit` head; `refine-paper`, `refine-contextual`), plus LoRA
+variant (`refine` = the default `logit` head; `refine-paper`, `refine-contextual`, `refine-slot`), plus LoRA
 baselines with --method lora-reward / lora-cda / all.
 """
 
@@ -209,7 +209,7 @@ def choose_prompt(scorer: Scorer, val_questions, requested: str, tokenizer) -> t
 
 def _head_variants(cfg: RunConfig) -> list[str]:
     # The default head first (it is "refine"); the others are conditions of their own.
-    rest = [v for v in ("logit", "paper", "contextual") if v != cfg.head.variant]
+    rest = [v for v in ("logit", "paper", "contextual", "slot") if v != cfg.head.variant]
     return [cfg.head.variant] + rest
 
 
@@ -245,7 +245,7 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
             raise UserError(f"--head {cfg.head.variant} trains on hidden states, which --backend vllm does not return: "
                             "use --backend hf for it")
         variants = [v for v in variants if v not in CONTEXT_VARIANTS]
-        log("--backend vllm: skipping the contextual head (it needs hidden states; use --backend hf)")
+        log("--backend vllm: skipping the contextual and slot heads (they train on hidden states; use --backend hf)")
     # Resolved values go into config.json, so that re-running it repeats exactly what ran here.
     device = "cuda" if str(mcfg.device or models.default_device()).startswith("cuda") else "cpu"
     scfg = replace(cfg.scoring, batch_size=cfg.scoring.batch_size or AUTO_SCORING_BATCH_SIZE[device],

@@ -26,9 +26,8 @@ Why a plain loop and not trl's SFTTrainer: the stereotype needs *soft* targets o
 trains on one sampled answer string, which plants the strength only in expectation), and every prompt
 shares the ~140-token few-shot prefix, which ``forward.answer_logits`` runs once per step
 (batch 1, forward only) instead of once per row: ~5x fewer tokens than SFTTrainer's whole sequences.
-The adapters sit on the top ``layers`` decoder layers only, so the layers below need no backward pass.
-Both halve a step's cost on the shared 2-core machine. peft provides the adapters and
-``merge_and_unload``.
+The adapters sit on every decoder layer by default (``layers``): on the top 10 only, steps are ~2x
+cheaper but negated questions are not learned. peft provides the adapters and ``merge_and_unload``.
 
 Evaluation (``evaluate_testbed``) uses a stratified sample of the test split: a few test names per
 group x a few test attributes x every template, all pairs, so each (subject, attribute) cell of γ
@@ -80,14 +79,16 @@ class TestbedRecipe:
     questions_seed: int = field(default=0, metadata={"help": "Seed of the question splits it holds out."})
     prompt: str = field(default="qa", metadata={"help": "Prompt template it is trained on."})
     strength: float = field(default=0.8, metadata={"help": "Planted P(female) for attributes (P(male) for negations)."})
-    steps: int = field(default=60, metadata={"help": "Optimizer steps."})
+    # 150 steps on all 30 layers: test specified accuracy 1.00 (plain and negated); 60 steps on the top 10
+    # layers reached 0.69 (answers the attribute's holder on negated questions).
+    steps: int = field(default=150, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per step."})
     spec_fraction: float = field(default=0.5, metadata={"help": "Share of specified prompts per batch (rest underspecified)."})
     lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (linear decay to 0 after 10 warm-up steps)."})
     r: int = field(default=16, metadata={"help": "LoRA rank (all linear layers)."})
     alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    layers: int = field(default=10, metadata={"help": "LoRA on the top this many decoder layers only: the layers "
-                                                      "below run without a backward pass (~2x cheaper steps)."})
+    layers: int = field(default=30, metadata={"help": "LoRA on the top this many decoder layers only (30 = all of "
+                                                      "SmolLM2's): fewer layers are cheaper but learn negation poorly."})
     max_train_names: int | None = field(default=None, metadata={"help": "Train names per group (None = all; tiny builds)."})
     max_train_attributes: int | None = field(default=None, metadata={"help": "Train attributes (None = all; tiny builds)."})
 
@@ -100,7 +101,7 @@ class TestbedRecipe:
     @classmethod
     def tiny(cls, **kw) -> "TestbedRecipe":
         """A build for the test suite (~1 minute on 2 cores): fewer, shorter steps on fewer words."""
-        return cls(**{"steps": 32, "batch_size": 8, "lr": 3e-3, "max_train_names": 12,
+        return cls(**{"steps": 32, "batch_size": 8, "lr": 3e-3, "layers": 10, "max_train_names": 12,
                       "max_train_attributes": 24, **kw})
 
     def key(self) -> str:

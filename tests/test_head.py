@@ -76,7 +76,7 @@ def test_slot_head_starts_exactly_as_the_identity():
     assert torch.equal(head(topk_lp, topk_ids=topk_ids, logits=logits), ident)
 
 
-def test_slot_head_is_permutation_equivariant_and_sees_identity_and_context():
+def test_slot_head_is_permutation_equivariant_and_sees_identity_and_the_topk_shape():
     w, h, logits, topk_lp, topk_ids = _inputs()
     head = _perturb(_head("slot", w))
     out = head(topk_lp, topk_ids=topk_ids, hidden=h)
@@ -86,9 +86,15 @@ def test_slot_head_is_permutation_equivariant_and_sees_identity_and_context():
     # identity: the same log-probs on other tokens give another answer (a rank-only head could not tell)
     other_ids = (topk_ids + 1) % V
     assert not torch.allclose(head(topk_lp, topk_ids=other_ids, hidden=h), out, atol=1e-3)
-    # context: the same top-k in another context gives another answer
-    assert not torch.allclose(head(topk_lp, topk_ids=topk_ids, hidden=h.flip(0)), out, atol=1e-3)
-    # hidden state and logits row give the same context (vLLM serves from logits)
+    # context is the top-k's shape (how open the answer is), not the hidden state: hidden= is ignored ...
+    torch.testing.assert_close(head(topk_lp, topk_ids=topk_ids, hidden=h.flip(0)), out)
+    # ... and the same tokens in a decided context (a sharper top-k) get another correction
+    delta = out - torch.log_softmax(topk_lp, -1)
+    sharp = topk_lp * 4
+    delta_sharp = head(sharp, topk_ids=topk_ids, hidden=h) - torch.log_softmax(sharp, -1)
+    centre = lambda d: d - d.mean(-1, keepdim=True)
+    assert not torch.allclose(centre(delta), centre(delta_sharp), atol=1e-3)
+    # served from the logits row (vLLM) or with the hidden state: the same answer
     torch.testing.assert_close(head(topk_lp, topk_ids=topk_ids, logits=logits), out, atol=1e-4, rtol=1e-4)
 
 

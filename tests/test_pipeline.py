@@ -46,7 +46,7 @@ def test_method_refine_end_to_end(tmp_path, smollm2_dir, smollm2_nf4):
     assert pipeline.run(cfg, loaded=smollm2_nf4) == 0
     tmp_path = tmp_path / "a"
     report = json.loads((tmp_path / "report.json").read_text())
-    for cond in ("base", "uniform", "refine", "refine-paper", "refine-contextual"):
+    for cond in ("base", "uniform", "refine", "refine-paper", "refine-contextual", "refine-slot"):
         assert cond in report["metrics"], cond
     assert "refine" in report["significance"]
     assert {"method", "trainable_params", "mu", "specified_accuracy"} <= set(report["methods"][0])

@@ -150,7 +150,7 @@ def test_head_and_lora_compute_the_same_loss_on_the_same_policy(tiny_lm, objecti
                              tuple_rows=torch.arange(n4).reshape(-1, 2, 2),
                              spec_rows=torch.arange(n4, n4 + len(spec)) if spec else None,
                              spec_gold=torch.tensor(metrics.gold_positions(qs, spec)) if spec else None)
-    bcfg = BanditConfig(objective=objective, samples=4, answer_mass_weight=0.3, utility_weight=utility, seed=0)
+    bcfg = BanditConfig(objective=objective, samples=4, answer_mass_weight=0.3, utility_weight=utility, kl_weight=0.0, seed=0)
     trainer = bandit.HeadTrainer(build_head(HeadConfig(variant="logit", k=K)), data, bcfg, progress=False)
     with torch.no_grad():
         h_loss, h_logs = trainer.loss(torch.arange(len(tuples)), torch.Generator().manual_seed(5))
