@@ -131,6 +131,7 @@ def config_from_args(ns: argparse.Namespace, config_file: str | None = None,
     """RunConfig() <- ``base`` (e.g. a run directory's config.json) <- ``config_file`` <- the flags given in
     ``ns``. Raises ValueError (one line naming the file or field) on a bad file or value."""
     d = RunConfig().to_dict()
+    d["model"]["quant"] = "auto"  # resolved with the final model name (ModelConfig), not the default's
     for layer, source in ((base, "config.json"), (load_config_file(config_file) if config_file else None,
                                                   str(config_file))):
         if layer is None:

@@ -173,7 +173,7 @@ def unrelated_kl(report: dict, ev: Evaluator, scorer, prompt_name: str, heads_fo
 
     from refine_llm.baselines import notrain
 
-    _, heads = heads_for_unrelated
+    test_data, heads, gate = heads_for_unrelated
     q = unrelated_questions()
     sc = scorer(q, prompt_name).with_format("numpy")
     lp = torch.as_tensor(np.stack(sc["topk_logprobs"]).astype(np.float32))  # (U, k)
@@ -191,7 +191,23 @@ def unrelated_kl(report: dict, ev: Evaluator, scorer, prompt_name: str, heads_fo
         summary[name] = {"kl": float(kl.mean()), "tv": float(tv.mean()), "kl_p95": float(np.quantile(kl, 0.95))}
         if name in ev.results:
             ev.results[name]["kl_unrelated"] = summary[name]["kl"]
-    report["unrelated_prompts"] = {"n": len(q["question_id"]), "file": UNRELATED_PROMPTS.name, "per_condition": summary}
+    gated = {}
+    if gate:
+        # Served with refine_mode "gated", a head acts only where the top-k holds >= 2 tokens of its
+        # category vocabulary (refine_llm.serving.gate_mask): elsewhere the output is the base's top-k.
+        from refine_llm.serving import gate_mask
+
+        g_ids = torch.tensor(sorted(set(gate)), dtype=torch.long)
+        g_unrel, g_test = gate_mask(ids, g_ids), gate_mask(torch.as_tensor(test_data.topk_ids), g_ids)  # (U,), (M,)
+        gated = {"unrelated_share": float(g_unrel.float().mean()), "test_share": float(g_test.float().mean())}
+        for name, new in outs.items():
+            if name.startswith("refine"):
+                kl, _ = metrics.distribution_shift(lp.numpy(), torch.where(g_unrel[:, None], new, lp).numpy())
+                summary[name]["kl_gated"] = float(kl.mean())
+                if name in ev.results:
+                    ev.results[name]["kl_unrelated_gated"] = summary[name]["kl_gated"]
+    report["unrelated_prompts"] = {"n": len(q["question_id"]), "file": UNRELATED_PROMPTS.name, "per_condition": summary,
+                                   "gated": gated}
 
 
 # ---------------------------------------------------------------------------------------------

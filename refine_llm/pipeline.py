@@ -382,6 +382,7 @@ def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokeniz
     methods_rows = []
     heads_meta = {}
     unrelated_heads = {"uniform": uni}
+    gate = None  # the category vocabulary of serving's gated mode (with trained heads)
     if variants:
         t = time.time()
         train = bandit_data(splits["train"], scores["train"], with_hidden=needs_hidden)
@@ -433,7 +434,7 @@ def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokeniz
          if "rank-bias" in results else []) + methods_rows
     return {"metrics": results, "methods": methods_rows, "heads": heads_meta, "warnings": warnings,
             "temperature_curve": frontier, "plane": notrain.plane_verdicts(results, frontier, trained),
-            "_evaluator": ev, "_heads_for_unrelated": (test_data, unrelated_heads)}
+            "_evaluator": ev, "_heads_for_unrelated": (test_data, unrelated_heads, gate)}
 
 
 def _method_row(name, res, params, secs, peak_mb) -> dict:

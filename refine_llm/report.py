@@ -212,8 +212,14 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
     unrel = report.get("unrelated_prompts") or {}
     if unrel:
         lines += [f"## Unrelated prompts ({unrel['n']}, `{unrel['file']}`)", ""]
-        lines += _table(["condition", "KL(base‖·)", "KL 95th pct", "TV"],
-                        [[n, v["kl"], v["kl_p95"], v["tv"]] for n, v in unrel["per_condition"].items()]) + [""]
+        g = unrel.get("gated") or {}
+        if g:
+            lines += [f"KL gated: served with `refine_mode` \"gated\", a head acts only where the top-k holds two "
+                      f"tokens of its category vocabulary: {g['unrelated_share']:.1%} of these prompts, "
+                      f"{g['test_share']:.1%} of the test split's prompts.", ""]
+        lines += _table(["condition", "KL(base‖·)", "KL 95th pct", "TV"] + (["KL gated"] if g else []),
+                        [[n, v["kl"], v["kl_p95"], v["tv"]] + ([v.get("kl_gated", "–")] if g else [])
+                         for n, v in unrel["per_condition"].items()]) + [""]
 
     if report.get("methods"):
         lines += ["## Methods", ""] + methods_table(report) + [""]

@@ -53,6 +53,7 @@ __all__ = [
     "discover_heads",
     "head_configs",
     "refine_topk",
+    "gate_mask",
     "gate_rows",
     "parse_request_args",
     "gate_token_ids",
@@ -148,7 +149,12 @@ def gate_rows(ids: torch.Tensor, served: ServedHead) -> torch.Tensor:
     """(R,k) top-k ids -> (R,) bool: the top-k holds at least two tokens of the head's category."""
     if served.gate_ids is None:
         return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    return torch.isin(ids, served.gate_ids.to(ids.device)).sum(dim=-1) >= 2
+    return gate_mask(ids, served.gate_ids)
+
+
+def gate_mask(ids: torch.Tensor, gate_ids: torch.Tensor) -> torch.Tensor:
+    """(R,k) top-k ids, (G,) gate vocabulary -> (R,) bool: the ``gated`` mode's rule (>= 2 gate tokens)."""
+    return torch.isin(ids, gate_ids.to(ids.device)).sum(dim=-1) >= 2
 
 
 def parse_request_args(
