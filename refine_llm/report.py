@@ -11,6 +11,7 @@ Input ``report`` dict (built by the main job):
     unrelated_prompts optional evaluation.unrelated_kl(...) summary
     prompt_sweep      optional [{prompt, answer_mass, specified_accuracy, chosen}]
     methods           optional [{method, trainable_params, train_seconds, peak_memory_mb, <metrics>}]
+    seeds             optional refine_llm.seeds.aggregate(...) (--seeds): each seed, mean ± sd, reversals
     warnings          optional [str]
 
 Which numbers the tables and plots show, with which symbol, direction and format, comes from the
@@ -126,6 +127,10 @@ def _null_rows(metrics: dict) -> list[list]:
 
 def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]) -> str:
     lines = ["# refine_llm report", ""]
+    if report.get("seeds"):  # --seeds: each seed, mean ± sd, and whether a seed reverses a conclusion
+        from refine_llm.seeds import markdown as seeds_markdown
+
+        lines += seeds_markdown(report["seeds"])
     lines += ["## Bias and utility per condition", "",
               "UnQover metrics (Li et al. 2020) on the reference scale of allenai/unqover `analysis.py`: C ∈ [−1, 1], "
               "μ and η over individual subjects. Top-k-renormalised candidate probabilities. Pooled numbers are the "
