@@ -47,7 +47,9 @@ CONCLUSIONS = (
     "Wilcoxon (Holm) p < 0.05",
     "below the temperature curve",
     "dominates every parameter-free baseline",
+    "P(gold) share kept (Δ ≥ −0.01)",  # issue 14's utility target, on specified questions
 )
+GOLD_SHARE_DROP = 0.01  # the largest drop of the P(gold) share that still counts as utility kept
 
 
 def seed_config(cfg, seed: int):
@@ -77,7 +79,13 @@ def _conclusions(report: dict, cond: str) -> dict:
             "sign of Δmean|C|": _sign(abs_c.get("delta")), "Δmean|C| 95% CI": _ci(abs_c),
             "Wilcoxon (Holm) p < 0.05": None if p is None else bool(p < ALPHA),
             "below the temperature curve": plane.get("below_temperature_curve"),
-            "dominates every parameter-free baseline": plane.get("dominates_all_parameter_free") if plane else None}
+            "dominates every parameter-free baseline": plane.get("dominates_all_parameter_free") if plane else None,
+            "P(gold) share kept (Δ ≥ −0.01)": _kept(report["metrics"][cond], report["metrics"]["base"])}
+
+
+def _kept(res: dict, base: dict) -> bool | None:
+    a, b = res.get("gold_share"), base.get("gold_share")
+    return None if a is None or b is None else bool(a - b >= -GOLD_SHARE_DROP)
 
 
 def _rel(res: dict, base: dict, key: str) -> float | None:
@@ -143,7 +151,7 @@ TABLE_KEYS = ("mu", "mean_abs_c", "eta", "gold_share", "specified_accuracy", "kl
 
 def _fmt(key: str, v) -> str:
     if key.startswith("rel_"):
-        return "–" if v is None else f"{v:+.0f}%"
+        return "–" if v is None else f"{round(v) + 0:+d}%"  # + 0: no "-0%"
     return metric(key).format(v)
 
 
@@ -157,6 +165,10 @@ def _symbol(key: str) -> str:
     return f"{metric(key[4:]).symbol} vs base" if key.startswith("rel_") else metric(key).symbol
 
 
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")  # mean|C| inside a Markdown table cell
+
+
 def markdown(block: dict) -> list[str]:
     """report.md's "Seeds" section."""
     seeds = block["seeds"]
@@ -167,11 +179,11 @@ def markdown(block: dict) -> list[str]:
              f"{seeds[0]}'s; each seed's own report is in `seeds/seed-<s>/`. sd: sample standard deviation.", "",
              f"**{block['verdict']}.**", "",
              "### Mean ± sd across seeds", "",
-             "| condition | seeds | " + " | ".join(_symbol(k) for k in keys) + " |",
+             "| condition | seeds | " + " | ".join(_md(_symbol(k)) for k in keys) + " |",
              "|" + "---|" * (len(keys) + 2)]
     for c, s in block["summary"].items():
         lines.append(f"| {c} | {s['mu']['n']} | " + " | ".join(_pm(k, s[k]) for k in keys) + " |")
-    lines += ["", "### Each seed", "", "| condition | seed | " + " | ".join(_symbol(k) for k in keys) + " |",
+    lines += ["", "### Each seed", "", "| condition | seed | " + " | ".join(_md(_symbol(k)) for k in keys) + " |",
               "|" + "---|" * (len(keys) + 2)]
     for c, rows in block["per_seed"].items():
         for s in seeds:
@@ -185,7 +197,7 @@ def markdown(block: dict) -> list[str]:
         for c, by in block["conclusions"].items():
             for name, vals in by.items():
                 agree = len({v for v in vals.values() if v is not None}) <= 1
-                lines.append(f"| {c} | {name} | " + " | ".join(_show(vals.get(s)) for s in seeds)
+                lines.append(f"| {c} | {_md(name)} | " + " | ".join(_show(vals.get(s)) for s in seeds)
                              + f" | {'yes' if agree else '**no**'} |")
     return lines + [""]
 

@@ -9,12 +9,13 @@ so the data order is the seed's, and so are the paper and contextual heads' init
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from refine_llm import pipeline, scoring
+from refine_llm import pipeline, rewards, scoring
 from refine_llm.config import BanditConfig, LoraConfig, ModelConfig, QuestionsConfig, RunConfig, ScoringConfig
 
 
@@ -48,6 +49,14 @@ def test_seeds_score_once_train_per_seed(tmp_path, tiny_mistral_dir, tiny_fp32, 
         return real(model, tokenizer, plan, idx, *a, **k)
 
     monkeypatch.setattr(scoring, "_score_hf", spy)
+    callers: list[str] = []  # the module of each caller of the shared reward's loss
+    real_loss = rewards.policy_loss
+
+    def loss_spy(*a, **k):
+        callers.append(sys._getframe(1).f_globals["__name__"])
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(rewards, "policy_loss", loss_spy)
     out = tmp_path / "run"
     # --method all: the LoRA baselines (fp32, the testbed's precision) train once, with the first seed
     cfg = _cfg(out, tiny_mistral_dir, "0,1", method="all", lora=LoraConfig(steps=2, batch_size=1))
@@ -105,6 +114,8 @@ def test_seeds_score_once_train_per_seed(tmp_path, tiny_mistral_dir, tiny_fp32, 
         assert json.loads((out / "seeds" / "seed-0" / "adapters" / m / "refine_llm_lora.json").read_text())[
             "config"]["seed"] == 0
     assert "not checked: lora-reward" in block["verdict"]
+    # lora-reward trains through the shared reward (rewards.policy_loss): 2 steps x 2 objectives
+    assert callers.count("refine_llm.baselines.lora") == 4, callers
 
     # a re-run resumes: nothing scored again, every head reused, the same numbers
     head_bytes = (out / "seeds" / "seed-1" / "heads" / "logit" / "model.safetensors").read_bytes()
