@@ -196,11 +196,14 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
                                                 for c in curve]) + [""]
     plane = report.get("plane") or {}
     if plane:
-        rows = [[h, v.get("gold_share"), v.get("mu"), v.get("curve_mu_at_gold_share"), v.get("below_temperature_curve"),
+        rows = [[h, v.get("gold_share"), v.get("mu"), v.get("curve_mu_at_gold_share"),
+                 _fmt(v.get("below_temperature_curve")) + (" (past the curve's end)" if v.get("past_curve_end") else ""),
                  ", ".join(f"{p}: {_fmt(d)}" for p, d in (v.get("dominates") or {}).items())]
                 for h, v in plane.items()]
-        lines += ["Each trained head against the curve (at its own P(gold) share) and the parameter-free points "
-                  "(dominates = no worse on μ, mean|C|, P(gold) share and KL, better on one):", ""]
+        lines += ["Each trained head and LoRA adapter against the curve (at its own P(gold) share) and the "
+                  "parameter-free points (dominates = no worse on μ, mean|C|, P(gold) share and KL, better on one; "
+                  "an adapter has no KL over the base's top-k). \"Past the curve's end\": more P(gold) share than "
+                  "base, where the curve is read at T = 1.", ""]
         lines += _table(["head", "P(gold) share", "μ", "curve μ there", "below curve (μ and mean|C|)", "dominates"],
                         rows) + [""]
 
