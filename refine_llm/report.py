@@ -73,7 +73,7 @@ def _fmt(v, digits: int = 3) -> str:
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out = ["| " + " | ".join(_fmt(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
     return out
 

@@ -106,7 +106,7 @@ def plane_verdicts(results: dict[str, dict], curve: list[dict], heads: list[str]
         # A LoRA adapter can gain utility: past the curve's most useful point (T = 1, base) the curve is read
         # there (np.interp holds its end value), which is lenient, since sharpening (T < 1) is not on it.
         shares = [c["gold_share"] for c in curve if c.get("gold_share") is not None]
-        past = None if not shares or r.get("gold_share") is None else bool(r["gold_share"] > max(shares))
+        past = None if not shares or r.get("gold_share") is None else bool(r["gold_share"] > max(shares) + 1e-9)
         out[h] = {"gold_share": r.get("gold_share"), "mu": r.get("mu"), "curve_mu_at_gold_share": mu_c,
                   "past_curve_end": past,
                   "curve_mean_abs_c_at_gold_share": abs_c, "below_temperature_curve": below,
