@@ -67,6 +67,20 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _parse_seeds(value: Any) -> str:
+    """"0, 1,2" (or a list of ints, from a YAML file) -> "0,1,2"; distinct non-negative integers."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        seeds = [int(str(s).strip()) for s in items]
+    except ValueError:
+        raise ValueError(f"seeds={value!r} (--seeds): pass distinct non-negative integers separated by commas, "
+                         "e.g. 0,1,2") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={value!r} (--seeds): pass distinct non-negative integers separated by commas, "
+                         "e.g. 0,1,2")
+    return ",".join(str(s) for s in seeds)
+
+
 @dataclass
 class ModelConfig:
     """Which LLM to load and how."""
@@ -350,6 +364,14 @@ class RunConfig:
         metadata={"help": "Optimizer steps of lora-cda (None: --lora-steps). Its SFT runs whole prompts with logits at "
                           "every position, several times the cost per example of lora-reward."},
     )
+    seeds: str | None = field(
+        default=None,
+        metadata={"help": "Training seeds, comma-separated (e.g. 0,1,2): the questions, splits and scores stay fixed "
+                          "(scored once), each seed trains the heads again (--head-seed and --lora-seed set to it) "
+                          "into <out>/seeds/seed-<s>/, and the report gives each seed, mean ± sd and whether any "
+                          "seed reverses a conclusion. LoRA baselines train with the first seed only. None: one "
+                          "run with --head-seed / --lora-seed, in <out> itself."},
+    )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"prefix": ""})
     questions: QuestionsConfig = field(default_factory=lambda: QuestionsConfig(max_tuples=64), metadata={"prefix": ""})
     scoring: ScoringConfig = field(default_factory=ScoringConfig, metadata={"prefix": ""})
@@ -362,6 +384,8 @@ class RunConfig:
         _check_literals(self)
         if self.cda_steps is not None:
             _check_positive("cda_steps", self.cda_steps)
+        if self.seeds is not None:
+            self.seeds = _parse_seeds(self.seeds)
         # The head and the LoRA policy act on the scoring top-k: derived, never set twice.
         if self.head.k != self.scoring.top_k:
             self.head = replace(self.head, k=self.scoring.top_k)
@@ -372,6 +396,11 @@ class RunConfig:
     def seed(self) -> int:
         """The run's data seed (splits, sampling, bootstrap CIs)."""
         return self.questions.seed
+
+    @property
+    def training_seeds(self) -> list[int] | None:
+        """``seeds`` as integers (None: one run with the configured head and LoRA seeds)."""
+        return None if self.seeds is None else [int(s) for s in self.seeds.split(",")]
 
     def to_dict(self) -> dict[str, Any]:
         """config.json: every field plus the schema version."""

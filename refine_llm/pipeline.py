@@ -300,16 +300,28 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
     if until == "score":
         return 0
 
-    report = run_conditions(cfg, out, splits, scores, variants, model, tokenizer, info, timing)
-    ev = report.pop("_evaluator")
-    report.update(config=config, prompt=prompt_name, prompt_sweep=sweep, model=info)
-    report.setdefault("environment", {}).update(models.cpu_info())  # CPU + numeric stack (README: Reproducibility)
-    report["split_design"] = evaluation.split_design(questions)
-    t = time.time()  # KL on prompts with nothing to debias, through the same scorer (HF or vLLM) and prompt
-    evaluation.unrelated_kl(report, ev, scorer, prompt_name, report.pop("_heads_for_unrelated"))
-    timing["unrelated_prompts"] = time.time() - t
+    # --seeds: each seed trains into <out>/seeds/seed-<s>/ on the same questions and scores (refine_llm.seeds)
+    from refine_llm import seeds as seedrun
+
+    seeds = cfg.training_seeds
+    runs = [(cfg, out)] if seeds is None else [(seedrun.seed_config(cfg, s), out / "seeds" / f"seed-{s}") for s in seeds]
+    done = []  # (cfg, run dir, report, evaluator, timing) per seed
+    for cfg_s, out_s in runs:
+        tm = dict(timing)
+        if seeds is not None:
+            log(f"seed {cfg_s.bandit.seed}: training into {out_s}")
+        report = run_conditions(cfg_s, out_s, splits, scores, variants, model, tokenizer, info, tm)
+        ev = report.pop("_evaluator")
+        report.update(config=config, prompt=prompt_name, prompt_sweep=sweep, model=info)
+        report.setdefault("environment", {}).update(models.cpu_info())  # CPU + numeric stack (README: Reproducibility)
+        report["split_design"] = evaluation.split_design(questions)
+        t = time.time()  # KL on prompts with nothing to debias, through the same scorer (HF or vLLM) and prompt
+        evaluation.unrelated_kl(report, ev, scorer, prompt_name, report.pop("_heads_for_unrelated"))
+        tm["unrelated_prompts"] = time.time() - t
+        done.append((cfg_s, out_s, report, ev, tm))
+    cfg0, out0, report, ev, tm = done[0]  # BBQ, --compare-quant and the LoRA baselines: the first seed only
     if cfg.bbq.bbq_dir:
-        run_bbq_stage(cfg, out, model, tokenizer, report, timing)
+        run_bbq_stage(cfg0, out0, model, tokenizer, report, tm)
 
     if cfg.compare_quant and mcfg.quant != "bf16" and until == "evaluate":
         report["quant_shift"] = compare_quant(cfg, scfg, source, splits["test"], prompt_name, out,
@@ -318,16 +330,35 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
         # The frozen model's scores are cached; free it before each LoRA run loads its own trainable copy.
         del model, scorer
         _free_memory()
-        run_lora(cfg, methods, out, splits, prompt_name, scfg, report, timing, ev)
+        run_lora(cfg0, methods, out0, splits, prompt_name, scfg, report, tm, ev)
+        from refine_llm.baselines import notrain
+
+        # the adapters on the heads' bias-utility plane (against the same temperature curve and baselines)
+        report["plane"] = notrain.plane_verdicts(ev.results, report["temperature_curve"],
+                                                 [n for n in ev.results if n.startswith(("refine", "lora"))])
     if until == "train":
         return 0
 
-    t = time.time()
-    report["significance"] = evaluation.significance(report["metrics"], seed=cfg.seed)
-    ev.write_predictions(out / "predictions.parquet")
-    timing["significance"] = time.time() - t
-    timing["total"] = time.time() - t_start
-    report["timing"] = {k: round(v, 2) for k, v in timing.items()}
+    for cfg_s, out_s, rep, ev_s, tm in done:
+        t = time.time()
+        rep["significance"] = evaluation.significance(rep["metrics"], seed=cfg.seed)
+        ev_s.write_predictions(out_s / "predictions.parquet")
+        tm["significance"] = time.time() - t
+        tm["total"] = time.time() - t_start
+        rep["timing"] = {k: round(v, 2) for k, v in tm.items()}
+        if seeds is not None:
+            rep["seed"] = cfg_s.bandit.seed
+        _write(out_s, rep)
+    if seeds is not None:  # the top level: the first seed's report plus each seed, mean ± sd and the verdict
+        report = {**done[0][2], "seeds": seedrun.aggregate({c.bandit.seed: r for c, _, r, _, _ in done})}
+        report["timing"] = {**report["timing"], "total": round(time.time() - t_start, 2)}
+        ev.write_predictions(out / "predictions.parquet")
+        _write(out, report)
+    _print_summary(report, out)
+    return 0
+
+
+def _write(out: Path, report: dict) -> None:
     from refine_llm.report import write_report
 
     write_report(out, report)
@@ -335,8 +366,6 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
         from refine_llm import bbq
 
         bbq.append_to_report(out, report["bbq"])
-    _print_summary(report, out)
-    return 0
 
 
 def run_bbq_stage(cfg: RunConfig, out, model, tokenizer, report, timing) -> None:
@@ -528,4 +557,9 @@ def _print_summary(report: dict, out: Path) -> None:
 
     for line in summary_lines(report):
         log(line)
+    if report.get("seeds"):
+        from refine_llm.seeds import summary_lines as seed_lines
+
+        for line in seed_lines(report["seeds"]):
+            log(line)
     log(f"report: {out / 'report.md'}")

@@ -11,6 +11,7 @@ Input ``report`` dict (built by the main job):
     unrelated_prompts optional evaluation.unrelated_kl(...) summary
     prompt_sweep      optional [{prompt, answer_mass, specified_accuracy, chosen}]
     methods           optional [{method, trainable_params, train_seconds, peak_memory_mb, <metrics>}]
+    seeds             optional refine_llm.seeds.aggregate(...) (--seeds): each seed, mean ± sd, reversals
     warnings          optional [str]
 
 Which numbers the tables and plots show, with which symbol, direction and format, comes from the
@@ -72,7 +73,7 @@ def _fmt(v, digits: int = 3) -> str:
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out = ["| " + " | ".join(_fmt(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
     return out
 
@@ -126,6 +127,10 @@ def _null_rows(metrics: dict) -> list[list]:
 
 def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]) -> str:
     lines = ["# refine_llm report", ""]
+    if report.get("seeds"):  # --seeds: each seed, mean ± sd, and whether a seed reverses a conclusion
+        from refine_llm.seeds import markdown as seeds_markdown
+
+        lines += seeds_markdown(report["seeds"])
     lines += ["## Bias and utility per condition", "",
               "UnQover metrics (Li et al. 2020) on the reference scale of allenai/unqover `analysis.py`: C ∈ [−1, 1], "
               "μ and η over individual subjects. Top-k-renormalised candidate probabilities. Pooled numbers are the "
@@ -191,11 +196,14 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
                                                 for c in curve]) + [""]
     plane = report.get("plane") or {}
     if plane:
-        rows = [[h, v.get("gold_share"), v.get("mu"), v.get("curve_mu_at_gold_share"), v.get("below_temperature_curve"),
+        rows = [[h, v.get("gold_share"), v.get("mu"), v.get("curve_mu_at_gold_share"),
+                 _fmt(v.get("below_temperature_curve")) + (" (past the curve's end)" if v.get("past_curve_end") else ""),
                  ", ".join(f"{p}: {_fmt(d)}" for p, d in (v.get("dominates") or {}).items())]
                 for h, v in plane.items()]
-        lines += ["Each trained head against the curve (at its own P(gold) share) and the parameter-free points "
-                  "(dominates = no worse on μ, mean|C|, P(gold) share and KL, better on one):", ""]
+        lines += ["Each trained head and LoRA adapter against the curve (at its own P(gold) share) and the "
+                  "parameter-free points (dominates = no worse on μ, mean|C|, P(gold) share and KL, better on one; "
+                  "an adapter has no KL over the base's top-k). \"Past the curve's end\": more P(gold) share than "
+                  "base, where the curve is read at T = 1.", ""]
         lines += _table(["head", "P(gold) share", "μ", "curve μ there", "below curve (μ and mean|C|)", "dominates"],
                         rows) + [""]
 

@@ -123,6 +123,8 @@ MAIN_CASES = [
     ("utility-negative", lambda p, t: ["--head-utility-weight", "-0.5"], "utility-weight"),
     ("lora-steps-zero", lambda p, t: ["--method", "lora-reward", "--lora-steps", "0"], "--lora-steps"),
     ("lora-r-zero", lambda p, t: ["--method", "all", "--lora-r", "0"], "--lora-r"),
+    ("seeds-not-ints", lambda p, t: ["--seeds", "0,x"], "--seeds"),
+    ("seeds-repeated", lambda p, t: ["--seeds", "1,1"], "--seeds"),
     # model paths
     ("model-missing-dir", lambda p, t: ["--model", str(t / "nope" / "model")], "no such directory"),
     ("model-unknown-alias", lambda p, t: ["--model", "llama-2-7"], "unknown model alias"),

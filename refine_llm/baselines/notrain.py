@@ -103,7 +103,12 @@ def plane_verdicts(results: dict[str, dict], curve: list[dict], heads: list[str]
         abs_c = _curve_at(curve, r.get("gold_share"), "mean_abs_c")
         below = None if mu_c is None or r.get("mu") is None else bool(r["mu"] < mu_c and r["mean_abs_c"] < abs_c)
         dom = {p: _dominates(r, results[p]) for p in PARAMETER_FREE if p in results}
+        # A LoRA adapter can gain utility: past the curve's most useful point (T = 1, base) the curve is read
+        # there (np.interp holds its end value), which is lenient, since sharpening (T < 1) is not on it.
+        shares = [c["gold_share"] for c in curve if c.get("gold_share") is not None]
+        past = None if not shares or r.get("gold_share") is None else bool(r["gold_share"] > max(shares) + 1e-9)
         out[h] = {"gold_share": r.get("gold_share"), "mu": r.get("mu"), "curve_mu_at_gold_share": mu_c,
+                  "past_curve_end": past,
                   "curve_mean_abs_c_at_gold_share": abs_c, "below_temperature_curve": below,
                   "dominates": dom, "dominates_all_parameter_free": bool(dom) and all(v is True for v in dom.values())}
     return out
