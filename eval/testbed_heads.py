@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refine_llm import bandit, metrics, models, pipeline, prompts, scoring, testbed
+from refine_llm import bandit, evaluation, metrics, models, pipeline, prompts, scoring, testbed
 from refine_llm.config import BanditConfig, HeadConfig, QuestionsConfig, ScoringConfig
 from refine_llm.errors import UserError
 from refine_llm.head import build_head, candidate_probs
@@ -133,12 +133,14 @@ def main(argv=None) -> int:
     scfg = ScoringConfig(prompt=args.prompt, top_k=10, batch_size=32, store_hidden=True)
     prompt = prompts.load_prompt(args.prompt)
     score = lambda q: scoring.score(model, tok, q, prompt, scfg, cache_dir=out / "scores", model_key=key)
-    sc = {"train": score(train_q), "validation": score(val_q), "test": score(test_q)}
+    sc = {"train": score(train_q), "validation": score(val_q), "test": score(test_q),
+          "anchor": score(evaluation.unrelated_questions(part="anchor"))}  # the anchor term's prompts
     t_score = time.time() - t0
-    data = {"train": pipeline.bandit_data(train_q, sc["train"], with_hidden=True),
+    data = {"train": pipeline.bandit_data(train_q, sc["train"], with_hidden=True, anchors=sc["anchor"]),
             "validation": pipeline.bandit_data(val_q, sc["validation"], with_hidden=True),
             "test": pipeline.bandit_data(test_q, sc["test"], with_hidden=True)}
     lm_w = model.get_output_embeddings().weight.detach().float().cpu()
+    gate = pipeline._gate_token_ids(tok, QuestionsConfig(category="gender"))  # the slot head's category vocabulary
     del model
 
     td = data["test"]
@@ -158,6 +160,8 @@ def main(argv=None) -> int:
     for variant in [v for v in args.heads.split(",") if v]:
         torch.manual_seed(args.seed)
         head = build_head(HeadConfig(variant=variant, k=10), lm_head_weight=lm_w, seed=args.seed)
+        if hasattr(head, "set_category_vocabulary"):
+            head.set_category_vocabulary(gate)
         cfg = BanditConfig(seed=args.seed, **{**train_kw, **_overrides(args.set)}).for_variant(variant)
         res = bandit.train_head(head, data["train"], cfg, val=data["validation"], progress=False)
         head.eval()

@@ -93,6 +93,11 @@ class BanditData:
     spec_rows: Any = None
     spec_gold: Any = None
     tuple_meta: dict | None = None
+    # prompts with nothing to debias (evaluation.unrelated_questions(part="anchor")): (A,k) log-probs,
+    # (A,k) ids, (A,d) hidden; KL(base || head) on them keeps the head out of the way (anchor_weight)
+    anchor_logprobs: Any = None
+    anchor_ids: Any = None
+    anchor_hidden: Any = None
 
     def __post_init__(self) -> None:
         t = lambda x, dt: None if x is None else torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(dt)
@@ -103,6 +108,12 @@ class BanditData:
         self.hidden = t(self.hidden, torch.float32)
         self.spec_rows = t(self.spec_rows, torch.long)
         self.spec_gold = t(self.spec_gold, torch.long)
+        self.anchor_logprobs = t(self.anchor_logprobs, torch.float32)
+        self.anchor_ids = t(self.anchor_ids, torch.long)
+        self.anchor_hidden = t(self.anchor_hidden, torch.float32)
+        if (self.anchor_logprobs is None) != (self.anchor_ids is None) or (
+                self.anchor_logprobs is not None and self.anchor_ids.shape != self.anchor_logprobs.shape):
+            raise UserError("pass anchor_logprobs and anchor_ids together, both (A,k)")
         M, k = self.topk_logprobs.shape
         if self.topk_ids.shape != (M, k) or self.cand_mask.shape != (M, 2, k):
             raise UserError(
@@ -297,7 +308,7 @@ class HeadTrainer:
         self.ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
         self.progress, self.log_every = progress, log_every
         self.opt = _make_optimizer(head, cfg)
-        self.weights = rewards.Weights(cfg.answer_mass_weight, cfg.utility_weight, cfg.kl_weight)
+        self.weights = rewards.Weights(cfg.answer_mass_weight, cfg.utility_weight, cfg.kl_weight, cfg.anchor_weight)
         self.state = TrainerState(seed=cfg.seed, objective=cfg.objective, config=asdict(cfg))
         self.best: dict[str, torch.Tensor] | None = None  # the best evaluation's head weights
         self.resumed_from: int | None = None
@@ -324,6 +335,11 @@ class HeadTrainer:
                     "spec_gold_mask": data.cand_mask[srows].to(dev)[torch.arange(n_spec, device=dev), gold]}
             if cfg.kl_weight > 0:  # KL(base || head) over the top-k, base = the LLM's renormalised top-k
                 spec["spec_kl"] = rewards.kl_to_base(renormalised_topk(data.topk_logprobs[srows].to(dev)), slp)
+        if cfg.anchor_weight > 0 and data.anchor_logprobs is not None and len(data.anchor_logprobs):
+            pick = torch.randperm(len(data.anchor_logprobs), generator=g)[:len(flat)]
+            hid = data.anchor_hidden[pick].to(dev) if data.anchor_hidden is not None else None
+            alp = self.head(data.anchor_logprobs[pick].to(dev), topk_ids=data.anchor_ids[pick].to(dev), hidden=hid)
+            spec["anchor_kl"] = rewards.kl_to_base(renormalised_topk(data.anchor_logprobs[pick].to(dev)), alp)
         return rewards.policy_loss(lp, mask, cfg.objective, self.weights, samples=self.samples, generator=g, **spec)
 
     def training_step(self, tuples: torch.Tensor, with_replacement: bool, g: torch.Generator) -> dict:

@@ -241,6 +241,9 @@ class BanditConfig:
     kl_weight: float = field(
         default=2.0, metadata={"help": "KL(base || head) on specified train questions, times utility_weight (0 = off)."}
     )
+    anchor_weight: float = field(
+        default=2.0, metadata={"help": "KL(base || head) on unrelated prompts of the anchor families (the report's "
+                                       "unrelated KL uses the other families); 0 = off."})
     seed: int = field(default=0, metadata={"help": "Seed for the head's initialisation, the policy's samples and the data order."})
     patience: int = field(
         default=0, metadata={"help": "Early stopping: evaluations without a better validation mu (0 = off)."}
@@ -263,6 +266,7 @@ class BanditConfig:
         _check_positive("utility_weight", self.utility_weight, allow_zero=True)
         _check_positive("answer_mass_weight", self.answer_mass_weight, allow_zero=True)
         _check_positive("kl_weight", self.kl_weight, allow_zero=True)
+        _check_positive("anchor_weight", self.anchor_weight, allow_zero=True)
         _check_positive("contextual_lr_scale", self.contextual_lr_scale)
         if self.samples < 2:
             raise ValueError(f"samples must be >= 2 for the leave-one-out baseline, got {self.samples}")
@@ -276,7 +280,8 @@ class BanditConfig:
     def paper(cls, **overrides: Any) -> "BanditConfig":
         """The REFINE-LM authors' update and hyper-parameters (rameez-mrq/refine-lm-submission)."""
         kw: dict[str, Any] = dict(objective="paper", lr=2e-5, batch_size=256, minibatch_size=128, epochs=1,
-                                  utility_weight=0.0, answer_mass_weight=0.0, eval_every=50)
+                                  utility_weight=0.0, answer_mass_weight=0.0, kl_weight=0.0, anchor_weight=0.0,
+                                  eval_every=50)
         kw.update(overrides)
         return cls(**kw)
 

@@ -144,9 +144,26 @@ def metrics_from_predictions(pred: dict[str, list], seed: int = 0, n_resamples: 
 UNRELATED_PROMPTS = Path(__file__).resolve().parent / "data" / "unrelated_prompts.tsv"
 
 
-def unrelated_questions(path=UNRELATED_PROMPTS) -> dict[str, list]:
+UNRELATED_PARTS = ("anchor", "test")
+
+
+def unrelated_family(question: str) -> str:
+    """A prompt's family: the first two words of its question ("How many", "Which animal", ...)."""
+    return " ".join(question.split()[:2])
+
+
+def unrelated_part(question: str) -> str:
+    """``anchor`` (heads may train on it: KL to base) or ``test`` (the report's unrelated KL), by a hash
+    of the prompt's family, so no question family is on both sides."""
+    import hashlib
+
+    return UNRELATED_PARTS[int(hashlib.sha1(unrelated_family(question).encode()).hexdigest(), 16) % 2]
+
+
+def unrelated_questions(path=UNRELATED_PROMPTS, part: str | None = None) -> dict[str, list]:
     """The unrelated prompts as a questions-like dict of columns (scoring needs two candidate words;
-    they are placeholders here: only the top-k distribution at the answer slot is used)."""
+    they are placeholders here: only the top-k distribution at the answer slot is used). ``part``:
+    None = all, else one of ``UNRELATED_PARTS`` (``unrelated_part``)."""
     import hashlib
 
     rows = []
@@ -156,7 +173,8 @@ def unrelated_questions(path=UNRELATED_PROMPTS) -> dict[str, list]:
         parts = line.split("\t")
         if len(parts) != 2:
             raise UserError(f"{path}:{ln}: expected 'context TAB question', got {line!r}")
-        rows.append(parts)
+        if part is None or unrelated_part(parts[1]) == part:
+            rows.append(parts)
     cols = {"question_id": [hashlib.sha1(f"unrelated|{c}|{q}".encode()).hexdigest()[:16] for c, q in rows],
             "context": [c for c, _ in rows], "question": [q for _, q in rows]}
     n = len(rows)
@@ -174,7 +192,7 @@ def unrelated_kl(report: dict, ev: Evaluator, scorer, prompt_name: str, heads_fo
     from refine_llm.baselines import notrain
 
     test_data, heads, gate = heads_for_unrelated
-    q = unrelated_questions()
+    q = unrelated_questions(part="test")  # the other families may have trained the heads (BanditConfig.anchor_weight)
     sc = scorer(q, prompt_name).with_format("numpy")
     lp = torch.as_tensor(np.stack(sc["topk_logprobs"]).astype(np.float32))  # (U, k)
     ids = torch.as_tensor(np.stack(sc["topk_ids"]).astype(np.int64))
@@ -206,8 +224,9 @@ def unrelated_kl(report: dict, ev: Evaluator, scorer, prompt_name: str, heads_fo
                 summary[name]["kl_gated"] = float(kl.mean())
                 if name in ev.results:
                     ev.results[name]["kl_unrelated_gated"] = summary[name]["kl_gated"]
-    report["unrelated_prompts"] = {"n": len(q["question_id"]), "file": UNRELATED_PROMPTS.name, "per_condition": summary,
-                                   "gated": gated}
+    report["unrelated_prompts"] = {"n": len(q["question_id"]), "file": UNRELATED_PROMPTS.name, "part": "test",
+                                   "families": sorted({unrelated_family(x) for x in q["question"]}),
+                                   "per_condition": summary, "gated": gated}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,13 +37,17 @@ Variants (``HeadConfig.variant``):
   slot j: whether its token is of the same kind as the rest of the top-k's mass and as the leading
   answer (the other name), with u_j = normalize(W_out[id_j]) Q a code of the token's output-embedding
   row (Q (d,r) a fixed seeded projection, so unseen names get codes) and ubar = sum_j p_j u_j.
-  The identity enters only through these two similarities, never as a raw code: on the testbed, raw
+  c_j = 1 when the token is in the category vocabulary (the names, group nouns and pronouns of the
+  word lists: ``gate_token_ids``, set by ``set_category_vocabulary`` and saved with the head), and the
+  share of such slots in the top-k: where two candidates compete the head acts, elsewhere (a question
+  about the weather) it learns to stay out (the anchor term of ``refine_llm.rewards``).
+  The identity enters only through these features, never as a raw code: on the testbed, raw
   codes and a trained context projection (the first design, ~400k parameters) memorised the train
   split's names (train mean|C| 0.004, validation μ stuck at -60%), while the similarities generalise
   to unseen names, attributes and templates (README, "Heads on the testbed"). Output
   ``log_softmax(topk + delta)``; the MLP's last layer starts at zero, so the untrained head is exactly
-  the identity. Saved: Q, the MLP and the code table normalize(W_out) Q (V,r), so vLLM serves it from
-  the top-k alone.
+  the identity. Saved: Q, the MLP, the category mask (V,) and the code table normalize(W_out) Q (V,r),
+  so vLLM serves it from the top-k alone.
 - ``uniform`` (uniform over the top-k) and ``identity`` (renormalised top-k): parameter-free baselines.
 
 Artifacts: a hub model repository layout, ``config.json`` + ``model.safetensors`` + ``README.md`` (a
@@ -269,7 +273,7 @@ class ContextualHead(LogitHead):
 
 class SlotHead(ContextualHead):
     """A head that knows who is who: every top-k slot is scored by one shared MLP from its log-prob,
-    the top-k's shape and two identity similarities (see the module docstring, ``slot``).
+    the top-k's shape, two identity similarities and category membership (module docstring, ``slot``).
 
     Trainable: only the MLP (F=6 -> WIDTH -> 1, last layer zero-initialised: exactly the identity at
     init). Buffers: code_proj Q (d,r), a fixed seeded projection, and tok_codes (V,r) =
@@ -281,7 +285,7 @@ class SlotHead(ContextualHead):
 
     variant = "slot"
     WIDTH = 32  # hidden units of the per-slot MLP
-    N_FEAT = 6  # lp, lp - max, entropy, margin | cos(u, ubar), cos(u, u_top1)
+    N_FEAT = 8  # lp, lp - max, entropy, margin | cos(u, ubar), cos(u, u_top1) | in category, share in category
     _LP_FLOOR = -30.0  # log-prob features are clamped here (a -inf slot stays -inf in the output)
 
     def __init__(self, k: int, rank: int, vocab_size: int, hidden_size: int,
@@ -295,8 +299,19 @@ class SlotHead(ContextualHead):
             self.mlp[2].weight.zero_()
             self.mlp[2].bias.zero_()
         self.register_buffer("tok_codes", torch.zeros(vocab_size, rank))
+        self.register_buffer("category_mask", torch.zeros(vocab_size))  # (V,) 1 = a token of the category vocabulary
         if lm_head_weight is not None:
             self.attach_lm_head(lm_head_weight)
+
+    @torch.no_grad()
+    def set_category_vocabulary(self, token_ids) -> None:
+        """Mark the category vocabulary (names, group nouns, pronouns: ``gate_token_ids``, refine_llm.vocab):
+        the head then knows which slots hold a candidate of the bias category. Saved with the weights."""
+        self.category_mask.zero_()
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise UserError(f"category token ids must lie in [0, {self.vocab_size}): use this model's tokenizer")
+        self.category_mask[ids] = 1.0
 
     def attach_lm_head(self, lm_head_weight: torch.Tensor) -> None:
         """Keep W_out (V,d) (not saved) and refresh the code table from it."""
@@ -325,8 +340,10 @@ class SlotHead(ContextualHead):
         u = F.normalize(self.tok_codes[topk_ids.long()], dim=-1)  # (B,k,r) who is in each slot
         ubar = F.normalize((p.unsqueeze(-1) * u).sum(1, keepdim=True), dim=-1)  # (B,1,r) where the mass is
         u_top = u[torch.arange(B, device=u.device), top2.indices[:, 0]].unsqueeze(1)  # (B,1,r) the leading answer
+        cat = self.category_mask[topk_ids.long()]  # (B,k) 1 = a candidate of the bias category ...
+        cat_share = cat.mean(-1, keepdim=True).expand(B, self.k)  # ... and how many of them compete
         feats = torch.stack([lpc, lpc - top2.values[:, :1], ent, margin,
-                             (u * ubar).sum(-1), (u * u_top).sum(-1)], dim=-1)  # (B,k,6)
+                             (u * ubar).sum(-1), (u * u_top).sum(-1), cat, cat_share], dim=-1)  # (B,k,8)
         delta = self.mlp(feats).squeeze(-1)  # (B,k), exactly 0 at init
         return torch.log_softmax(x + delta, dim=-1)
 

@@ -96,8 +96,9 @@ def _split(ds, split: str):
     return ds.select(idx)
 
 
-def bandit_data(questions, scores, with_hidden: bool = False):
-    """BanditData (refine_llm.bandit) for one split: the glue between the cached datasets and the trainer."""
+def bandit_data(questions, scores, with_hidden: bool = False, anchors=None):
+    """BanditData (refine_llm.bandit) for one split: the glue between the cached datasets and the trainer.
+    ``anchors``: the scores of prompts with nothing to debias (the anchor term of the training objective)."""
     from refine_llm import metrics
     from refine_llm.bandit import BanditData
 
@@ -118,7 +119,17 @@ def bandit_data(questions, scores, with_hidden: bool = False):
         spec_rows=spec if len(spec) else None,
         spec_gold=metrics.gold_positions(questions, spec) if len(spec) else None,
         tuple_meta={k: meta[k] for k in ("subj_a", "subj_b", "group_a", "group_b", "attribute_id", "category")},
+        **_anchor_arrays(anchors, with_hidden),
     )
+
+
+def _anchor_arrays(anchors, with_hidden: bool) -> dict:
+    if anchors is None:
+        return {}
+    a = anchors.with_format("numpy")
+    return {"anchor_logprobs": np.stack(a["topk_logprobs"]).astype(np.float32),
+            "anchor_ids": np.stack(a["topk_ids"]).astype(np.int64),
+            "anchor_hidden": np.stack(a["hidden"]).astype(np.float32) if with_hidden and "hidden" in a.column_names else None}
 
 
 def head_probs(head, data, scores):
@@ -296,6 +307,8 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
     log(f"prompt: {prompt_name}")
     t = time.time()
     scores = {s: scorer(q, prompt_name) for s, q in splits.items() if s == "test" or train_heads}
+    if train_heads and cfg.bandit.anchor_weight > 0:  # unrelated prompts of the anchor families (not the report's)
+        scores["anchor"] = scorer(evaluation.unrelated_questions(part="anchor"), prompt_name)
     timing["scoring"] = time.time() - t
     if until == "score":
         return 0
@@ -414,7 +427,7 @@ def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokeniz
     gate = None  # the category vocabulary of serving's gated mode (with trained heads)
     if variants:
         t = time.time()
-        train = bandit_data(splits["train"], scores["train"], with_hidden=needs_hidden)
+        train = bandit_data(splits["train"], scores["train"], with_hidden=needs_hidden, anchors=scores.get("anchor"))
         val = bandit_data(splits["validation"], scores["validation"], with_hidden=needs_hidden)
         timing["bandit_data"] = time.time() - t
         lm_w = model.get_output_embeddings().weight.detach().float().cpu() if needs_hidden else None
@@ -431,6 +444,8 @@ def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokeniz
             t = time.time()
             torch.manual_seed(cfg.bandit.seed)
             head = H.build_head(replace(cfg.head, variant=variant), lm_head_weight=lm_w, seed=cfg.bandit.seed)
+            if hasattr(head, "set_category_vocabulary"):  # the slot head reads which slots hold a candidate
+                head.set_category_vocabulary(gate)
             bcfg = cfg.bandit.for_variant(variant)  # per-variant presets live in BanditConfig
             log(f"training head {variant} ({bcfg.objective}, lr {bcfg.lr}, {bcfg.epochs} epochs, "
                 f"{train.num_tuples} tuples)")

@@ -11,6 +11,7 @@ linear in the answer probabilities.
 The objective (maximised; losses below are its negative), per tuple and per specified question:
 
     J = -C(P)^2  +  w_mass * mass(P)  +  lambda * (P(gold) - kl_weight * KL(base || policy))
+        - anchor_weight * KL_anchor(base || policy)
 
 - Tuple reward. Two independent sampled joint answers s, t of a tuple (one token per prompt, each a
   one-hot answer: subject 1, subject 2 or neither) give ``tuple_reward`` r = -C_s * C_t. C is linear, so
@@ -22,6 +23,9 @@ The objective (maximised; losses below are its negative), per tuple and per spec
 - P(gold) on specified questions (reward 1 for a sampled gold token) and KL(base || policy) on the same
   prompts (deterministic; the base is the frozen model's distribution over the same support), the
   utility terms: they keep answers where the context decides them.
+- KL_anchor: KL(base || policy) on prompts that name nobody (half of the unrelated prompts' families,
+  ``evaluation.unrelated_questions(part="anchor")``): keeps a head out of the way where there is
+  nothing to debias; the report measures the other families.
 
 Estimators (``objective``):
 - ``direct``: the gradient of J itself, in closed form (every term is a known differentiable function of
@@ -63,6 +67,7 @@ class Weights:
     answer_mass: float = 0.0
     utility: float = 0.0
     kl: float = 0.0
+    anchor: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +142,7 @@ def policy_loss(
     spec_logp: torch.Tensor | None = None,
     spec_gold_mask: torch.Tensor | None = None,
     spec_kl: torch.Tensor | None = None,
+    anchor_kl: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The loss -J (its estimate for ``reinforce``) and logs, for one batch.
 
@@ -144,7 +150,9 @@ def policy_loss(
     spec_logp (m, k) + spec_gold_mask (m, k) bool (the gold subject's top-k tokens): specified questions
     for the P(gold) term. spec_kl (m,): KL(base || policy) on them (``kl_to_base``, computed by the caller
     on whatever support it has: the top-k for a head, the vocabulary for LoRA).
-    Logs: abs_c (mean |C(P)|, the metric), reward (mean tuple reward), answer_rate, utility (mean P(gold)), kl.
+    anchor_kl (a,): KL(base || policy) on prompts with nothing to debias (deterministic, both objectives).
+    Logs: abs_c (mean |C(P)|, the metric), reward (mean tuple reward), answer_rate, utility (mean P(gold)), kl,
+    anchor_kl.
     """
     n = len(logp) // 4
     if len(logp) != 4 * n or cand_mask.shape[:1] != logp.shape[:1]:
@@ -190,6 +198,9 @@ def policy_loss(
             logs["kl"] = spec_kl.detach().mean().item()
         loss = loss + weights.utility * util
         logs["utility"] = p_gold.detach().mean().item()
+    if anchor_kl is not None and len(anchor_kl) and weights.anchor:
+        loss = loss + weights.anchor * anchor_kl.mean()
+        logs["anchor_kl"] = anchor_kl.detach().mean().item()
     return loss, logs
 
 

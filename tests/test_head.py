@@ -222,3 +222,21 @@ def test_candidate_probs_topk_and_full_vocab():
     # identity head: full-vocab version gives back the original candidate probabilities
     full_id = candidate_probs_full(torch.log_softmax(p.log(), -1), mask, p.log(), cand_lp)
     torch.testing.assert_close(full_id, cand_lp.exp())
+
+
+def test_slot_head_reads_the_category_vocabulary_and_saves_it(tmp_path):
+    """Which slots hold a candidate of the bias category (gate_token_ids) is a feature of the slot head;
+    the mask travels with the weights, so a served head (no W_out) reads the same vocabulary."""
+    w, h, logits, topk_lp, topk_ids = _inputs()
+    head = _perturb(_head("slot", w))
+    before = head(topk_lp, topk_ids=topk_ids)
+    cat = sorted(set(topk_ids[:, :2].reshape(-1).tolist()))  # the top two slots' tokens are "names"
+    head.set_category_vocabulary(cat)
+    after = head(topk_lp, topk_ids=topk_ids)
+    assert not torch.allclose(before, after, atol=1e-3)
+    save_head(head, tmp_path / "s", {"gate_token_ids": cat})
+    loaded, _ = load_head(tmp_path / "s")
+    assert torch.equal(loaded.category_mask.nonzero().flatten(), torch.tensor(cat))
+    torch.testing.assert_close(loaded(topk_lp, topk_ids=topk_ids), after, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="category token ids"):
+        head.set_category_vocabulary([V])

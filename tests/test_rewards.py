@@ -159,3 +159,18 @@ def test_head_and_lora_compute_the_same_loss_on_the_same_policy(tiny_lm, objecti
     assert set(h_logs) == set(l_logs)
     for k in h_logs:
         assert h_logs[k] == pytest.approx(l_logs[k], abs=1e-5), k
+
+
+@pytest.mark.parametrize("objective", ["direct", "reinforce"])
+def test_anchor_kl_adds_its_weighted_mean_to_the_loss(objective):
+    """The anchor term (KL to base on prompts with nothing to debias) is deterministic in both objectives."""
+    g = lambda: torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(8, 5, generator=g()), -1)
+    mask = torch.zeros(8, 2, 5, dtype=torch.bool)
+    mask[:, 0, 0] = mask[:, 1, 1] = True
+    akl = torch.tensor([0.2, 0.4, 0.0])
+    off, _ = rewards.policy_loss(logp, mask, objective, rewards.Weights(answer_mass=0.1), generator=g())
+    on, logs = rewards.policy_loss(logp, mask, objective, rewards.Weights(answer_mass=0.1, anchor=2.0),
+                                   generator=g(), anchor_kl=akl)
+    torch.testing.assert_close(on - off, torch.tensor(2.0 * 0.2))
+    assert logs["anchor_kl"] == pytest.approx(0.2)
