@@ -184,7 +184,26 @@ def train_main(argv: list[str], prog: str = "refine-llm train") -> int:
 
 
 def evaluate_main(argv: list[str], prog: str = "refine-llm evaluate") -> int:
+    """Stage 4 on a run directory; `--bbq DIR --head HEAD_DIR` (a saved head, not a head variant) evaluates
+    saved heads on BBQ instead (refine_llm.bbq, the same as `refine-llm bbq evaluate DIR --head HEAD_DIR`)."""
+    if _saved_head_given(argv):
+        from refine_llm import bbq
+
+        return bbq.main(argv, parser=bbq.evaluate_parser(prog))
     return _stage(argv, prog, "evaluate")
+
+
+def _saved_head_given(argv: list[str]) -> bool:
+    """Whether a --head value in ``argv`` names a saved head (a path or hub id) rather than a head variant."""
+    from typing import get_args
+
+    from refine_llm.config import HeadVariant
+
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith("--head=") else argv[i + 1] if a == "--head" and i + 1 < len(argv) else None
+        if value is not None and value not in get_args(HeadVariant):
+            return True
+    return False
 
 
 def compare_main(argv: list[str], prog: str = "refine-llm compare") -> int:
