@@ -863,7 +863,8 @@ def plot(res: dict, path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = res["tables"].get("cloze_heldout") or res["tables"].get("cloze") or res["tables"].get("lettered")
+    which = next(k for k in ("cloze_heldout", "cloze", "lettered") if k in res["tables"])
+    table = res["tables"][which]
     conds = list(table)
     cat = "all" if "all" in table[conds[0]] else next(iter(table[conds[0]]))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -876,7 +877,10 @@ def plot(res: dict, path: str | Path) -> Path:
         ax.set_xticks(range(len(conds)), conds, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(label)
         ax.axhline(0, color="grey", lw=0.8)
-    fig.suptitle(f"BBQ ({cat}), 95% bootstrap CIs")
+    n = table[conds[0]][cat]["n_ambig"] + table[conds[0]][cat]["n_disambig"]
+    n = n // 3 if which == "lettered" else n  # lettered rows are (item, rotation)
+    what = {"cloze_heldout": "cloze, held-out templates", "cloze": "cloze", "lettered": "lettered"}[which]
+    fig.suptitle(f"BBQ {what} ({cat}, {n} items), 95% bootstrap CIs")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
