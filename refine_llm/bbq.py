@@ -953,7 +953,7 @@ def _head_name(path: str, taken: set) -> str:
     "heads/bbq/head" -> "bbq"), made unique."""
     p = Path(path)
     name = (p.parent.name if p.name == "head" and p.parent.name else p.name) or "head"
-    name = "base-head" if name in ("base", "uniform", "top2-equal", "bbq-trained") else name
+    name = f"head-{name}" if name in ("base", "uniform", "top2-equal", "bbq-trained") else name  # not a baseline's column
     out, n = name, 2
     while out in taken:
         out, n = f"{name}-{n}", n + 1

@@ -5,6 +5,7 @@
     refine-llm score     --out runs/g                        # stage 2: the LLM's top-k per prompt -> scores/
     refine-llm train     --out runs/g                        # stage 3: heads/ (and adapters/ for LoRA methods)
     refine-llm evaluate  --out runs/g                        # stage 4: report.json, report.md, plots/
+    refine-llm evaluate  --bbq DIR --head runs/g/heads/logit # a saved head on BBQ (= refine-llm bbq evaluate)
     refine-llm compare   --out runs/c --lora-steps 40        # every method in one table (--method all)
     refine-llm serve     --heads heads/ --port 8000          # vLLM's OpenAI server with the heads
 
@@ -199,11 +200,9 @@ def _saved_head_given(argv: list[str]) -> bool:
 
     from refine_llm.config import HeadVariant
 
-    for i, a in enumerate(argv):
-        value = a.split("=", 1)[1] if a.startswith("--head=") else argv[i + 1] if a == "--head" and i + 1 < len(argv) else None
-        if value is not None and value not in get_args(HeadVariant):
-            return True
-    return False
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("--head=")]
+    values += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--head"]
+    return any(v not in get_args(HeadVariant) for v in values)
 
 
 def compare_main(argv: list[str], prog: str = "refine-llm compare") -> int:

@@ -1,9 +1,9 @@
 """Check the main job's inputs before anything is written or loaded.
 
 `check_run(...)` runs at the start of `pipeline.run`, after the config dataclasses have checked their
-own values. A mistake in a model path, a .gguf file, a word list, a prompt file, a --bbq directory or a LoRA setting is
-reported in one line (UserError, exit 2) in about a second, instead of after minutes of model loading
-and scoring. The run directory is not created for a run that fails here.
+own values. A mistake in a model path, a .gguf file, a word list, a prompt file, a --bbq directory or a
+LoRA setting is reported in one line (UserError, exit 2) in about a second, instead of after minutes of
+model loading and scoring. The run directory is not created for a run that fails here.
 """
 
 from __future__ import annotations
