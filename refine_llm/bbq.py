@@ -145,19 +145,25 @@ def read_jsonl(path: str | Path) -> list[BBQItem]:
     return out
 
 
+def bbq_files(path: str | Path) -> list[Path]:
+    """The BBQ jsonl files at ``path`` (one file, or a directory's *.jsonl); UserError if there are none
+    (refine_llm.preflight calls this before the main job loads anything)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise UserError(f"--bbq {path}: no *.jsonl files there: pass the data/ directory of nyu-mll/BBQ")
+        return files
+    raise UserError(f"--bbq {path}: no such file or directory: pass the data/ directory of nyu-mll/BBQ")
+
+
 def load_bbq(path: str | Path, categories: list[str] | None = None) -> list[BBQItem]:
     """Every item under ``path``: a directory of BBQ jsonl files (all categories of the release, or
     any subset) or one file. ``categories`` keeps only those (names as in the ``category`` field)."""
     path = Path(path)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(path.glob("*.jsonl"))
-        if not files:
-            raise UserError(f"--bbq {path}: no *.jsonl files there: pass the data/ directory of nyu-mll/BBQ")
-    else:
-        raise UserError(f"--bbq {path}: no such file or directory: pass the data/ directory of nyu-mll/BBQ")
-    items = [it for f in files for it in read_jsonl(f)]
+    items = [it for f in bbq_files(path) for it in read_jsonl(f)]
     if categories:
         have = sorted({it.category for it in items})
         bad = [c for c in categories if c not in have]
@@ -590,7 +596,7 @@ def score_lettered(model, tokenizer, items: list[BBQItem], batch_size: int = 16,
     prompt = _load_template(prompt_path)
     letter_ids = [candidate_token_ids(tokenizer, L) for L in LETTERS]
     if len(set(sum(letter_ids, []))) < sum(map(len, letter_ids)):
-        raise UserError("this tokenizer gives the letters A/B/C a shared first token: use --bbq-mode cloze")
+        raise UserError("this tokenizer gives the letters A/B/C a shared first token: score cloze only (refine-llm bbq evaluate --mode cloze)")
     runner = _runner(model, tokenizer, prompt)
     out = np.zeros((3, len(items), 3))
     for r in range(3):
@@ -604,6 +610,16 @@ def score_lettered(model, tokenizer, items: list[BBQItem], batch_size: int = 16,
                 for L in range(3):
                     out[r, i, order[i][L]] = float(p[j, letter_ids[L]].sum())
     return out
+
+
+class _Top2Equal:
+    """refine_llm.baselines.notrain.top2_equalise called as a head (parameter-free: the two most likely
+    top-k slots share their mass)."""
+
+    def __call__(self, topk_logprobs, topk_ids=None, hidden=None):
+        from refine_llm.baselines.notrain import top2_equalise
+
+        return top2_equalise(topk_logprobs)
 
 
 def head_probs(head, sc: ClozeScores) -> np.ndarray:
@@ -753,7 +769,9 @@ def evaluate_model(model, tokenizer, items: list[BBQItem], heads: dict | None = 
         need_hidden = any(getattr(h, "variant", "") == "contextual" for h in heads.values())
         sc = score_cloze(model, tokenizer, items, top_k, batch_size, store_hidden=need_hidden, progress=progress)
         res["timing"]["cloze_scoring"] = time.time() - t
-        conds = {"base": sc.probs(), "uniform": head_probs(UniformHead(top_k), sc)}
+        # the no-training baselines (refine_llm.baselines.notrain) next to every head, as in the main report
+        conds = {"base": sc.probs(), "uniform": head_probs(UniformHead(top_k), sc),
+                 "top2-equal": head_probs(_Top2Equal(), sc)}
         for name, h in heads.items():
             conds[name] = head_probs(h, sc)
         res["cloze_exact_items"] = int(sc.exact.sum())
@@ -845,7 +863,8 @@ def plot(res: dict, path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = res["tables"].get("cloze_heldout") or res["tables"].get("cloze") or res["tables"].get("lettered")
+    which = next(k for k in ("cloze_heldout", "cloze", "lettered") if k in res["tables"])
+    table = res["tables"][which]
     conds = list(table)
     cat = "all" if "all" in table[conds[0]] else next(iter(table[conds[0]]))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -858,7 +877,10 @@ def plot(res: dict, path: str | Path) -> Path:
         ax.set_xticks(range(len(conds)), conds, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(label)
         ax.axhline(0, color="grey", lw=0.8)
-    fig.suptitle(f"BBQ ({cat}), 95% bootstrap CIs")
+    n = table[conds[0]][cat]["n_ambig"] + table[conds[0]][cat]["n_disambig"]
+    n = n // 3 if which == "lettered" else n  # lettered rows are (item, rotation)
+    what = {"cloze_heldout": "cloze, held-out templates", "cloze": "cloze", "lettered": "lettered"}[which]
+    fig.suptitle(f"BBQ {what} ({cat}, {n} items), 95% bootstrap CIs")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -926,15 +948,35 @@ def _cmd_score_predictions(a) -> int:
     return 0
 
 
+def _head_name(path: str, taken: set) -> str:
+    """A table column for a saved head: its directory name ("runs/x/heads/logit" -> "logit"; the main job's
+    "heads/bbq/head" -> "bbq"), made unique."""
+    p = Path(path)
+    name = (p.parent.name if p.name == "head" and p.parent.name else p.name) or "head"
+    name = f"head-{name}" if name in ("base", "uniform", "top2-equal", "bbq-trained") else name  # not a baseline's column
+    out, n = name, 2
+    while out in taken:
+        out, n = f"{name}-{n}", n + 1
+    taken.add(out)
+    return out
+
+
 def _cmd_evaluate(a) -> int:
-    from refine_llm import models
+    """`refine-llm bbq evaluate DIR` and `refine-llm evaluate --bbq DIR --head H`: one implementation."""
+    from refine_llm import head as H, models
 
     items = stratified_sample(load_bbq(a.data), a.bbq_max_items, seed=a.seed)
+    taken: set = set()
+    head_paths = {_head_name(h, taken): h for h in a.head or []}
+    for p in head_paths.values():  # a missing or corrupt head fails here, before the model loads
+        H.read_head_config(p)
     model, tok = models.load_model(a.model, quant=a.quant, device=a.device)
-    heads = load_heads({"head": a.head} if a.head else {}, model, tok, a.top_k)
+    heads = load_heads(head_paths, model, tok, a.top_k)
     res = evaluate_model(model, tok, items, heads, mode=a.mode, top_k=a.top_k, batch_size=a.batch_size,
                          train_head=a.train_head, n_resamples=a.n_resamples, seed=a.seed, progress=True)
     res.pop("_trained_head", None)
+    res["command"] = {"model": a.model, "quant": a.quant, "heads": head_paths, "data": str(a.data),
+                      "bbq_max_items": a.bbq_max_items, "mode": a.mode, "seed": a.seed}
     print(markdown(res))
     if a.out:
         from refine_llm.io import atomic_write_bytes, atomic_write_json
@@ -946,9 +988,33 @@ def _cmd_evaluate(a) -> int:
     return 0
 
 
+def _add_evaluate_args(e) -> None:
+    """The flags of a model evaluation on BBQ (both entry points; defaults from refine_llm.config)."""
+    from typing import get_args
+
+    from refine_llm.config import ModelConfig, Quant, ScoringConfig
+
+    e.add_argument("--model", default=ModelConfig.name, help="Model alias, hub id, local directory or .gguf.")
+    e.add_argument("--quant", default=ModelConfig.quant, choices=get_args(Quant),
+                   help="Weights: nf4, int8, bf16 or fp32.")
+    e.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+    e.add_argument("--mode", default="both", choices=("cloze", "lettered", "both"), help="How items are scored.")
+    e.add_argument("--bbq-max-items", type=int, default=None,
+                   help="Items per category, stratified by condition and polarity (default: all).")
+    e.add_argument("--top-k", type=int, default=ScoringConfig.top_k, help="Top-k kept at the answer slot (the head's k).")
+    e.add_argument("--train-head", action="store_true",
+                   help="Also train a logit head on BBQ (templates split by question_index) and report it.")
+    e.add_argument("--batch-size", type=int, default=16, help="Prompts per forward pass.")
+    e.add_argument("--n-resamples", type=int, default=N_RESAMPLES, help="Bootstrap resamples for the CIs.")
+    e.add_argument("--seed", type=int, default=0, help="Sampling and bootstrap seed.")
+    e.add_argument("--out", default=None, help="Write bbq.json, bbq.md and plots/bbq.png into this directory.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refine-llm bbq", description="BBQ bias scores (Parrish et al. 2022).")
-    sub = p.add_subparsers(dest="command", required=True)
+    from refine_llm.errors import ArgumentParser
+
+    p = ArgumentParser(prog="refine-llm bbq", description="BBQ bias scores (Parrish et al. 2022).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     s = sub.add_parser("score-predictions", help="The BBQ table of text predictions stored in a jsonl.")
     s.add_argument("file", help="A BBQ jsonl (or a directory of them) whose items carry a prediction field.")
     s.add_argument("--field", required=True, help="Name of the prediction field, e.g. unifiedqa-t5-11b_pred_race.")
@@ -956,29 +1022,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="Bootstrap seed.")
     s.add_argument("--out", default=None, help="Also write the full result as JSON here.")
     s.set_defaults(func=_cmd_score_predictions)
-    e = sub.add_parser("evaluate", help="Score a model (and optionally a saved head) on BBQ items.")
+    e = sub.add_parser("evaluate", help="Score a model (and optionally saved heads) on BBQ items.")
     e.add_argument("data", help="Directory of BBQ jsonl files (nyu-mll/BBQ data/) or one file.")
-    e.add_argument("--model", default="smollm2-135m", help="Model alias, hub id, directory or .gguf.")
-    e.add_argument("--quant", default="nf4", help="nf4, int8, bf16 or fp32.")
-    e.add_argument("--device", default=None, help="torch device.")
-    e.add_argument("--head", default=None, help="A saved head directory to apply at the cloze answer slot.")
-    e.add_argument("--mode", default="both", choices=("cloze", "lettered", "both"), help="How items are scored.")
-    e.add_argument("--bbq-max-items", type=int, default=None,
-                   help="Items per category, stratified by condition and polarity (default: all).")
-    e.add_argument("--top-k", type=int, default=10, help="Top-k kept at the answer slot (the head's k).")
-    e.add_argument("--train-head", action="store_true",
-                   help="Also train a logit head on BBQ (templates split by question_index) and report it.")
-    e.add_argument("--batch-size", type=int, default=16, help="Prompts per forward pass.")
-    e.add_argument("--n-resamples", type=int, default=N_RESAMPLES, help="Bootstrap resamples for the CIs.")
-    e.add_argument("--seed", type=int, default=0, help="Sampling and bootstrap seed.")
-    e.add_argument("--out", default=None, help="Write the result JSON (and bbq.md) into this directory.")
+    e.add_argument("--head", action="append", default=None, metavar="HEAD_DIR",
+                   help="A saved head (directory or hub id) to apply at the cloze answer slot; repeat for several.")
+    _add_evaluate_args(e)
     e.set_defaults(func=_cmd_evaluate)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m refine_llm.bbq`` and ``refine-llm bbq``."""
-    args = build_parser().parse_args(argv)
+def evaluate_parser(prog: str = "refine-llm evaluate") -> argparse.ArgumentParser:
+    """`refine-llm evaluate --bbq DIR --head H`: the saved-head form of the evaluate stage (refine_llm.cli
+    routes here when --head names a head rather than a head variant); runs ``_cmd_evaluate``."""
+    from refine_llm.errors import ArgumentParser
+
+    p = ArgumentParser(prog=prog, description="Evaluate saved REFINE heads on BBQ (= refine-llm bbq evaluate DIR "
+                       "--head H).", allow_abbrev=False)
+    p.add_argument("--bbq", dest="data", required=True, metavar="DIR",
+                   help="Directory of BBQ jsonl files (nyu-mll/BBQ data/, CC-BY-4.0) or one file.")
+    p.add_argument("--head", action="append", required=True, metavar="HEAD_DIR",
+                   help="A saved head (directory or hub id) to apply at the cloze answer slot; repeat for several.")
+    _add_evaluate_args(p)
+    p.set_defaults(func=_cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Entry point of ``python -m refine_llm.bbq`` and ``refine-llm bbq`` (and, with ``evaluate_parser()``,
+    of ``refine-llm evaluate --bbq DIR --head H``)."""
+    args = (parser or build_parser()).parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:

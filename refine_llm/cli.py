@@ -5,6 +5,7 @@
     refine-llm score     --out runs/g                        # stage 2: the LLM's top-k per prompt -> scores/
     refine-llm train     --out runs/g                        # stage 3: heads/ (and adapters/ for LoRA methods)
     refine-llm evaluate  --out runs/g                        # stage 4: report.json, report.md, plots/
+    refine-llm evaluate  --bbq DIR --head runs/g/heads/logit # a saved head on BBQ (= refine-llm bbq evaluate)
     refine-llm compare   --out runs/c --lora-steps 40        # every method in one table (--method all)
     refine-llm serve     --heads heads/ --port 8000          # vLLM's OpenAI server with the heads
 
@@ -184,7 +185,24 @@ def train_main(argv: list[str], prog: str = "refine-llm train") -> int:
 
 
 def evaluate_main(argv: list[str], prog: str = "refine-llm evaluate") -> int:
+    """Stage 4 on a run directory; `--bbq DIR --head HEAD_DIR` (a saved head, not a head variant) evaluates
+    saved heads on BBQ instead (refine_llm.bbq, the same as `refine-llm bbq evaluate DIR --head HEAD_DIR`)."""
+    if _saved_head_given(argv):
+        from refine_llm import bbq
+
+        return bbq.main(argv, parser=bbq.evaluate_parser(prog))
     return _stage(argv, prog, "evaluate")
+
+
+def _saved_head_given(argv: list[str]) -> bool:
+    """Whether a --head value in ``argv`` names a saved head (a path or hub id) rather than a head variant."""
+    from typing import get_args
+
+    from refine_llm.config import HeadVariant
+
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("--head=")]
+    values += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--head"]
+    return any(v not in get_args(HeadVariant) for v in values)
 
 
 def compare_main(argv: list[str], prog: str = "refine-llm compare") -> int:

@@ -1,9 +1,9 @@
 """Check the main job's inputs before anything is written or loaded.
 
 `check_run(...)` runs at the start of `pipeline.run`, after the config dataclasses have checked their
-own values. A mistake in a model path, a .gguf file, a word list, a prompt file or a LoRA setting is
-reported in one line (UserError, exit 2) in about a second, instead of after minutes of model loading
-and scoring. The run directory is not created for a run that fails here.
+own values. A mistake in a model path, a .gguf file, a word list, a prompt file, a --bbq directory or a
+LoRA setting is reported in one line (UserError, exit 2) in about a second, instead of after minutes of
+model loading and scoring. The run directory is not created for a run that fails here.
 """
 
 from __future__ import annotations
@@ -55,3 +55,7 @@ def check_run(cfg) -> None:
     check_model(cfg.model.name)
     check_wordlists(cfg.questions.category, cfg.questions.wordlists)
     check_prompt(cfg.scoring.prompt)
+    if cfg.bbq.bbq_dir:
+        from refine_llm.bbq import bbq_files
+
+        bbq_files(cfg.bbq.bbq_dir)  # --bbq: the BBQ stage runs last, so a wrong path would cost the whole job

@@ -248,8 +248,8 @@ def test_run_bbq_writes_the_report_section_and_plot(tmp_path, slice_items, smoll
     res = bbq.run_bbq(tmp_path, model, tok, str(d), {"refine": str(tmp_path / "h")}, max_items=None,
                       mode="cloze", n_resamples=20)
     bbq.append_to_report(tmp_path, res)
-    assert set(res["tables"]["cloze"]) == {"base", "uniform", "refine"}
-    assert set(res["tables"]["cloze_heldout"]) == {"base", "uniform", "refine", "bbq-trained"}
+    assert set(res["tables"]["cloze"]) == {"base", "uniform", "top2-equal", "refine"}
+    assert set(res["tables"]["cloze_heldout"]) == {"base", "uniform", "top2-equal", "refine", "bbq-trained"}
     assert res["tables"]["cloze"]["refine"]["Age"]["s_amb"] == res["tables"]["cloze"]["base"]["Age"]["s_amb"]
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# report") and "## BBQ" in md and "| bbq-trained | Age |" in md
@@ -274,3 +274,58 @@ def test_debias_parser_has_the_bbq_flags():
     cfg, _ = parse_run_config(["--bbq", "some/dir", "--bbq-max-items", "7"])
     assert (cfg.bbq.bbq_dir, cfg.bbq.bbq_max_items) == ("some/dir", 7)
     assert parse_run_config([])[0].bbq.bbq_max_items == BBQConfig.bbq_max_items
+
+
+def test_refine_llm_evaluate_bbq_with_a_saved_head(tmp_path, slice_items, smollm2_dir, smollm2_fp32, capsys):
+    """`refine-llm evaluate --bbq DIR --head H` (the saved-head form of the evaluate stage) runs
+    `refine-llm bbq evaluate`'s implementation: tables for base, the no-training baselines and the head."""
+    from refine_llm import cli, head as H
+    from refine_llm.config import HeadConfig
+
+    _, tok = smollm2_fp32
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "Age.jsonl").write_text("\n".join(json.dumps(_raw(it)) for it in slice_items) + "\n")
+    H.save_head(H.build_head(HeadConfig(variant="logit", k=10)), tmp_path / "heads" / "logit",
+                {"tokenizer_fingerprint": H.tokenizer_fingerprint(tok)})
+    rc = cli.main(["evaluate", "--bbq", str(d), "--head", str(tmp_path / "heads" / "logit"), "--model", str(smollm2_dir),
+                   "--quant", "fp32", "--device", "cpu", "--mode", "cloze", "--n-resamples", "20",
+                   "--out", str(tmp_path / "out")])
+    assert rc == 0
+    res = json.loads((tmp_path / "out" / "bbq.json").read_text())
+    cloze = res["tables"]["cloze"]
+    assert set(cloze) == {"base", "uniform", "top2-equal", "logit"} and res["n_items"] == 4
+    # an identity-initialised logit head leaves the model's answers as they are
+    for key in ("s_amb", "acc_disambig", "acc_ambig"):
+        assert cloze["logit"]["Age"][key] == cloze["base"]["Age"][key]
+    assert cloze["logit"]["Age"]["ci"]["acc_disambig"]["low"] is not None
+    assert (tmp_path / "out" / "plots" / "bbq.png").stat().st_size > 1000
+    assert "| logit | Age |" in capsys.readouterr().out
+    # a head variant name keeps --head's meaning in the evaluate stage (no BBQ evaluation)
+    assert not cli._saved_head_given(["--head", "logit", "--bbq", str(d)])
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["evaluate", "--bbq", "{tmp}/no-such-dir", "--head", "{tmp}/h"], "--bbq {tmp}/no-such-dir: no such file or directory"),
+    (["evaluate", "--bbq", "{data}", "--head", "{tmp}/no-head"], "no head directory at {tmp}/no-head"),
+    (["evaluate", "--head", "{tmp}/h"], "the following arguments are required: --bbq"),
+    (["evaluate", "--bbq", "{data}", "--head", "{tmp}/h", "--bbq-max-items", "-1"], "--bbq-max-items -1: must be >= 1"),
+    (["bbq", "evaluate", "{tmp}/no-such-dir", "--head", "{tmp}/h"], "no such file or directory"),
+    (["run", "--bbq", "{tmp}/no-such-dir", "--out", "{tmp}/run"], "--bbq {tmp}/no-such-dir: no such file or directory"),
+])
+def test_bbq_evaluate_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, says):
+    """A missing BBQ directory or head: one line naming it, exit 2, before any model loads (the main job's
+    --bbq is checked by the preflight, not after the whole job)."""
+    from refine_llm import cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "Age.jsonl").write_text((DATA / "Age.jsonl").read_text().splitlines()[0] + "\n")
+    sub = lambda a: a.format(tmp=tmp_path, data=data)
+    try:
+        rc = cli.main([sub(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors (refine_llm.errors.ArgumentParser: one line, exit 2)
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and sub(says) in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -48,8 +48,9 @@ def _run(lm, task_dir):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    out = lm_eval.simple_evaluate(model=lm, tasks=["refine_tiny_mc"], task_manager=TaskManager(include_path=str(task_dir)),
-                                  log_samples=True, bootstrap_iters=0)
+    # include_defaults=False: index only the local task, not lm-eval's thousands of built-in YAMLs
+    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["refine_tiny_mc"], task_manager=tm, log_samples=True, bootstrap_iters=0)
     samples = out["samples"]["refine_tiny_mc"]
     lls = [r[0][0] for s in sorted(samples, key=lambda s: s["doc_id"]) for r in s["resps"]]  # (doc, choice) flat
     return out["results"]["refine_tiny_mc"]["acc,none"], lls
