@@ -1,7 +1,7 @@
 """Heads on the testbed: does a head remove the planted bias and keep the utility the model has?
 
     .venv/bin/python eval/testbed_heads.py                      # --model testbed (build it first)
-    .venv/bin/python eval/testbed_heads.py --quant fp32 --train-tuples 128
+    .venv/bin/python eval/testbed_heads.py --set objective=reinforce    # the other estimator
 
 The testbed (refine_llm.testbed) is competent on specified questions and carries a planted gender
 stereotype, so both sides of the trade-off are measurable. This script scores the train and
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from refine_llm import bandit, evaluation, metrics, models, pipeline, prompts, scoring, testbed
-from refine_llm.config import BanditConfig, HeadConfig, QuestionsConfig, ScoringConfig
+from refine_llm.config import BanditConfig, HeadConfig, ModelConfig, QuestionsConfig, ScoringConfig
 from refine_llm.errors import UserError
 from refine_llm.head import build_head, candidate_probs
 
@@ -43,7 +43,7 @@ TEMPERATURES = (2.0, 5.0)
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="testbed")
-    p.add_argument("--quant", default="nf4", help="nf4 (the pipeline's default), bf16 or fp32")
+    p.add_argument("--quant", default="auto", help="auto (the main job's rule: fp32 for the testbed, else nf4), nf4, bf16 or fp32")
     p.add_argument("--prompt", default="qa")
     p.add_argument("--train-tuples", type=int, default=128)
     p.add_argument("--val-tuples", type=int, default=48)
@@ -119,6 +119,7 @@ def _bootstrap(base_C, new_C, meta, clusters, n, seed) -> dict:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    args.quant = ModelConfig(name=args.model, quant=args.quant).quant  # "auto" -> what the main job would load
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -231,3 +231,42 @@ def test_checkpoint_is_one_safetensors_file_with_the_trainer_state(tmp_path):
     (tmp_path / bandit.CHECKPOINT).write_bytes(b"\x08" + b"\x00" * 7 + b"garbage")
     with pytest.raises(UserError, match="unreadable"):
         train_head(build_head(HeadConfig(k=K)), train, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_slot_head_debiases_where_candidates_compete_and_stays_out_elsewhere():
+    """The scaled-down guard of issue 14's head targets: on the stereotyped toy model (C ~ 0.27 per tuple)
+    with peaked specified questions and anchor prompts of the same top-k shape but no candidate of the
+    category (a question about the weather), the slot head trained with the main job's objective cuts
+    mean |C| on held-out tuples and keeps KL to base small where it should not act."""
+    from dataclasses import replace
+
+    from refine_llm.bandit import renormalised_topk
+
+    def with_anchors(d, seed):
+        g = torch.Generator().manual_seed(seed)
+        n = 64
+        p = torch.tensor([0.6, 0.3, 0.06, 0.04]) + 0.03 * torch.rand(n, K, generator=g)
+        p = (p / p.sum(-1, keepdim=True) * 0.9).sort(-1, descending=True).values
+        return replace(d, anchor_logprobs=p.log(), anchor_ids=torch.arange(V - K, V).expand(n, K).clone(),
+                       anchor_hidden=0.1 * torch.randn(n, D, generator=g))
+
+    train, val, test = (with_anchors(synth(32, n_spec=32, seed=s), 10 + s) for s in (0, 1, 2))
+    head = build_head(HeadConfig(variant="slot", k=K, rank=3), lm_head_weight=_lm_head())
+    head.set_category_vocabulary([0, 1])  # the two subjects' tokens (synth's ids 0 and 1)
+    before = evaluate_head(head, test)["mean_abs_c"]
+    res = train_head(head, train, BanditConfig(epochs=60), val=val, progress=False)
+    head.eval()
+    after = evaluate_head(head, test)["mean_abs_c"]
+
+    def kl(lp, ids, hidden):
+        with torch.no_grad():
+            new = head(lp, topk_ids=ids, hidden=hidden)
+        base = renormalised_topk(lp)
+        return float((base.exp() * (base - new)).sum(-1).mean())
+
+    spec = test.spec_rows
+    kl_spec = kl(test.topk_logprobs[spec], test.topk_ids[spec], test.hidden[spec])
+    kl_anchor = kl(test.anchor_logprobs, test.anchor_ids, test.anchor_hidden)
+    msg = f"mean|C| {before:.3f} -> {after:.3f}, KL spec {kl_spec:.4f}, KL anchor {kl_anchor:.4f}, best step {res.best_step}"
+    assert after <= 0.4 * before, msg  # issue 14: mean |C| -60%
+    assert kl_spec <= 0.02 and kl_anchor <= 0.01, msg
