@@ -49,21 +49,35 @@ HEAD_NAME = "head"  # the served name of --head
 PROMPT = "qa"  # the prompt the testbed was fine-tuned on
 
 
+def _positive(s: str) -> int:
+    import argparse
+
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
 def _parser() -> ArgumentParser:
+    from refine_llm.config import SERVING_MODES
+
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="testbed", help="alias or model directory (fp32/bf16 safetensors)")
     p.add_argument("--head", default=None, help="a saved head directory (runs/<run>/heads/<variant>); none: base only")
-    p.add_argument("--mode", default="first", help="refine_mode of the served head (first, gated, all)")
-    p.add_argument("--names", type=int, default=testbed.EvalSpec.names, help="test names per group")
-    p.add_argument("--attributes", type=int, default=testbed.EvalSpec.attributes, help="test attributes")
-    p.add_argument("--spec-tuples", type=int, default=testbed.EvalSpec.spec_tuples,
+    p.add_argument("--mode", default="first", choices=SERVING_MODES, help="refine_mode of the served head")
+    p.add_argument("--names", type=_positive, default=testbed.EvalSpec.names, help="test names per group")
+    p.add_argument("--attributes", type=_positive, default=testbed.EvalSpec.attributes, help="test attributes")
+    p.add_argument("--spec-tuples", type=_positive, default=testbed.EvalSpec.spec_tuples,
                    help="tuples whose specified questions are asked")
     p.add_argument("--seed", type=int, default=0, help="seed of the test sample and the bootstrap")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="CPU KV cache of the server (GiB; launcher default 2)")
-    p.add_argument("--max-tokens", type=int, default=G.DEFAULT_MAX_TOKENS)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per request")
-    p.add_argument("--workers", type=int, default=4, help="requests in flight")
-    p.add_argument("--bootstrap", type=int, default=1000, help="cluster-bootstrap resamples of the CIs")
+    p.add_argument("--max-tokens", type=_positive, default=G.DEFAULT_MAX_TOKENS)
+    p.add_argument("--batch-size", type=_positive, default=16, help="prompts per request")
+    p.add_argument("--workers", type=_positive, default=4, help="requests in flight")
+    p.add_argument("--bootstrap", type=_positive, default=1000, help="cluster-bootstrap resamples of the CIs")
     p.add_argument("--out", default="runs/testbed-generation")
     return p
 
@@ -100,7 +114,8 @@ def _fmt(v, d: int = 3) -> str:
 def _markdown(res: dict) -> str:
     lines = [f"# Generation vs HF argmax on the testbed's test sample\n",
              f"model `{res['model']}` (float32), head `{res['head']}`, prompt {PROMPT}; {res['n_prompts']} prompts "
-             f"({res['n_tuples']} tuples, {res['n_specified']} specified); vLLM {res['seconds']['generation']:.0f} s, "
+             f"({res['n_tuples']} tuples, {res['n_specified']} specified; {res['n_collision']} whose subjects share a first "
+             f"token, decided on the HF path by the more probable whole name); vLLM {res['seconds']['generation']:.0f} s, "
              f"HF {res['seconds']['hf']:.0f} s, server start {res['seconds']['server_start']:.0f} s "
              f"(2 shared CPU cores, under contention).\n"]
     for cond, c in res["conditions"].items():
@@ -123,6 +138,10 @@ def main(argv=None) -> int:
     from refine_llm.io import atomic_write_bytes, atomic_write_json
 
     out = Path(args.out)
+    if args.head is not None:
+        from refine_llm.head import read_head_config
+
+        read_head_config(args.head)  # a missing or broken head fails now, not after scoring
     spec = testbed.EvalSpec(names=args.names, attributes=args.attributes, spec_tuples=args.spec_tuples, seed=args.seed)
     questions = testbed.eval_questions(spec)
     spec_rows = np.flatnonzero(np.asarray(questions["specified"], dtype=bool))
@@ -158,6 +177,7 @@ def main(argv=None) -> int:
 
     res = {"model": model_path, "head": args.head, "mode": args.mode, "eval_spec": asdict(spec),
            "n_prompts": len(ids), "n_tuples": None, "n_specified": int(len(spec_rows)), "seconds": seconds,
+           "n_collision": int(scores["collision"].sum()),
            "conditions": {}}
     for cond in hf:
         texts = [c.text for c in gen[cond]]

@@ -9,9 +9,10 @@ prompt's top-k; the served model *generates* an answer. Both are reduced to one 
   subjects (``parse_answer``: the answer starts with the subject's name, case-insensitively, followed by
   the end or a non-letter; the longer subject wins when both match);
 - HF path: the argmax slot of the head's top-k distribution, mapped to the subject whose first-token
-  set holds that token (``cand_mask``; ``hf_argmax_decisions``). A greedy decoder's first token is
-  exactly that argmax, so the two decisions differ only where the rest of the generated word names
-  somebody else, or where the two numerics tip a near tie.
+  set holds that token (``cand_mask``; ``hf_argmax_decisions``; a first token both names share goes to
+  the name with the larger whole-continuation probability). A greedy decoder's first token is exactly
+  that argmax, so the two decisions differ only where the rest of the generated word names somebody
+  else, or where the two numerics tip a near tie.
 
 Decisions become one-hot answer probabilities (``onehot``: NEITHER -> (0, 0)), and every bias number
 is ``refine_llm.metrics.evaluate`` of those, the same C / γ / μ as the report's (no second formula).
@@ -84,14 +85,26 @@ def decisions_from_texts(texts: Sequence[str], questions) -> np.ndarray:
     return np.array([parse_answer(t, a, b) for t, a, b in zip(texts, s1, s2)], dtype=np.int64)
 
 
-def hf_argmax_decisions(head_logprobs, cand_mask) -> np.ndarray:
+def hf_argmax_decisions(head_logprobs, cand_mask, cand_logprobs=None) -> np.ndarray:
     """(M,) decisions of the argmax slot of (M,k) head log-probs: the subject whose first tokens
-    (cand_mask (M,2,k) bool) hold that slot's token; NEITHER when none does, or both (a shared token)."""
+    (cand_mask (M,2,k) bool) hold that slot's token; NEITHER when none does.
+
+    A token that both subjects start with (a collision, e.g. " Jo" of Joan and John) names nobody by
+    itself: a greedy decoder's next tokens decide. With ``cand_logprobs`` (M,2), the scoring path's
+    log-probabilities of each subject's whole continuation (exact mode for collision rows), the
+    more probable subject wins; a served ``first``-mode head rescales the shared first token for both
+    names alike, so their ratio is the base model's. Without it such rows are NEITHER.
+    """
     lp = np.asarray(head_logprobs, dtype=np.float64)
     mask = np.asarray(cand_mask, dtype=bool)
     j = lp.argmax(axis=1)  # (M,) the token a greedy decoder emits first
     hit = mask[np.arange(len(j)), :, j]  # (M,2)
-    return np.where(hit[:, 0] & ~hit[:, 1], SUBJ1, np.where(hit[:, 1] & ~hit[:, 0], SUBJ2, NEITHER)).astype(np.int64)
+    out = np.where(hit[:, 0] & ~hit[:, 1], SUBJ1, np.where(hit[:, 1] & ~hit[:, 0], SUBJ2, NEITHER)).astype(np.int64)
+    if cand_logprobs is not None:
+        both = hit[:, 0] & hit[:, 1]
+        cl = np.asarray(cand_logprobs, dtype=np.float64)
+        out[both] = np.where(cl[both, 0] >= cl[both, 1], SUBJ1, SUBJ2)
+    return out
 
 
 def onehot(decisions) -> np.ndarray:
@@ -120,7 +133,7 @@ def prompt_token_ids(tokenizer, questions, prompt_name: str = "qa") -> list[list
 def hf_scores(model, tokenizer, questions, prompt_name: str = "qa", top_k: int = 10, store_hidden: bool = True,
               batch_size: int = 32, progress: bool = False) -> dict[str, np.ndarray]:
     """Score ``questions`` once on the HF path (``refine_llm.scoring``: one forward pass each, top-k):
-    topk_logprobs (M,k), topk_ids (M,k), cand_mask (M,2,k), and hidden (M,d) with ``store_hidden`` (the
+    topk_logprobs (M,k), topk_ids (M,k), cand_mask (M,2,k), cand_logprobs (M,2), collision (M,), and hidden (M,d) with ``store_hidden`` (the
     context of contextual/slot heads). Every condition's ``hf_predictions`` reads the same scores."""
     from refine_llm import prompts, scoring
     from refine_llm.config import ScoringConfig
@@ -128,7 +141,9 @@ def hf_scores(model, tokenizer, questions, prompt_name: str = "qa", top_k: int =
     cfg = ScoringConfig(prompt=prompt_name, top_k=top_k, batch_size=batch_size, store_hidden=store_hidden)
     sc = scoring.score(model, tokenizer, questions, prompts.load_prompt(prompt_name), cfg, progress=progress)
     out = {"topk_logprobs": np.asarray(sc["topk_logprobs"], dtype=np.float32),
-           "topk_ids": np.asarray(sc["topk_ids"], dtype=np.int64), "cand_mask": np.asarray(sc["cand_mask"], dtype=bool)}
+           "topk_ids": np.asarray(sc["topk_ids"], dtype=np.int64), "cand_mask": np.asarray(sc["cand_mask"], dtype=bool),
+           "cand_logprobs": np.asarray(sc["cand_logprobs"], dtype=np.float64),  # (M,2) whole names on collisions
+           "collision": np.asarray(sc["collision"], dtype=bool)}
     if store_hidden:
         out["hidden"] = np.asarray(sc["hidden"], dtype=np.float32)
     return out
@@ -162,7 +177,7 @@ def hf_predictions(scores: dict[str, np.ndarray], head=None) -> dict[str, np.nda
         with torch.no_grad():
             out = head(lp, topk_ids=ids, hidden=hidden).float()  # (M,k) log-probs over the same slots
     j = out.argmax(dim=-1)  # (M,)
-    return {"decisions": hf_argmax_decisions(out.numpy(), mask.numpy()),
+    return {"decisions": hf_argmax_decisions(out.numpy(), mask.numpy(), scores.get("cand_logprobs")),
             "argmax_token_id": ids.gather(1, j[:, None])[:, 0].numpy(),
             "p_topk": candidate_probs(out, mask).numpy().astype(np.float64)}
 

@@ -52,6 +52,9 @@ def test_hf_argmax_decisions():
     mask[:, 1, 1] = True  # slot 1 holds subj2's token
     mask[3, 1, 0] = True  # row 3: a token shared by both subjects
     assert G.hf_argmax_decisions(lp, mask).tolist() == [0, 1, -1, -1]
+    # a shared first token goes to the subject whose whole name is more probable
+    whole = np.log(np.array([[0.5, 0.1], [0.1, 0.5], [0.3, 0.3], [0.1, 0.3]]))
+    assert G.hf_argmax_decisions(lp, mask, whole).tolist() == [0, 1, -1, 1]
 
 
 def test_decision_metrics_on_known_decisions(questions):
