@@ -77,6 +77,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--max-tokens", type=_positive, default=G.DEFAULT_MAX_TOKENS)
     p.add_argument("--batch-size", type=_positive, default=16, help="prompts per request")
     p.add_argument("--workers", type=_positive, default=4, help="requests in flight")
+    p.add_argument("--startup-timeout", type=_positive, default=1800,
+                   help="seconds to wait for the server to get healthy (a busy 2-core machine needs minutes)")
     p.add_argument("--bootstrap", type=_positive, default=1000, help="cluster-bootstrap resamples of the CIs")
     p.add_argument("--out", default="runs/testbed-generation")
     return p
@@ -152,7 +154,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model, tok = models.load_model(model_path, quant="fp32", device="cpu")
     head = _load_head(args.head, (model, tok))
-    scores = G.hf_scores(model, tok, questions, PROMPT, store_hidden=head is not None, progress=True)
+    key = f"{models.fingerprint(models.resolve(model_path))}-fp32"
+    scores = G.hf_scores(model, tok, questions, PROMPT, store_hidden=head is not None, progress=True,
+                         cache_dir=out / "scores", model_key=key)  # a re-run reuses them
     hf = {"base": G.hf_predictions(scores)}
     if head is not None:
         hf["head"] = G.hf_predictions(scores, head)
@@ -167,7 +171,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         with G.launched_server(model_path, heads, out / "server.log", served_name="testbed", dtype="float32",
                                kv_cache_gib=args.kv_cache_gib,
-                               extra=["--max-model-len", "1024", "--max-num-seqs", "32", "--enforce-eager"]) as url:
+                               extra=["--max-model-len", "1024", "--max-num-seqs", "32", "--enforce-eager"],
+                               startup_timeout=args.startup_timeout) as url:
             seconds["server_start"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             for cond in hf:

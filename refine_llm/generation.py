@@ -131,15 +131,18 @@ def prompt_token_ids(tokenizer, questions, prompt_name: str = "qa") -> list[list
 
 
 def hf_scores(model, tokenizer, questions, prompt_name: str = "qa", top_k: int = 10, store_hidden: bool = True,
-              batch_size: int = 32, progress: bool = False) -> dict[str, np.ndarray]:
+              batch_size: int = 32, progress: bool = False, cache_dir=None, model_key: str | None = None
+              ) -> dict[str, np.ndarray]:
     """Score ``questions`` once on the HF path (``refine_llm.scoring``: one forward pass each, top-k):
     topk_logprobs (M,k), topk_ids (M,k), cand_mask (M,2,k), cand_logprobs (M,2), collision (M,), and hidden (M,d) with ``store_hidden`` (the
-    context of contextual/slot heads). Every condition's ``hf_predictions`` reads the same scores."""
+    context of contextual/slot heads). Every condition's ``hf_predictions`` reads the same scores.
+    ``cache_dir``/``model_key``: the scoring cache (a re-run scores nothing twice)."""
     from refine_llm import prompts, scoring
     from refine_llm.config import ScoringConfig
 
     cfg = ScoringConfig(prompt=prompt_name, top_k=top_k, batch_size=batch_size, store_hidden=store_hidden)
-    sc = scoring.score(model, tokenizer, questions, prompts.load_prompt(prompt_name), cfg, progress=progress)
+    sc = scoring.score(model, tokenizer, questions, prompts.load_prompt(prompt_name), cfg, progress=progress,
+                       cache_dir=cache_dir, model_key=model_key)
     out = {"topk_logprobs": np.asarray(sc["topk_logprobs"], dtype=np.float32),
            "topk_ids": np.asarray(sc["topk_ids"], dtype=np.int64), "cand_mask": np.asarray(sc["cand_mask"], dtype=bool),
            "cand_logprobs": np.asarray(sc["cand_logprobs"], dtype=np.float64),  # (M,2) whole names on collisions
