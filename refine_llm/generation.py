@@ -255,7 +255,11 @@ def generate(base_url: str, model: str, prompt_ids: Sequence[Sequence[int]], hea
                                 "stop": list(STOP), "logprobs": 1, "return_tokens_as_token_ids": True}
         if head is not None:
             body["vllm_xargs"] = {"refine_head": head, "refine_mode": mode}
-        r = requests.post(base_url.rstrip("/") + "/v1/completions", json=body, timeout=timeout)
+        try:
+            r = requests.post(base_url.rstrip("/") + "/v1/completions", json=body, timeout=timeout)
+        except requests.RequestException as e:  # a starved or dead server: one line, not a traceback
+            raise UserError(f"{base_url}: /v1/completions failed ({type(e).__name__}, timeout {timeout:.0f} s); "
+                            "the server is overloaded or gone: retry on a quieter machine or with fewer workers") from None
         if r.status_code != 200:
             raise UserError(f"{base_url}: /v1/completions answered {r.status_code}: {r.text[:300]}")
         out: list[Completion | None] = [None] * len(chunk)
