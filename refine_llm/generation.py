@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -274,24 +273,6 @@ def generate(base_url: str, model: str, prompt_ids: Sequence[Sequence[int]], hea
         return [c for part in pool.map(one, chunks) for c in part]
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (API server + engine core), then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # engine processes left in the group after the API server exited
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def _free_port(host: str) -> int:
     import socket
 
@@ -311,7 +292,7 @@ def launched_server(model: str, heads_dir: str | os.PathLike, log_path: str | os
     that quotes the log's tail."""
     import requests
 
-    from refine_llm.serving.launch import preflight, server_command
+    from refine_llm.serving.launch import preflight, server_command, stop_process_group
 
     port = port or _free_port(host)
     extra = list(extra)
@@ -341,5 +322,5 @@ def launched_server(model: str, heads_dir: str | os.PathLike, log_path: str | os
             time.sleep(1)
         yield base
     finally:
-        _stop_group(proc)
+        stop_process_group(proc)
 

@@ -237,7 +237,7 @@ class ContextualHead(LogitHead):
                 f"lm_head_weight has shape {tuple(lm_head_weight.shape)} but this head was built for {shape}: "
                 "pass the output embedding of the head's base model"
             )
-        self.lm_head_weight = lm_head_weight.detach().float().to(self.ctx_proj.device)
+        self.lm_head_weight = lm_head_weight.detach().float().to(self.tok_codes.device)
 
     def centered_ctx_proj(self) -> torch.Tensor:
         """A_c (r,V): rows sum to zero, so c ignores per-row shifts of the logits."""
@@ -315,13 +315,7 @@ class SlotHead(ContextualHead):
 
     def attach_lm_head(self, lm_head_weight: torch.Tensor) -> None:
         """Keep W_out (V,d) (not saved) and refresh the code table from it."""
-        shape = (self.vocab_size, self.hidden_size)
-        if tuple(lm_head_weight.shape) != shape:
-            raise UserError(
-                f"lm_head_weight has shape {tuple(lm_head_weight.shape)} but this head was built for {shape}: "
-                "pass the output embedding of the head's base model"
-            )
-        self.lm_head_weight = lm_head_weight.detach().float().to(self.code_proj.device)
+        super().attach_lm_head(lm_head_weight)
         with torch.no_grad():
             self.tok_codes.copy_(F.normalize(self.lm_head_weight, dim=1) @ self.code_proj)  # (V,r)
 

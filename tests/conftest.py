@@ -123,7 +123,6 @@ def vllm_server(served_heads_dir, tmp_path_factory):
     Yields (base_url, Popen, log path). The server runs in its own process group; the whole group (API
     server + engine core) is stopped at the end of the session.
     """
-    import signal
     import subprocess
     import sys
     import time
@@ -158,20 +157,9 @@ def vllm_server(served_heads_dir, tmp_path_factory):
             time.sleep(1)
         yield base, proc, log
     finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # engine processes left in the group after the API server exited
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        from refine_llm.serving.launch import stop_process_group
+
+        stop_process_group(proc)  # API server + engine core
 # ----------------------------------------------------------------------------- CI: no silent skips
 # Under CI=true a test that would be skipped because a dependency does not import (pytest.importorskip,
 # or a skip whose reason names a missing module) fails instead: CI must run every test, and a silently

@@ -12,6 +12,7 @@ is 4 ranges, 4 shards), 12 head steps (checkpoint at step 10), 6 LoRA steps (che
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,6 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from refine_llm import evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--max-tuples", "4", "--prompt", "paper", "--batch-size", "8", "--quant", "fp32"]
@@ -75,7 +78,10 @@ def test_kill9_during_scoring_and_head_training_resumes_bit_identical(uninterrup
     assert len(_shards(out)) == 6
     # 2. the same command resumes scoring from those ranges, then is killed after the first head checkpoint
     _run(cmd, out, kill_at="head:1")
-    assert len(_shards(out)) == 12  # the question set's 12 ranges; the unrelated prompts are scored after training
+    # the question set's 12 ranges and the anchor prompts' ranges (batches of 8); the report's unrelated
+    # prompts are scored after training
+    n_anchor = len(evaluation.unrelated_questions(part="anchor")["question_id"])
+    assert len(_shards(out)) == 12 + math.ceil(n_anchor / 8)
     ckpts = list((out / "heads" / "logit" / "checkpoints").rglob("last.safetensors"))
     assert len(ckpts) == 1 and not list((out / "heads").rglob("model.safetensors"))
     from safetensors import safe_open
@@ -90,7 +96,7 @@ def test_kill9_during_scoring_and_head_training_resumes_bit_identical(uninterrup
 
     assert _metrics(out) == _metrics(ref)
     heads, ref_heads = _files(out, "heads/*/model.safetensors"), _files(ref, "heads/*/model.safetensors")
-    assert len(ref_heads) == 3 and heads.keys() == ref_heads.keys()
+    assert len(ref_heads) == 4 and heads.keys() == ref_heads.keys()  # logit, paper, contextual, slot
     assert all(heads[k] == ref_heads[k] for k in heads), [k for k in heads if heads[k] != ref_heads[k]]
 
 

@@ -45,15 +45,18 @@ def make_served_head(out_dir: Path, tokenizer, k: int = K, fingerprint: str | No
 
 
 def make_served_slot_head(out_dir: Path, model, tokenizer, k: int = K) -> Path:
-    """Save a non-identity ``slot`` head for ``model`` (random MLP output layer: it reorders by identity
-    and context). Saved without W_out: served from the logits row and the saved code table."""
+    """Save a non-identity ``slot`` head for ``model`` (a seeded random MLP over its slot features: it
+    reorders by log-prob, identity and category membership). Saved without W_out: served from the top-k
+    and the saved code table and category mask."""
     head = build_head(HeadConfig(variant="slot", k=k), lm_head_weight=model.get_output_embeddings().weight, seed=0)
+    gate = gate_token_ids(tokenizer, GENDER_WORDS)
+    head.set_category_vocabulary(gate)  # its category features then differ between slots: it reorders
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for prm in head.mlp.parameters():
             prm.add_(0.5 * torch.randn(prm.shape, generator=g))
     meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "base_model": "smollm2-135m",
-            "category": "gender", "gate_token_ids": gate_token_ids(tokenizer, GENDER_WORDS)}
+            "category": "gender", "gate_token_ids": gate}
     return save_head(head, out_dir, meta)
 
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,3 +235,21 @@ def server_command(plan: ServerPlan, served_name: str, host: str, port: int, dty
     if not _entry_point_installed() and "--logits-processors" not in (extra or []):
         cmd += ["--logits-processors", PROCESSOR]
     return cmd + list(extra or [])
+
+
+def stop_process_group(proc: "subprocess.Popen") -> None:
+    """SIGTERM the server's process group (API server + engine core), then SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # engine processes left in the group after the API server exited
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
