@@ -970,6 +970,9 @@ def _cmd_evaluate(a) -> int:
     head_paths = {_head_name(h, taken): h for h in a.head or []}
     for p in head_paths.values():  # a missing or corrupt head fails here, before the model loads
         H.read_head_config(p)
+    from refine_llm.config import ModelConfig
+
+    a.quant = ModelConfig(name=a.model, quant=a.quant).quant  # "auto": fp32 for the testbed, else nf4
     model, tok = models.load_model(a.model, quant=a.quant, device=a.device)
     heads = load_heads(head_paths, model, tok, a.top_k)
     res = evaluate_model(model, tok, items, heads, mode=a.mode, top_k=a.top_k, batch_size=a.batch_size,
@@ -990,13 +993,11 @@ def _cmd_evaluate(a) -> int:
 
 def _add_evaluate_args(e) -> None:
     """The flags of a model evaluation on BBQ (both entry points; defaults from refine_llm.config)."""
-    from typing import get_args
-
-    from refine_llm.config import ModelConfig, Quant, ScoringConfig
+    from refine_llm.config import QUANT_CHOICES, ModelConfig, ScoringConfig
 
     e.add_argument("--model", default=ModelConfig.name, help="Model alias, hub id, local directory or .gguf.")
-    e.add_argument("--quant", default=ModelConfig.quant, choices=get_args(Quant),
-                   help="Weights: nf4, int8, bf16 or fp32.")
+    e.add_argument("--quant", default=ModelConfig.quant, choices=QUANT_CHOICES,
+                   help="Weights: nf4, int8, bf16 or fp32; auto (default): fp32 for --model testbed, else nf4.")
     e.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
     e.add_argument("--mode", default="both", choices=("cloze", "lettered", "both"), help="How items are scored.")
     e.add_argument("--bbq-max-items", type=int, default=None,

@@ -19,6 +19,7 @@ Quant = Literal["nf4", "int8", "bf16", "fp32"]
 TESTBED_NAME = "testbed"  # the alias of refine_llm.models (TESTBED_ALIAS) for the testbed model
 # The testbed runs in fp32: its LoRA fine-tune is small enough that NF4 erases it (refine_llm.testbed).
 TESTBED_QUANT = "fp32"
+QUANT_CHOICES = ("auto", *get_args(Quant))  # what --quant accepts; "auto" is resolved by ModelConfig
 Backend = Literal["hf", "vllm", "ray"]
 Method = Literal["none", "refine", "lora-reward", "lora-cda", "all"]
 HeadVariant = Literal["logit", "paper", "contextual", "slot", "uniform", "identity"]
@@ -90,7 +91,7 @@ class ModelConfig:
         metadata={"help": "Model alias (see `refine_llm.models.ALIASES`), hub id, local directory or .gguf file.",
                   "flag": "--model"},
     )
-    quant: Literal["auto", "nf4", "int8", "bf16", "fp32"] = field(
+    quant: Literal[QUANT_CHOICES] = field(
         default="auto",
         metadata={"help": "Weights: nf4 (paper: 4-bit NF4, double quant, bf16 compute), int8, bf16 or fp32; auto "
                           "(default) = fp32 for --model testbed (the precision it is built and judged in), else nf4."},

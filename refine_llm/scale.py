@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from refine_llm.config import QUANTS, ModelConfig, ScoringConfig, help_of
+from refine_llm.config import QUANT_CHOICES, ModelConfig, ScoringConfig, help_of
 from refine_llm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -485,7 +485,7 @@ def score_parser(prog: str = "python -m refine_llm.scale score") -> argparse.Arg
     p.add_argument("--questions", required=True, metavar="DIR", help="Questions dataset (python -m refine_llm.questions --out DIR).")
     p.add_argument("--out", required=True, metavar="RUN", help="Run directory; the cache goes to RUN/scores.")
     p.add_argument("--model", default="smollm2-135m", help=help_of(ModelConfig, "name"))
-    p.add_argument("--quant", default="nf4", choices=QUANTS, help=help_of(ModelConfig, "quant"))
+    p.add_argument("--quant", default="auto", choices=QUANT_CHOICES, help=help_of(ModelConfig, "quant"))
     p.add_argument("--device", default=None, help=help_of(ModelConfig, "device"))
     p.add_argument("--trust-remote-code", action="store_true", help=help_of(ModelConfig, "trust_remote_code"))
     p.add_argument("--prompt", default="qa", help="Prompt template: paper, qa, chat or a file (no auto here: "
@@ -575,6 +575,7 @@ def run_score(args) -> dict:
 def score_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`refine-llm score` / `python -m refine_llm.scale score`."""
     args = (score_parser(prog) if prog else score_parser()).parse_args(argv)
+    args.quant = ModelConfig(name=args.model, quant=args.quant).quant  # "auto": fp32 for the testbed, else nf4
     try:
         st = run_score(args)
     except UserError as e:
