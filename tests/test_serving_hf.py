@@ -45,16 +45,22 @@ def make_served_head(out_dir: Path, tokenizer, k: int = K, fingerprint: str | No
 
 
 def make_served_slot_head(out_dir: Path, model, tokenizer, k: int = K) -> Path:
-    """Save a non-identity ``slot`` head for ``model`` (a seeded random MLP over its slot features: it
-    reorders by log-prob, identity and category membership). Saved without W_out: served from the top-k
-    and the saved code table and category mask."""
+    """Save a non-identity ``slot`` head for ``model`` that swaps names: a category token that trails the
+    top slot by g nats gains 2*GELU(g) > g, so it overtakes the leader (one hidden unit reads
+    lp - max and the category feature; the leader's own correction is 0). Deterministic, and it changes
+    decisions wherever two names compete. Saved without W_out: served from the top-k, the saved code
+    table and the category mask."""
     head = build_head(HeadConfig(variant="slot", k=k), lm_head_weight=model.get_output_embeddings().weight, seed=0)
     gate = gate_token_ids(tokenizer, GENDER_WORDS)
-    head.set_category_vocabulary(gate)  # its category features then differ between slots: it reorders
-    g = torch.Generator().manual_seed(1)
+    head.set_category_vocabulary(gate)
     with torch.no_grad():
         for prm in head.mlp.parameters():
-            prm.add_(0.5 * torch.randn(prm.shape, generator=g))
+            prm.zero_()
+        # features: 0 lp, 1 lp - max, 2 entropy, 3 margin, 4 cos(u, ubar), 5 cos(u, u_top), 6 in category, 7 share
+        head.mlp[0].weight[0, 1] = -1.0  # the gap to the leader, g = max - lp >= 0 ...
+        head.mlp[0].weight[0, 6] = 30.0  # ... only for category tokens (others: GELU(g - 30) ~ 0)
+        head.mlp[0].bias[0] = -30.0
+        head.mlp[2].weight[0, 0] = 2.0
     meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "base_model": "smollm2-135m",
             "category": "gender", "gate_token_ids": gate}
     return save_head(head, out_dir, meta)
