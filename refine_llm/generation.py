@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -290,9 +289,7 @@ def launched_server(model: str, heads_dir: str | os.PathLike, log_path: str | os
     then its command) and yield its base URL once /health answers; stop its process group on exit.
     The server's output goes to ``log_path``; a server that exits or never gets healthy is a UserError
     that quotes the log's tail."""
-    import requests
-
-    from refine_llm.serving.launch import preflight, server_command, stop_process_group
+    from refine_llm.serving.launch import preflight, server_command, stop_process_group, wait_healthy
 
     port = port or _free_port(host)
     extra = list(extra)
@@ -305,21 +302,8 @@ def launched_server(model: str, heads_dir: str | os.PathLike, log_path: str | os
     with open(log_path, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://{host}:{port}"
-    tail = lambda: " | ".join(log_path.read_text(errors="replace").splitlines()[-5:])
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise UserError(f"the vLLM server exited with {proc.returncode} (log {log_path}): {tail()}")
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise UserError(f"the vLLM server was not healthy after {startup_timeout:.0f} s (log {log_path}): "
-                                f"{tail()}")
-            time.sleep(1)
+        wait_healthy(base, proc, startup_timeout, log_path)
         yield base
     finally:
         stop_process_group(proc)

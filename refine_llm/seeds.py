@@ -165,40 +165,34 @@ def _symbol(key: str) -> str:
     return f"{metric(key[4:]).symbol} vs base" if key.startswith("rel_") else metric(key).symbol
 
 
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")  # mean|C| inside a Markdown table cell
-
-
 def markdown(block: dict) -> list[str]:
-    """report.md's "Seeds" section."""
+    """report.md's "Seeds" section (tables through ``report._table``, which escapes "|" in mean|C|)."""
+    from refine_llm.report import _table
+
     seeds = block["seeds"]
     keys = TABLE_KEYS + tuple(f"rel_{k}" for k in REL_KEYS)
+    symbols = [_symbol(k) for k in keys]
     lines = ["## Seeds", "",
              f"Training seeds {', '.join(map(str, seeds))} (head initialisation, data order and samples; LoRA seed): "
              "same questions, splits, scores and bootstrap draws. The other sections of this report are seed "
              f"{seeds[0]}'s; each seed's own report is in `seeds/seed-<s>/`. sd: sample standard deviation.", "",
              f"**{block['verdict']}.**", "",
-             "### Mean ± sd across seeds", "",
-             "| condition | seeds | " + " | ".join(_md(_symbol(k)) for k in keys) + " |",
-             "|" + "---|" * (len(keys) + 2)]
-    for c, s in block["summary"].items():
-        lines.append(f"| {c} | {s['mu']['n']} | " + " | ".join(_pm(k, s[k]) for k in keys) + " |")
-    lines += ["", "### Each seed", "", "| condition | seed | " + " | ".join(_md(_symbol(k)) for k in keys) + " |",
-              "|" + "---|" * (len(keys) + 2)]
-    for c, rows in block["per_seed"].items():
-        for s in seeds:
-            if s in rows["mu"]:
-                lines.append(f"| {c} | {s} | " + " | ".join(_fmt(k, rows[k].get(s)) for k in keys) + " |")
+             "### Mean ± sd across seeds", ""]
+    lines += _table(["condition", "seeds", *symbols],
+                    [[c, str(s["mu"]["n"]), *(_pm(k, s[k]) for k in keys)] for c, s in block["summary"].items()])
+    lines += ["", "### Each seed", ""]
+    lines += _table(["condition", "seed", *symbols],
+                    [[c, str(s), *(_fmt(k, rows[k].get(s)) for k in keys)]
+                     for c, rows in block["per_seed"].items() for s in seeds if s in rows["mu"]])
     if block["conclusions"]:
         lines += ["", "### Conclusions per seed", "",
-                  "Δ = condition − base (paired cluster bootstrap); a conclusion is reversed when seeds disagree.", "",
-                  "| condition | conclusion | " + " | ".join(f"seed {s}" for s in seeds) + " | agree |",
-                  "|" + "---|" * (len(seeds) + 3)]
+                  "Δ = condition − base (paired cluster bootstrap); a conclusion is reversed when seeds disagree.", ""]
+        rows = []
         for c, by in block["conclusions"].items():
             for name, vals in by.items():
                 agree = len({v for v in vals.values() if v is not None}) <= 1
-                lines.append(f"| {c} | {_md(name)} | " + " | ".join(_show(vals.get(s)) for s in seeds)
-                             + f" | {'yes' if agree else '**no**'} |")
+                rows.append([c, name, *(_show(vals.get(s)) for s in seeds), "yes" if agree else "**no**"])
+        lines += _table(["condition", "conclusion", *(f"seed {s}" for s in seeds), "agree"], rows)
     return lines + [""]
 
 

@@ -125,11 +125,12 @@ def vllm_server(served_heads_dir, tmp_path_factory):
     """
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     import vllm  # noqa: F401  (required: a missing vllm fails, never skips)
-    import requests
+
+    from refine_llm.errors import UserError
+    from refine_llm.serving.launch import wait_healthy
 
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
@@ -143,64 +144,21 @@ def vllm_server(served_heads_dir, tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_tail(log)}")
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after 300 s:\n{log_tail(log)}")
-            time.sleep(1)
+        try:
+            wait_healthy(base, proc, 300, log)
+        except UserError as e:
+            pytest.fail(f"{e}\n{log_tail(log)}")
         yield base, proc, log
     finally:
         from refine_llm.serving.launch import stop_process_group
 
         stop_process_group(proc)  # API server + engine core
-# ----------------------------------------------------------------------------- CI: no silent skips
-# Under CI=true a test that would be skipped because a dependency does not import (pytest.importorskip,
-# or a skip whose reason names a missing module) fails instead: CI must run every test, and a silently
-# missing vLLM/peft/trl would make a green run mean nothing. Outside CI the skip stays, for a partial
-# local install. tests/test_ci.py checks both directions.
-_MISSING_IMPORT = ("could not import", "No module named", "is missing", "not installed")
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def _missing_import_skip(rep) -> bool:
-    return bool(rep.skipped) and any(s in str(rep.longrepr) for s in _MISSING_IMPORT)
-
-
-def _fail_under_ci(rep) -> None:
-    rep.outcome = "failed"
-    rep.longrepr = f"CI=true: a required dependency is missing, so this fails instead of skipping: {rep.longrepr}"
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
-    if _ci() and _missing_import_skip(rep) and not hasattr(rep, "wasxfail"):
-        _fail_under_ci(rep)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_make_collect_report(collector):
-    outcome = yield  # a module-level importorskip skips the whole file at collection
-    rep = outcome.get_result()
-    if _ci() and _missing_import_skip(rep):
-        _fail_under_ci(rep)
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster (2 CPUs, usage stats off) shared by every test that needs it; stopped, with
-    every process it started, at the end of the session. Under CI=true a missing Ray fails the test."""
-    if os.environ.get("CI") != "true":
-        import ray  # noqa: F401  (required: a missing ray fails, never skips)
+    every process it started, at the end of the session. A missing Ray fails the test."""
+    import ray  # noqa: F401  (required: a missing ray fails, never skips)
+
     from refine_llm import ray_backend
 
     with ray_backend.local_cluster(num_cpus=2) as session:

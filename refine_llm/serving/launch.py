@@ -253,3 +253,25 @@ def stop_process_group(proc: "subprocess.Popen") -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def wait_healthy(base_url: str, proc: "subprocess.Popen", timeout: float, log_path: str | os.PathLike) -> None:
+    """Poll ``base_url``/health once a second until the server answers 200; a UserError naming the log
+    (and its last lines) when the process exits first or ``timeout`` seconds pass."""
+    import time
+
+    import requests
+
+    tail = lambda: " | ".join(Path(log_path).read_text(errors="replace").splitlines()[-5:])
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise UserError(f"the vLLM server exited with {proc.returncode} (log {log_path}): {tail()}")
+        try:
+            if requests.get(base_url + "/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise UserError(f"the vLLM server was not healthy after {timeout:.0f} s (log {log_path}): {tail()}")
+        time.sleep(1)
