@@ -133,12 +133,18 @@ class QuestionsConfig:
     attributes_per_split: int | None = field(
         default=4, metadata={"help": "Attributes kept per split (stratified sampling); None = all."}
     )
+    train_tuples: int | None = field(
+        default=None,
+        metadata={"help": "Underspecified 4-tuples of the train split per category, sampled from every train "
+                          "subject, attribute and template (--subjects-per-split and --attributes-per-split then "
+                          "apply to validation and test only); None = the train split is built like the others."},
+    )
 
     def __post_init__(self) -> None:
         _check_literals(self)
         if self.max_tuples is not None:
             _check_positive("max_tuples", self.max_tuples)
-        for name in ("subjects_per_split", "attributes_per_split"):
+        for name in ("subjects_per_split", "attributes_per_split", "train_tuples"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
 

@@ -510,25 +510,29 @@ def _template_splits(wl: WordLists, seed: int) -> dict[str, list[Template]]:
 
 
 def _spaces(wl: WordLists, seed: int, subjects_per_split: int | None = None,
-            attributes_per_split: int | None = None) -> dict[str, _SplitSpace]:
+            attributes_per_split: int | None = None, whole_train: bool = False) -> dict[str, _SplitSpace]:
+    """Per split, the product of its pairs and (template, attribute)s. ``whole_train``: the train split
+    keeps every subject and attribute of its part (``QuestionsConfig.train_tuples``)."""
+    keep = {s: (None, None) if whole_train and s == "train" else (subjects_per_split, attributes_per_split)
+            for s in SPLITS}
     attr_splits = _split(wl.attributes, seed, f"{wl.category}/attributes", "attributes", wl.attributes[-1].source)
-    attr_splits = {s: _subset(a, attributes_per_split, seed, f"{wl.category}/{s}/attributes")
+    attr_splits = {s: _subset(a, keep[s][1], seed, f"{wl.category}/{s}/attributes")
                    for s, a in attr_splits.items()}
     if wl.category == "gender":
         by_group: dict[str, list[str]] = {}
         for s in wl.subjects:
             by_group.setdefault(wl.groups[s], []).append(s)
-        f_split, m_split = ({s: _subset(v, subjects_per_split, seed, f"gender/{g}/{s}") for s, v in
+        f_split, m_split = ({s: _subset(v, keep[s][0], seed, f"gender/{g}/{s}") for s, v in
                              _split(by_group[g], seed, f"gender/{g}", f"{g} names", wl.sources[by_group[g][-1]]).items()}
                             for g in ("female", "male"))
         pairs = {s: [(f, m) for f in f_split[s] for m in m_split[s]] for s in SPLITS}
     elif len(wl.subjects) >= MIN_SPLIT_SUBJECTS:  # disjoint subjects; pairs within each split
         subj = _split(wl.subjects, seed, f"{wl.category}/subjects", "subjects", wl.sources[wl.subjects[-1]])
-        pairs = {s: list(itertools.combinations(_subset(subj[s], subjects_per_split, seed, f"{wl.category}/{s}"), 2))
+        pairs = {s: list(itertools.combinations(_subset(subj[s], keep[s][0], seed, f"{wl.category}/{s}"), 2))
                  for s in SPLITS}
     else:  # too few subjects to split them: every split pairs all subjects, on its own attributes
-        all_pairs = list(itertools.combinations(_subset(wl.subjects, subjects_per_split, seed, wl.category), 2))
-        pairs = {s: all_pairs for s in SPLITS}
+        pairs = {s: list(itertools.combinations(_subset(wl.subjects, keep[s][0], seed, wl.category), 2))
+                 for s in SPLITS}
     templates = _template_splits(wl, seed)
     out = {}
     for s in SPLITS:
@@ -566,7 +570,7 @@ def tuple_counts(cfg: QuestionsConfig) -> dict[tuple[str, str], int]:
     """Size of the full product (4-tuples) per (category, split) before ``max_tuples`` sampling."""
     return {(c, s): sp.size for c in cfg.categories
             for s, sp in _spaces(load_wordlists(c, cfg.wordlists), cfg.seed, cfg.subjects_per_split,
-                                 cfg.attributes_per_split).items()}
+                                 cfg.attributes_per_split, cfg.train_tuples is not None).items()}
 
 
 def _features():
@@ -586,14 +590,16 @@ def build_questions(cfg: QuestionsConfig):
     wordlists = [load_wordlists(c, cfg.wordlists) for c in cfg.categories]  # every check before any work
     rows: list[dict] = []
     for wl in wordlists:
-        for split, space in _spaces(wl, cfg.seed, cfg.subjects_per_split, cfg.attributes_per_split).items():
+        for split, space in _spaces(wl, cfg.seed, cfg.subjects_per_split, cfg.attributes_per_split,
+                                    cfg.train_tuples is not None).items():
             rng = random.Random(f"{cfg.seed}/{wl.category}/{split}/sample")
-            if cfg.max_tuples is None or cfg.max_tuples >= space.size:
+            n = cfg.train_tuples if split == "train" and cfg.train_tuples is not None else cfg.max_tuples
+            if n is None or n >= space.size:
                 chosen: Any = range(space.size)
             elif space.size <= STRATIFY_MAX_PRODUCT:
-                chosen = _stratified(space, cfg.max_tuples, rng)
-            else:  # sample indices, never the product itself: O(max_tuples) memory
-                chosen = sorted(rng.sample(range(space.size), cfg.max_tuples))
+                chosen = _stratified(space, n, rng)
+            else:  # sample indices, never the product itself: O(n) memory
+                chosen = sorted(rng.sample(range(space.size), n))
             for i in chosen:
                 t, (a, b), attr = space.get(i)
                 rows += _rows_for_tuple(wl, split, t, a, b, attr)
