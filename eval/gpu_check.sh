@@ -35,7 +35,7 @@ if [ "${1:-}" = "--fetch-wheel" ]; then
     mib() { echo "$(( ($1 + 524288) / 1048576 ))"; }
     if [ $((wbytes + tbytes)) -gt $LIMIT ]; then
         rm -f "$whl"
-        echo "not run: wheel $(mib "$wbytes") MiB > 64 MiB limit with the $(mib "$tbytes") MiB working tree" \
+        echo "not run: wheel $(mib "$wbytes") MiB (+ $(mib "$tbytes") MiB working tree) > 64 MiB limit" \
             | tee "$ROOT/.whl/bitsandbytes.skip"
     else
         echo "fits: $(basename "$whl") $(mib "$wbytes") MiB + working tree $(mib "$tbytes") MiB <= 64 MiB; carry .whl"
