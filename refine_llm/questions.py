@@ -58,6 +58,7 @@ __all__ = [
     "COLUMNS",
     "SPLITS",
     "build_questions",
+    "question_rows",
     "load_wordlists",
     "category_vocabulary",
     "tuple_counts",
@@ -587,6 +588,14 @@ def build_questions(cfg: QuestionsConfig):
     split and category) and 4 specified rows per tuple. Deterministic for ``cfg.seed``."""
     from datasets import Dataset
 
+    rows = question_rows(cfg)
+    columns = {c: [r[c] for r in rows] for c in COLUMNS}
+    return Dataset.from_dict(columns, features=_features())
+
+
+def question_rows(cfg: QuestionsConfig) -> list[dict]:
+    """The rows of ``build_questions`` as plain dicts (keys ``COLUMNS``), without ``datasets``: for
+    callers on a machine that has only torch and transformers (eval/gpu_check.py)."""
     wordlists = [load_wordlists(c, cfg.wordlists) for c in cfg.categories]  # every check before any work
     rows: list[dict] = []
     for wl in wordlists:
@@ -603,8 +612,7 @@ def build_questions(cfg: QuestionsConfig):
             for i in chosen:
                 t, (a, b), attr = space.get(i)
                 rows += _rows_for_tuple(wl, split, t, a, b, attr)
-    columns = {c: [r[c] for r in rows] for c in COLUMNS}
-    return Dataset.from_dict(columns, features=_features())
+    return rows
 
 
 # ----------------------------------------------------------------------------- files
