@@ -22,7 +22,7 @@ TESTBED_QUANT = "fp32"
 QUANT_CHOICES = ("auto", *get_args(Quant))  # what --quant accepts; "auto" is resolved by ModelConfig
 Backend = Literal["hf", "vllm", "ray"]
 Method = Literal["none", "refine", "lora-reward", "lora-cda", "all"]
-HeadVariant = Literal["logit", "paper", "contextual", "slot", "uniform", "identity"]
+HeadVariant = Literal["logit", "paper", "contextual", "slot", "gate", "uniform", "identity"]
 HeadObjective = Literal["reinforce", "direct", "paper"]
 LoraObjective = Literal["reinforce", "direct"]
 ScoringMode = Literal["first-token", "exact"]
@@ -34,7 +34,7 @@ METHODS = get_args(Method)
 HEAD_VARIANTS = get_args(HeadVariant)
 OBJECTIVES = get_args(HeadObjective)
 LORA_OBJECTIVES = get_args(LoraObjective)
-CONTEXT_VARIANTS = ("contextual", "slot")  # heads built from the LLM's output embedding; trained on cached hidden states (slot: ignores them)
+CONTEXT_VARIANTS = ("contextual", "slot", "gate")  # heads built from the LLM's output embedding; trained on cached hidden states (slot: ignores them)
 SERVING_MODES = ("first", "gated", "all")
 # Objective names before the rename (heads: expected; LoRA: bandit): refused with the new name.
 RENAMED_OBJECTIVES = {"expected": "direct", "bandit": "reinforce"}

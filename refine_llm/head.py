@@ -353,6 +353,8 @@ def build_head(
     vocab_size: int | None = None,
     hidden_size: int | None = None,
     seed: int = 0,
+    n_words: int | None = None,
+    n_tokens: int | None = None,
 ) -> nn.Module:
     """A fresh head for ``cfg``. ``contextual`` needs ``lm_head_weight`` (V,d) (or, when loading,
     vocab_size and hidden_size). ``seed`` seeds the contextual head's random projections; the paper
@@ -377,14 +379,25 @@ def build_head(
             )
         cls = ContextualHead if cfg.variant == "contextual" else SlotHead
         return cls(cfg.k, cfg.rank, int(vocab_size), int(hidden_size), lm_head_weight, seed=seed)
+    if cfg.variant == "gate":  # a linear gate on the hidden state that equalises the two names (refine_llm.gate_head)
+        from refine_llm.gate_head import GateHead
+
+        if lm_head_weight is not None:
+            vocab_size, hidden_size = lm_head_weight.shape
+        if vocab_size is None or hidden_size is None:
+            raise UserError("the gate head needs the LLM's output embedding: "
+                            "build_head(cfg, lm_head_weight=model.lm_head.weight)")
+        return GateHead(cfg.k, int(vocab_size), int(hidden_size), n_words=n_words or 1, n_tokens=n_tokens or 0)
     raise UserError(f"unknown head variant {cfg.variant!r}: use one of {', '.join(HEAD_VARIANTS)}")
 
 
 def head_config(head: nn.Module) -> dict[str, Any]:
     """The architecture fields that ``load_head`` needs to rebuild ``head``."""
     out: dict[str, Any] = {"variant": head.variant, "k": head.k, "rank": getattr(head, "rank", None)}
-    if isinstance(head, ContextualHead):
+    if isinstance(head, ContextualHead) or head.variant == "gate":
         out.update(vocab_size=head.vocab_size, hidden_size=head.hidden_size)
+    if head.variant == "gate":  # the category vocabulary's table sets two buffers' shapes
+        out.update(n_tokens=int(head.membership.shape[0]) - 1, n_words=int(head.membership.shape[1]))
     return out
 
 
@@ -563,7 +576,8 @@ def load_head(
     try:
         cfg = HeadConfig(variant=config["variant"], k=config["k"], rank=config.get("rank") or 8)
         head = build_head(
-            cfg, vocab_size=config.get("vocab_size"), hidden_size=config.get("hidden_size")
+            cfg, vocab_size=config.get("vocab_size"), hidden_size=config.get("hidden_size"),
+            n_words=config.get("n_words"), n_tokens=config.get("n_tokens"),
         )
     except ValueError as e:
         raise UserError(f"{head_dir / CONFIG_NAME} is invalid ({e}): retrain or re-copy the head") from e

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 __all__ = ["PRONOUNS", "GATE_PRONOUNS", "first_token_in_context", "surface_forms", "word_token_ids",
-           "candidate_token_ids", "gate_token_ids"]
+           "candidate_token_ids", "gate_token_ids", "gate_vocabulary"]
 
 PRONOUNS = {"female": "she", "male": "he"}  # credited to a gender subject with ScoringConfig.pronouns
 GATE_PRONOUNS = ("he", "she", "him", "her", "his")  # always part of a gate vocabulary
@@ -67,3 +67,17 @@ def gate_token_ids(tokenizer: Any, words: Iterable[str], pronouns: bool = True) 
     for word in list(words) + (list(GATE_PRONOUNS) if pronouns else []):
         ids.update(word_token_ids(tokenizer, word))
     return sorted(ids)
+
+
+def gate_vocabulary(tokenizer: Any, words: Iterable[str], pronouns: bool = True) -> tuple[list[int], list[list[bool]]]:
+    """The category vocabulary as a token -> words table, for heads that must tell two names apart:
+    (token ids (G,) sorted, membership (G, W) bool: token g is a first token of word w). ``words`` are
+    deduplicated in order (then ``GATE_PRONOUNS`` unless ``pronouns=False``); the ids are those of
+    ``gate_token_ids``. A token shared by two words ("Ind" of Indian and Indonesian) belongs to both."""
+    all_words = list(dict.fromkeys(list(words) + (list(GATE_PRONOUNS) if pronouns else [])))
+    of: dict[int, set[int]] = {}
+    for w, word in enumerate(all_words):
+        for t in word_token_ids(tokenizer, word):
+            of.setdefault(t, set()).add(w)
+    ids = sorted(of)
+    return ids, [[w in of[t] for w in range(len(all_words))] for t in ids]
