@@ -61,6 +61,7 @@ __all__ = [
     "question_rows",
     "load_wordlists",
     "category_vocabulary",
+    "category_subjects",
     "tuple_counts",
     "save_questions",
     "load_questions",
@@ -356,6 +357,28 @@ def category_vocabulary(category: str, wordlists_dir: str | os.PathLike | None =
     """Every surface form of every subject of ``category`` (for serving's gate), in file order."""
     wl = load_wordlists(category, wordlists_dir)
     return list(dict.fromkeys(v for s in wl.subjects for f, v in wl.forms[s].items() if not f.startswith("tag_")))
+
+
+ARTICLES = ("the ", "a ", "an ")
+
+
+def category_subjects(category: str, wordlists_dir: str | os.PathLike | None = None) -> list[list[str]]:
+    """Per subject of ``category``, its surface forms ("Danish", "Denmark"), each without a leading article
+    ("the Netherlands" -> "Netherlands": an answer's first token "The" names nobody). One list per subject,
+    for heads that must tell the two named subjects apart (``refine_llm.vocab.gate_vocabulary``)."""
+    wl = load_wordlists(category, wordlists_dir)
+    out = []
+    for s in wl.subjects:
+        forms = []
+        for f, v in wl.forms[s].items():
+            if f.startswith("tag_"):
+                continue
+            for art in ARTICLES:
+                if v.lower().startswith(art) and len(v) > len(art):
+                    v = v[len(art):]
+            forms.append(v)
+        out.append(list(dict.fromkeys(forms)))
+    return out
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -69,15 +69,19 @@ def gate_token_ids(tokenizer: Any, words: Iterable[str], pronouns: bool = True) 
     return sorted(ids)
 
 
-def gate_vocabulary(tokenizer: Any, words: Iterable[str], pronouns: bool = True) -> tuple[list[int], list[list[bool]]]:
-    """The category vocabulary as a token -> words table, for heads that must tell two names apart:
-    (token ids (G,) sorted, membership (G, W) bool: token g is a first token of word w). ``words`` are
-    deduplicated in order (then ``GATE_PRONOUNS`` unless ``pronouns=False``); the ids are those of
-    ``gate_token_ids``. A token shared by two words ("Ind" of Indian and Indonesian) belongs to both."""
-    all_words = list(dict.fromkeys(list(words) + (list(GATE_PRONOUNS) if pronouns else [])))
+def gate_vocabulary(tokenizer: Any, subjects: Iterable[str | Iterable[str]],
+                    pronouns: bool = True) -> tuple[list[int], list[list[bool]]]:
+    """The category vocabulary as a token -> subjects table, for heads that must tell two named subjects
+    apart: (token ids (G,) sorted, membership (G, S) bool: token g is a first token of a surface form of
+    subject s). ``subjects``: one entry per subject, a word or its list of surface forms ("Danish",
+    "Denmark": ``refine_llm.questions.category_subjects``); then each of ``GATE_PRONOUNS`` as a subject of
+    its own unless ``pronouns=False``. A token of two subjects ("Ind" of Indian and Indonesian) belongs to both."""
+    groups = [[s] if isinstance(s, str) else list(s) for s in subjects]
+    groups += [[p] for p in GATE_PRONOUNS] if pronouns else []
     of: dict[int, set[int]] = {}
-    for w, word in enumerate(all_words):
-        for t in word_token_ids(tokenizer, word):
-            of.setdefault(t, set()).add(w)
+    for g, forms in enumerate(groups):
+        for form in forms:
+            for t in word_token_ids(tokenizer, form):
+                of.setdefault(t, set()).add(g)
     ids = sorted(of)
-    return ids, [[w in of[t] for w in range(len(all_words))] for t in ids]
+    return ids, [[g in of[t] for g in range(len(groups))] for t in ids]
