@@ -97,6 +97,7 @@ def test_yaml_config_under_the_flags(tmp_path):
         parse_run_config(["--config", str(f)])
 
 
+@pytest.mark.slow
 def test_old_schema_is_refused_in_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

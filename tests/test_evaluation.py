@@ -26,6 +26,7 @@ def _probs(q, seed, k=6):
     return lp, p
 
 
+@pytest.mark.slow
 def test_predictions_reproduce_every_per_category_number(test_q, tmp_path):
     base_lp, p_base = _probs(test_q, 0)
     ev = E.Evaluator(test_q, base_lp, seed=3, n_resamples=200)

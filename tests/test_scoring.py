@@ -112,6 +112,7 @@ def test_collisions_are_reported_and_scored_exactly(smollm2_fp32, short_prompt):
 
 
 @pytest.mark.parametrize("which", ["smollm2", "tiny_mistral"])
+@pytest.mark.model
 def test_prefix_cache_equals_uncached(which, request, short_prompt):
     model, tok = request.getfixturevalue("smollm2_fp32" if which == "smollm2" else "tiny_mistral")
     kw = dict(top_k=8, batch_size=3, store_hidden=True)

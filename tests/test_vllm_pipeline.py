@@ -43,6 +43,7 @@ def _numbers(d, prefix="") -> dict[str, object]:
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
+@pytest.mark.slow
 def test_vllm_refuses_quantizations_it_would_not_run(quant, tmp_path):
     proc = _script("--backend", "vllm", "--quant", quant, "--out", str(tmp_path / "run"), timeout=300)
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
