@@ -44,7 +44,7 @@ def synthetic_questions(n_tuples: int, seed: int = 0):
     r = np.tile(np.arange(8), T)
     names = pa.array([f"name{i:03d}" for i in range(200)])  # 0-99 female, 100-199 male; a < b alphabetically
     a, b = rng.integers(0, 100, T), rng.integers(100, 200, T)
-    # rows of a tuple (as questions._rows_for_tuple): (a,b,attr) (a,b,neg) (b,a,attr) (b,a,neg), then 4 specified
+    # rows of a tuple (as questions.rows_for_tuple): (a,b,attr) (a,b,neg) (b,a,attr) (b,a,neg), then 4 specified
     a_first = np.array([1, 1, 0, 0, 1, 1, 0, 0], bool)[r]
     s1 = np.where(a_first, a[tup], b[tup])
     s2 = np.where(a_first, b[tup], a[tup])

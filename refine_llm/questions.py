@@ -34,7 +34,6 @@ CLI: ``python -m refine_llm.questions --category all --seed 0 --max-tuples 200 -
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import hashlib
 import itertools
@@ -47,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refine_llm.config import CATEGORIES, QuestionsConfig, help_of
+from refine_llm.config import CATEGORIES, QuestionsConfig
 from refine_llm.errors import UserError
 from refine_llm.io import atomic_dir
 
@@ -61,6 +60,10 @@ __all__ = [
     "load_wordlists",
     "category_vocabulary",
     "tuple_counts",
+    "split_spaces",
+    "SplitSpace",
+    "rows_for_tuple",
+    "dataset_features",
     "save_questions",
     "load_questions",
     "main",
@@ -397,7 +400,7 @@ def _hash(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
-def _rows_for_tuple(wl: WordLists, split: str, t: Template, a: str, b: str, attr: Attribute) -> list[dict]:
+def rows_for_tuple(wl: WordLists, split: str, t: Template, a: str, b: str, attr: Attribute) -> list[dict]:
     """The 4 underspecified rows of tuple (a, b, template, attribute), then its 4 specified rows."""
     text, neg_text = attr.forms[t.act]
     tuple_id = _hash(wl.category, t.text, t.question, a, b, text, neg_text)
@@ -465,7 +468,7 @@ def _split(items: list, seed: int, key: str, what: str, where: str) -> dict[str,
 
 
 @dataclass
-class _SplitSpace:
+class SplitSpace:
     """The product pairs x (template, attribute) of one category and split, indexable without
     enumerating it: index -> template (via offsets), then pair, attribute = divmod."""
 
@@ -509,8 +512,10 @@ def _template_splits(wl: WordLists, seed: int) -> dict[str, list[Template]]:
     return out
 
 
-def _spaces(wl: WordLists, seed: int, subjects_per_split: int | None = None,
-            attributes_per_split: int | None = None) -> dict[str, _SplitSpace]:
+def split_spaces(wl: WordLists, seed: int, subjects_per_split: int | None = None,
+                 attributes_per_split: int | None = None) -> dict[str, SplitSpace]:
+    """{split: SplitSpace}: the (template, subject pair, attribute) product each split samples its tuples from
+    (templates, attributes and subjects split as the module docstring says). Also the testbed's words."""
     attr_splits = _split(wl.attributes, seed, f"{wl.category}/attributes", "attributes", wl.attributes[-1].source)
     attr_splits = {s: _subset(a, attributes_per_split, seed, f"{wl.category}/{s}/attributes")
                    for s, a in attr_splits.items()}
@@ -536,11 +541,11 @@ def _spaces(wl: WordLists, seed: int, subjects_per_split: int | None = None,
         offsets = [0]
         for per_t in attrs:
             offsets.append(offsets[-1] + len(pairs[s]) * len(per_t))
-        out[s] = _SplitSpace(pairs[s], templates[s], attrs, offsets)
+        out[s] = SplitSpace(pairs[s], templates[s], attrs, offsets)
     return out
 
 
-def _stratified(space: _SplitSpace, n: int, rng: random.Random) -> list[int]:
+def _stratified(space: SplitSpace, n: int, rng: random.Random) -> list[int]:
     """``n`` indices of ``space`` spread evenly over (pair, attribute) cells: round after round, each
     cell gets one more tuple (another template), cells in random order, so every (subject, attribute)
     cell of gamma holds as many tuples as the budget allows."""
@@ -565,11 +570,12 @@ def _stratified(space: _SplitSpace, n: int, rng: random.Random) -> list[int]:
 def tuple_counts(cfg: QuestionsConfig) -> dict[tuple[str, str], int]:
     """Size of the full product (4-tuples) per (category, split) before ``max_tuples`` sampling."""
     return {(c, s): sp.size for c in cfg.categories
-            for s, sp in _spaces(load_wordlists(c, cfg.wordlists), cfg.seed, cfg.subjects_per_split,
+            for s, sp in split_spaces(load_wordlists(c, cfg.wordlists), cfg.seed, cfg.subjects_per_split,
                                  cfg.attributes_per_split).items()}
 
 
-def _features():
+def dataset_features():
+    """The datasets Features of a questions dataset (``COLUMNS``)."""
     from datasets import Features, Sequence, Value
 
     string, boolean = Value("string"), Value("bool")
@@ -586,7 +592,7 @@ def build_questions(cfg: QuestionsConfig):
     wordlists = [load_wordlists(c, cfg.wordlists) for c in cfg.categories]  # every check before any work
     rows: list[dict] = []
     for wl in wordlists:
-        for split, space in _spaces(wl, cfg.seed, cfg.subjects_per_split, cfg.attributes_per_split).items():
+        for split, space in split_spaces(wl, cfg.seed, cfg.subjects_per_split, cfg.attributes_per_split).items():
             rng = random.Random(f"{cfg.seed}/{wl.category}/{split}/sample")
             if cfg.max_tuples is None or cfg.max_tuples >= space.size:
                 chosen: Any = range(space.size)
@@ -596,9 +602,9 @@ def build_questions(cfg: QuestionsConfig):
                 chosen = sorted(rng.sample(range(space.size), cfg.max_tuples))
             for i in chosen:
                 t, (a, b), attr = space.get(i)
-                rows += _rows_for_tuple(wl, split, t, a, b, attr)
+                rows += rows_for_tuple(wl, split, t, a, b, attr)
     columns = {c: [r[c] for r in rows] for c in COLUMNS}
-    return Dataset.from_dict(columns, features=_features())
+    return Dataset.from_dict(columns, features=dataset_features())
 
 
 # ----------------------------------------------------------------------------- files
@@ -631,26 +637,14 @@ def load_questions(path: str | os.PathLike):
 # ----------------------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    from refine_llm.errors import ArgumentParser  # one line + "see --help", exit 2, no usage dump
+def main(argv: list[str] | None = None, prog: str = "python -m refine_llm.questions") -> int:
+    """`python -m refine_llm.questions`: flags generated from ``config.QuestionsArgs``."""
+    from refine_llm.cliargs import parse_config
+    from refine_llm.config import QuestionsArgs
 
-    p = ArgumentParser(prog="python -m refine_llm.questions", description="Write the questions dataset (nothing else).")
-    p.add_argument("--category", default="all", choices=CATEGORIES + ("all",), help=help_of(QuestionsConfig, "category"))
-    p.add_argument("--seed", type=int, default=0, help=help_of(QuestionsConfig, "seed"))
-    p.add_argument("--max-tuples", type=int, default=None, help=help_of(QuestionsConfig, "max_tuples"))
-    p.add_argument("--wordlists", default=None, metavar="DIR", help=help_of(QuestionsConfig, "wordlists"))
-    p.add_argument("--out", required=True, metavar="DIR", help="Output directory (written atomically).")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        try:
-            cfg = QuestionsConfig(category=args.category, seed=args.seed, max_tuples=args.max_tuples,
-                                  wordlists=args.wordlists)
-        except ValueError as e:
-            raise UserError(str(e).replace("max_tuples", "--max-tuples")) from None
+        args = parse_config(QuestionsArgs, argv, prog)
+        cfg = args.questions
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()  # the CLI prints one summary line, not save_to_disk's bars

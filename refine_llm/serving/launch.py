@@ -27,9 +27,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from refine_llm.config import DEFAULT_CPU_KV_CACHE_GIB
 from refine_llm.errors import UserError
 
-DEFAULT_CPU_KV_CACHE_GIB = 2.0  # holds ~45k tokens of SmolLM2-135M, ~16k of a 7B GQA model in bf16
 RUNTIME_OVERHEAD_GIB = 1.0  # API server + engine process besides weights and KV cache (measured ~0.9 GiB)
 KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
 GiB = 1 << 30
