@@ -34,7 +34,8 @@ import torch
 from refine_llm import bandit, evaluation, metrics, models, pipeline, prompts, scoring, testbed
 from refine_llm.config import BanditConfig, HeadConfig, ModelConfig, QuestionsConfig, ScoringConfig
 from refine_llm.errors import UserError
-from refine_llm.head import build_head, candidate_probs
+from refine_llm.head import build_head
+from refine_llm.metrics import candidate_probs
 
 HEADS = ("logit", "contextual", "slot")
 TEMPERATURES = (2.0, 5.0)

@@ -65,7 +65,6 @@ from refine_llm import metrics, rewards
 from refine_llm.config import CONTEXT_VARIANTS, BanditConfig
 from refine_llm.errors import UserError
 from refine_llm.head import _renorm as renormalised_topk
-from refine_llm.head import candidate_probs
 from refine_llm.io import atomic_write_bytes, kill_point
 from refine_llm.progress import progress as progress_bar
 
@@ -192,7 +191,7 @@ def evaluate_head(head: nn.Module, data: BanditData, batch_rows: int = 8192) -> 
     for s in range(0, M, batch_rows):
         rows = torch.arange(s, min(s + batch_rows, M))
         lp = _head_logprobs(head, data, rows)
-        p_pos[rows] = candidate_probs(lp, data.cand_mask[rows].to(lp.device)).float().cpu()
+        p_pos[rows] = metrics.candidate_probs(lp, data.cand_mask[rows].to(lp.device)).float().cpu()
     head.train(was_training)
     P = metrics.gather_tuples(p_pos, data.tuple_rows).numpy()
     C = metrics.tuple_bias(P)
@@ -324,7 +323,7 @@ class HeadTrainer:
         dev = lp.device
         mask = data.cand_mask[flat].to(dev)  # (4n,2,k)
         if cfg.objective == "paper":
-            return rewards.paper_loss(candidate_probs(lp, mask))
+            return rewards.paper_loss(metrics.candidate_probs(lp, mask))
         spec = {}
         if cfg.utility_weight > 0 and data.spec_rows is not None and len(data.spec_rows):
             n_spec = min(len(data.spec_rows), len(flat))

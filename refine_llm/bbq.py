@@ -624,12 +624,12 @@ class _Top2Equal:
 
 def head_probs(head, sc: ClozeScores) -> np.ndarray:
     """(n,3) P(answer) over the full vocabulary after ``head`` at the cloze slot: the head
-    redistributes the top-k mass (refine_llm.head.candidate_probs_full, as for UnQover names); on
+    redistributes the top-k mass (refine_llm.metrics.candidate_probs_full, as for UnQover names); on
     ``exact`` rows (answers sharing a first token) it cannot tell the answers apart and the model's
     probabilities are kept."""
     import torch
 
-    from refine_llm.head import candidate_probs_full
+    from refine_llm.metrics import candidate_probs_full
 
     with torch.no_grad():
         lp = head(torch.as_tensor(sc.topk_logprobs), topk_ids=torch.as_tensor(sc.topk_ids),
@@ -650,7 +650,7 @@ def train_bbq_head(head, sc: ClozeScores, A: dict, cfg=None) -> dict:
 
     from refine_llm.bandit import _make_optimizer
     from refine_llm.config import BanditConfig
-    from refine_llm.head import candidate_probs_full
+    from refine_llm.metrics import candidate_probs_full
 
     cfg = cfg or BanditConfig(objective="direct", lr=1e-2, epochs=100)
     keep = np.flatnonzero(~sc.exact)

@@ -162,7 +162,6 @@ def hf_predictions(scores: dict[str, np.ndarray], head=None) -> dict[str, np.nda
     import torch
 
     from refine_llm.config import CONTEXT_VARIANTS
-    from refine_llm.head import candidate_probs
 
     lp = torch.as_tensor(scores["topk_logprobs"])  # (M,k) full-vocabulary log-probs
     ids = torch.as_tensor(scores["topk_ids"])  # (M,k)
@@ -180,7 +179,7 @@ def hf_predictions(scores: dict[str, np.ndarray], head=None) -> dict[str, np.nda
     j = out.argmax(dim=-1)  # (M,)
     return {"decisions": hf_argmax_decisions(out.numpy(), mask.numpy(), scores.get("cand_logprobs")),
             "argmax_token_id": ids.gather(1, j[:, None])[:, 0].numpy(),
-            "p_topk": candidate_probs(out, mask).numpy().astype(np.float64)}
+            "p_topk": metrics.candidate_probs(out, mask).numpy().astype(np.float64)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -618,33 +618,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# candidate probabilities and diagnostics
-
-
-def candidate_probs(head_logprobs: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
-    """(B,k) head log-probs, (B,2,k) bool mask -> (B,2): the head's mass on each candidate's top-k
-    tokens (top-k renormalised convention; 0 when a candidate has no token in the top-k)."""
-    p = head_logprobs.exp()  # (B,k)
-    return (p.unsqueeze(1) * cand_mask.to(p.dtype)).sum(-1)
-
-
-def candidate_probs_full(
-    head_logprobs: torch.Tensor,
-    cand_mask: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-    cand_logprobs: torch.Tensor,
-) -> torch.Tensor:
-    """Full-vocabulary candidate probabilities (B,2) after the head.
-
-    The head redistributes the original top-k mass m = sum_j exp(topk_logprobs_j) over the top-k
-    (new top-k prob = head prob x m); every token outside the top-k keeps its probability. So
-    p_c = exp(cand_logprobs_c) - sum_{j in c} p_orig_j + m * sum_{j in c} p_head_j.
-    """
-    p_orig = topk_logprobs.float().exp()  # (B,k), full-vocab probabilities
-    mass = p_orig.sum(-1, keepdim=True)  # (B,1)
-    mask = cand_mask.to(p_orig.dtype)
-    outside = (cand_logprobs.float().exp() - (p_orig.unsqueeze(1) * mask).sum(-1)).clamp_min(0.0)
-    return outside + mass * candidate_probs(head_logprobs.float(), cand_mask)
+# diagnostics
 
 
 @torch.no_grad()

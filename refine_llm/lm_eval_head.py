@@ -17,7 +17,7 @@ continuation's tokens. The head acts at exactly one position: the one that predi
 continuation's *first* token, which is the answer slot where REFINE heads are trained (the next token
 after the prompt). There the row's top-k (k = the head's) goes through the head and the top-k mass m is
 redistributed: log p'(t) = log m + head_logprob(t) for the k tokens, every other token keeps its
-log-prob (refine_llm.head.candidate_probs_full, the same rule as for UnQover and BBQ). The context
+log-prob (refine_llm.metrics.candidate_probs_full, the same rule as for UnQover and BBQ). The context
 and the continuation's later tokens are untouched, so for multi-token answers only the first token is
 debiased. Contextual heads receive the row's log-probs as their logits (their context projection is
 shift-invariant). The head must match the model's tokenizer (checked by fingerprint).

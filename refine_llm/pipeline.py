@@ -146,7 +146,7 @@ def logprob_probs(lp, data, scores):
     """(p_topk, p_full) of top-k log-probs ``lp`` (M, k) over the slots of ``data``."""
     import torch
 
-    from refine_llm.head import candidate_probs, candidate_probs_full
+    from refine_llm.metrics import candidate_probs, candidate_probs_full
 
     with torch.no_grad():
         p_topk = candidate_probs(lp, data.cand_mask)

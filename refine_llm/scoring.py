@@ -106,18 +106,13 @@ def cand_mask_of(topk_ids: np.ndarray, cand_ids: list[list[list[int]]], n_sides:
 
 
 def candidate_probs(scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(p_topk (M, 2), p_full (M, 2), cand_in_topk (M,) bool) from a scores dataset.
+    """(p_topk (M, 2), p_full (M, 2), cand_in_topk (M,) bool) from a scores dataset: the base model's
+    candidate probabilities (``metrics.candidate_probs`` of the renormalised top-k; p_full =
+    exp(cand_logprobs); cand_in_topk: at least one candidate has a token in the top-k)."""
+    from refine_llm import metrics
 
-    p_topk: the candidate's probability under the top-k renormalised distribution (the paper's
-    convention: sum over cand_mask of softmax(topk_logprobs)). p_full = exp(cand_logprobs).
-    cand_in_topk: at least one candidate has a token in the top-k.
-    """
-    lp = np.asarray(scores["topk_logprobs"], dtype=np.float64)  # (M, k)
     mask = np.asarray(scores["cand_mask"], dtype=bool)  # (M, 2, k)
-    lp = lp - lp.max(axis=1, keepdims=True)
-    q = np.exp(lp)
-    q /= q.sum(axis=1, keepdims=True)
-    p_topk = np.einsum("mk,msk->ms", q, mask.astype(np.float64))
+    p_topk = metrics.candidate_probs(np.asarray(scores["topk_logprobs"], dtype=np.float64), mask, renormalise=True)
     p_full = np.exp(np.asarray(scores["cand_logprobs"], dtype=np.float64))
     return p_topk, p_full, mask.any(axis=2).any(axis=1)
 

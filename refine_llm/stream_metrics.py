@@ -7,10 +7,10 @@ at 2M rows those lists alone take gigabytes. Here nothing holds a Python object 
   Arrow's dictionary encoding and numpy (`tuple_rows`), not with a dict of lists;
 - scores: the cache's question ids are looked up once in the questions' ids (`pyarrow.compute.index_in`);
   then the Arrow files are read one record batch at a time; each batch gives candidate probabilities
-  through `scoring.candidate_probs` (the one formula) and is scattered into (U, 2) float64 arrays
+  through `metrics.candidate_probs` (the one formula) and is scattered into (U, 2) float64 arrays
   indexed by unique question id (U <= M rows);
 - bias: `metrics.gather_tuples`, `tuple_bias`, `positional_error`, `attributive_error`, and μ/η from
-  `metrics._Cells.from_codes` (integer-coded subject groups and attributes), so every formula is the one
+  `metrics.unqover.Cells.from_codes` (integer-coded subject groups and attributes), so every formula is the one
   in metrics.py. Results equal `metrics.evaluate`'s main keys (tests check it).
 
 Memory: O(M) numpy (about 40 bytes per row: probabilities, codes, row indices) plus one record batch;
@@ -70,7 +70,7 @@ class TupleIndex:
     """Tuple structure of a questions table (what `metrics.tuple_index` returns, as integer codes)."""
 
     rows: np.ndarray  # (N, 2, 2) int64 row indices [order, polarity], tuples in first-appearance order
-    cells: "metrics._Cells"  # γ cells over (category, subject) x (category, attribute): UnQover's individual subjects
+    cells: "metrics.unqover.Cells"  # γ cells over (category, subject) x (category, attribute): UnQover's individual subjects
     cat_codes: np.ndarray  # (N,) category code per tuple
     categories: list[str]
     spec_rows: np.ndarray  # (S,) specified rows
@@ -111,7 +111,7 @@ def tuple_rows(q) -> TupleIndex:
     gb = _join(tcat, q.column("subj2").take(r0))
     x_codes, x_dict = _codes(pa.chunked_array(_chunks(ga) + _chunks(gb)))
     a_codes, a_dict = _codes(_join(tcat, q.column("attribute_id").take(r0)))
-    cells = metrics._Cells.from_codes(x_codes, a_codes, len(x_dict), len(a_dict))
+    cells = metrics.unqover.Cells.from_codes(x_codes, a_codes, len(x_dict), len(a_dict))
     del ga, gb, tcat
     cat_codes_all, cat_dict = _codes(cat)
     spec_rows = np.flatnonzero(spec)
@@ -158,7 +158,6 @@ def read_probs(cache: Path, idx: TupleIndex) -> dict[str, np.ndarray]:
     import pyarrow.compute as pc
 
     from refine_llm.scale import cache_files
-    from refine_llm.scoring import candidate_probs
 
     u = len(idx.qids)
     out = {"p_topk": np.full((u, 2), np.nan), "p_full": np.full((u, 2), np.nan), "in_topk": np.zeros(u, bool),
@@ -190,7 +189,9 @@ def read_probs(cache: Path, idx: TupleIndex) -> dict[str, np.ndarray]:
                 sc = {"topk_logprobs": _list_values(b.column("topk_logprobs"), (m, k)),
                       "cand_mask": _list_values(b.column("cand_mask"), (m, 2, k)),
                       "cand_logprobs": _list_values(b.column("cand_logprobs"), (m, 2))}
-                p_topk, p_full, in_topk = candidate_probs(sc)
+                p_topk = metrics.candidate_probs(sc["topk_logprobs"], sc["cand_mask"], renormalise=True)
+                p_full = np.exp(np.asarray(sc["cand_logprobs"], dtype=np.float64))
+                in_topk = np.asarray(sc["cand_mask"], bool).any(axis=2).any(axis=1)
                 j = j[valid]
                 out["p_topk"][j], out["p_full"][j], out["in_topk"][j] = p_topk[valid], p_full[valid], in_topk[valid]
                 out["nonfinite"][j] = _np(b.column("nonfinite"), bool)[valid]
@@ -209,10 +210,10 @@ def _bias(P: np.ndarray, cells, sel: np.ndarray | None = None) -> dict:
         C = np.zeros(len(sel))
         C[sel] = metrics.tuple_bias(P)
     # Cells of tuples outside ``sel`` get zero weight and stay empty (NaN): they drop out of μ and η.
-    mu, eta = metrics._mu_eta_from_tables(*cells.tables(C, w))
+    mu, eta = metrics.unqover.mu_eta_from_tables(*cells.tables(C, w))
     return {"positional_error": float(metrics.positional_error(P).mean()),
             "attributive_error": float(metrics.attributive_error(P).mean()),
-            "mu": metrics._nanfloat(float(mu)), "eta": metrics._nanfloat(float(eta)),
+            "mu": metrics.nanfloat(float(mu)), "eta": metrics.nanfloat(float(eta)),
             "n_tuples": int(len(P))}
 
 
@@ -227,8 +228,8 @@ def _summary(p_row: np.ndarray, in_topk: np.ndarray, idx: TupleIndex) -> dict:
     sa = metrics.specified_accuracy(p_row[idx.spec_rows], idx.gold)
     out.update({"specified_accuracy": sa["accuracy"], "specified_noise_band": sa["noise_band"],
                 "specified_p_value": sa["p_value"], "at_chance": sa["at_chance"], "n_specified": sa["n"],
-                "answer_mass": metrics._nanfloat(metrics.answer_mass(p_row)),
-                "topk_miss_rate": metrics._nanfloat(metrics.topk_miss_rate(in_topk))})
+                "answer_mass": metrics.nanfloat(metrics.answer_mass(p_row)),
+                "topk_miss_rate": metrics.nanfloat(metrics.topk_miss_rate(in_topk))})
     return out
 
 

@@ -36,7 +36,6 @@ holds several tuples and μ can be told from its sign-flip permutation null (``s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -47,7 +46,6 @@ from typing import Any
 import numpy as np
 
 from refine_llm.config import TESTBED_VERSION, EvalSpec, TestbedRecipe
-from refine_llm.errors import UserError
 from refine_llm.models import TESTBED_INFO as INFO_NAME
 from refine_llm.models import testbed_dir, testbed_is_built
 

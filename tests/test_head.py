@@ -10,10 +10,9 @@ import torch
 
 from refine_llm.config import HeadConfig
 from refine_llm.errors import UserError
+from refine_llm.metrics import candidate_probs, candidate_probs_full
 from refine_llm.head import (
     build_head,
-    candidate_probs,
-    candidate_probs_full,
     flatness,
     load_head,
     save_head,

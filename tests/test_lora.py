@@ -162,13 +162,13 @@ def test_load_adapted_refuses_other_base(tmp_path, smollm2_dir, trainable):
 def test_candidate_probs_match_scoring_convention():
     import torch
 
-    from refine_llm import rewards, scoring
+    from refine_llm import metrics, scoring
 
     rng = np.random.default_rng(0)
     lp = np.log(rng.dirichlet(np.ones(10), size=6)) - 0.7  # (6,10) full-vocab log-probs of a top-10
     mask = rng.random((6, 2, 10)) < 0.2
     want, _, _ = scoring.candidate_probs({"topk_logprobs": lp, "cand_mask": mask, "cand_logprobs": np.zeros((6, 2))})
-    got = rewards.candidate_probs(torch.log_softmax(torch.tensor(lp), -1), torch.tensor(mask)).numpy()
+    got = metrics.candidate_probs(torch.log_softmax(torch.tensor(lp), -1), torch.tensor(mask)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-10)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refine_llm import rewards
+from refine_llm import metrics, rewards
 from refine_llm.config import BanditConfig, LoraConfig
 
 K = 5
@@ -74,7 +74,7 @@ def test_expected_reward_is_minus_c_squared_and_unbiased():
     n = 2
     theta, mask, _, _ = _policy(n, 0, seed=1)
     logp = torch.log_softmax(theta, -1)
-    p = rewards.candidate_probs(logp, mask)
+    p = metrics.candidate_probs(logp, mask)
     c_exact = rewards.tuple_c(p)
     torch.testing.assert_close(rewards.expected_tuple_reward(p), -c_exact**2)
     g = torch.Generator().manual_seed(0)

@@ -295,7 +295,7 @@ def candidate_probs_of(model, tokenizer, questions, prompt, top_k: int = 10, pro
         kv = forward.prefix_kv(model, ts.ids[0][: ts.prefix_len]) if forward.prefix_usable(model, ts.prefix_len) else None
         for s in range(0, len(ts.ids), batch_size):
             _, lpk, mask = _policy(model, ts, list(range(s, min(s + batch_size, len(ts.ids)))), top_k, kv)
-            out.append(rewards.candidate_probs(lpk, mask).cpu().numpy())
+            out.append(metrics.candidate_probs(lpk, mask).cpu().numpy())
     model.train(was)
     return np.concatenate(out) if out else np.zeros((0, 2))
 
@@ -565,7 +565,7 @@ def train_lora_cda(model_dir_or_name, questions_train, prompt, cfg: LoraConfig, 
         with torch.no_grad():
             flat = ts.tuple_rows[mon_tuples].reshape(-1).tolist()
             _, lpk, mask = _policy(m, ts, flat, int(cfg.top_k))
-            c = rewards.tuple_c(rewards.candidate_probs(lpk, mask)).abs().mean().item()
+            c = rewards.tuple_c(metrics.candidate_probs(lpk, mask)).abs().mean().item()
         m.train(was)
         monitor_seconds[0] += time.perf_counter() - t
         return c
