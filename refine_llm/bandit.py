@@ -64,7 +64,7 @@ from torch import nn
 from refine_llm import metrics, rewards
 from refine_llm.config import CONTEXT_VARIANTS, BanditConfig
 from refine_llm.errors import UserError
-from refine_llm.head import _renorm as renormalised_topk
+from refine_llm.head import renormalise as renormalised_topk
 from refine_llm.io import atomic_write_bytes, kill_point
 from refine_llm.progress import progress as progress_bar
 

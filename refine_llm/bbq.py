@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from refine_llm.errors import UserError
+from refine_llm.markdown import ci, fmt, table
 
 __all__ = [
     "BBQItem", "load_bbq", "read_jsonl", "stereotyped_answers", "target_index", "item_arrays",
@@ -701,30 +702,19 @@ def lettered_summary(P_rot: np.ndarray, A: dict) -> dict:
 # tables
 
 
-def _fmt(v, d: int = 1) -> str:
-    return "–" if v is None else f"{v:.{d}f}"
-
-
-def _ci_txt(ci: dict | None, d: int = 1) -> str:
-    if not ci or ci.get("low") is None:
-        return ""
-    return f" [{ci['low']:.{d}f}, {ci['high']:.{d}f}]"
-
-
 def markdown_table(tables: dict[str, dict], prob: bool = False) -> list[str]:
     """Markdown rows: one per (condition, category). ``tables``: {condition: bbq_table(...)}."""
-    lines = ["| condition | category | acc ambig | acc disambig | s_AMB | s_DIS | unknown rate (ambig) | n |",
-             "|---|---|---|---|---|---|---|---|"]
-    for cond, table in tables.items():
-        for cat, row in table.items():
+    rows = []
+    for cond, tab in tables.items():
+        for cat, row in tab.items():
             r = row["prob"] if prob else row
-            ci = r.get("ci", {})
-            lines.append(
-                f"| {cond} | {cat} | {_fmt(r['acc_ambig'], 3)}{_ci_txt(ci.get('acc_ambig'), 3)} | "
-                f"{_fmt(r['acc_disambig'], 3)}{_ci_txt(ci.get('acc_disambig'), 3)} | "
-                f"{_fmt(r['s_amb'])}{_ci_txt(ci.get('s_amb'))} | {_fmt(r['s_dis'])}{_ci_txt(ci.get('s_dis'))} | "
-                f"{_fmt(r['unknown_rate_ambig'], 3)} | {r['n_ambig']}+{r['n_disambig']} |")
-    return lines
+            c = r.get("ci", {})
+            rows.append([cond, cat, f"{fmt(r['acc_ambig'], 3)}{ci(c.get('acc_ambig'), 3)}",
+                         f"{fmt(r['acc_disambig'], 3)}{ci(c.get('acc_disambig'), 3)}",
+                         f"{fmt(r['s_amb'], 1)}{ci(c.get('s_amb'))}", f"{fmt(r['s_dis'], 1)}{ci(c.get('s_dis'))}",
+                         fmt(r["unknown_rate_ambig"], 3), f"{r['n_ambig']}+{r['n_disambig']}"])
+    return table(["condition", "category", "acc ambig", "acc disambig", "s_AMB", "s_DIS", "unknown rate (ambig)", "n"],
+                 rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,11 +725,11 @@ def _verdict(tables: dict[str, dict], base: str = "base") -> list[dict]:
     """For each condition other than base: does it lower |s_AMB| without lowering disambiguated
     accuracy by more than 1 point? (argmax numbers, the pooled "all" row or the only category)."""
     out = []
-    for cond, table in tables.items():
+    for cond, tab in tables.items():
         if cond == base or base not in tables:
             continue
-        cat = "all" if "all" in table else next(iter(table))
-        b, h = tables[base][cat], table[cat]
+        cat = "all" if "all" in tab else next(iter(tab))
+        b, h = tables[base][cat], tab[cat]
         if None in (b["s_amb"], h["s_amb"], b["acc_disambig"], h["acc_disambig"]):
             continue
         d_acc = 100 * (h["acc_disambig"] - b["acc_disambig"])
@@ -829,19 +819,19 @@ def markdown(res: dict) -> str:
     titles = {"cloze": "Cloze (answer slot; heads act here), argmax",
               "cloze_heldout": "Cloze on held-out templates (split by question_index), argmax",
               "lettered": "Lettered A/B/C, pooled over the 3 cyclic rotations, argmax"}
-    for key, table in res["tables"].items():
-        lines += [f"### {titles.get(key, key)}", ""] + markdown_table(table) + [""]
+    for key, tab in res["tables"].items():
+        lines += [f"### {titles.get(key, key)}", ""] + markdown_table(tab) + [""]
         if key.startswith("cloze"):
-            lines += [f"Same, from the answer probabilities ({key}):", ""] + markdown_table(table, prob=True) + [""]
+            lines += [f"Same, from the answer probabilities ({key}):", ""] + markdown_table(tab, prob=True) + [""]
     if "cloze_exact_items" in res:
         lines.append(f"Cloze: {res['cloze_exact_items']} items have answers sharing a first token (scored by whole "
                      f"continuation; heads leave them unchanged); mean answer mass {res['cloze_answer_mass']:.3f}.")
     if "lettered_rotations" in res:
         r = res["lettered_rotations"]
-        lines.append(f"Lettered, mean over rotations: s_AMB {_fmt(r['s_amb'])} (spread {_fmt(r['s_amb_spread'])}), "
-                     f"s_DIS {_fmt(r['s_dis'])} (spread {_fmt(r['s_dis_spread'])}), accuracy ambiguous "
-                     f"{_fmt(r['acc_ambig'], 3)} / disambiguated {_fmt(r['acc_disambig'], 3)} "
-                     f"(spreads {_fmt(r['acc_ambig_spread'], 3)} / {_fmt(r['acc_disambig_spread'], 3)}).")
+        lines.append(f"Lettered, mean over rotations: s_AMB {fmt(r['s_amb'], 1)} (spread {fmt(r['s_amb_spread'], 1)}), "
+                     f"s_DIS {fmt(r['s_dis'], 1)} (spread {fmt(r['s_dis_spread'], 1)}), accuracy ambiguous "
+                     f"{fmt(r['acc_ambig'], 3)} / disambiguated {fmt(r['acc_disambig'], 3)} "
+                     f"(spreads {fmt(r['acc_ambig_spread'], 3)} / {fmt(r['acc_disambig_spread'], 3)}).")
     for key in ("verdict_cloze", "verdict_cloze_heldout"):
         for v in res.get(key, []):
             if v["condition"] == "uniform":
@@ -896,7 +886,7 @@ def run_bbq(out_dir: str | Path, model, tokenizer, bbq_dir: str, head_paths: dic
     run's saved heads (transfer) and a head trained on BBQ, write ``out_dir/bbq/bbq.json``,
     ``out_dir/plots/bbq.png`` and return the result (``markdown(res)`` is its report section)."""
     from refine_llm.io import atomic_write_json
-    from refine_llm.report import _jsonable
+    from refine_llm.io import jsonable
 
     items = stratified_sample(load_bbq(bbq_dir), max_items, seed=seed)
     heads = load_heads(head_paths or {}, model, tokenizer, top_k)
@@ -911,7 +901,7 @@ def run_bbq(out_dir: str | Path, model, tokenizer, bbq_dir: str, head_paths: dic
                     {"tokenizer_fingerprint": H.tokenizer_fingerprint(tokenizer), "category": "bbq",
                      "training": res["bbq_trained_head"], "prompt": "bbq_cloze"})
     res["plot"] = str(plot(res, out_dir / "plots" / "bbq.png").relative_to(out_dir))
-    atomic_write_json(out_dir / "bbq" / "bbq.json", _jsonable(res))
+    atomic_write_json(out_dir / "bbq" / "bbq.json", jsonable(res))
     return res
 
 
@@ -931,12 +921,12 @@ def append_to_report(out_dir: str | Path, res: dict) -> None:
 
 def _print_json_or_table(res: dict, tables: dict, out: str | None, title: str) -> None:
     from refine_llm.io import atomic_write_json
-    from refine_llm.report import _jsonable
+    from refine_llm.io import jsonable
 
     print(f"## {title}\n")
     print("\n".join(markdown_table(tables)))
     if out:
-        atomic_write_json(out, _jsonable(res))
+        atomic_write_json(out, jsonable(res))
         print(f"\nwritten: {out}", file=sys.stderr)
 
 
@@ -983,10 +973,10 @@ def _cmd_evaluate(a) -> int:
     print(markdown(res))
     if a.out:
         from refine_llm.io import atomic_write_bytes, atomic_write_json
-        from refine_llm.report import _jsonable
+        from refine_llm.io import jsonable
 
         res["plot"] = str(plot(res, Path(a.out) / "plots" / "bbq.png").relative_to(a.out))
-        atomic_write_json(Path(a.out) / "bbq.json", _jsonable(res))
+        atomic_write_json(Path(a.out) / "bbq.json", jsonable(res))
         atomic_write_bytes(Path(a.out) / "bbq.md", markdown(res).encode())
     return 0
 

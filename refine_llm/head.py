@@ -85,7 +85,7 @@ CARD_NAME = "README.md"
 _NEG = -1e4  # finite stand-in for -inf log-probs (the authors use -1e10 on logits)
 
 
-def _renorm(topk_logprobs: torch.Tensor) -> torch.Tensor:
+def renormalise(topk_logprobs: torch.Tensor) -> torch.Tensor:
     """(B,k) -> (B,k) float32 log-probs renormalised over the top-k; -inf/nan clamped to finite."""
     x = torch.nan_to_num(topk_logprobs.float(), nan=_NEG, neginf=_NEG).clamp_min(_NEG)
     return torch.log_softmax(x, dim=-1)
@@ -139,7 +139,7 @@ class IdentityHead(HubHeadMixin, nn.Module):
 
     def forward(self, topk_logprobs, topk_ids=None, hidden=None, logits=None):
         _check_input(topk_logprobs, self.k)
-        return _renorm(topk_logprobs)
+        return renormalise(topk_logprobs)
 
 
 class UniformHead(HubHeadMixin, nn.Module):
@@ -169,7 +169,7 @@ class PaperHead(HubHeadMixin, nn.Module):
 
     def forward(self, topk_logprobs, topk_ids=None, hidden=None, logits=None):
         _check_input(topk_logprobs, self.k)
-        p = _renorm(topk_logprobs).exp()  # (B,k) probabilities in [0,1]
+        p = renormalise(topk_logprobs).exp()  # (B,k) probabilities in [0,1]
         return torch.log_softmax(self.out(p), dim=-1)
 
 
@@ -188,7 +188,7 @@ class LogitHead(HubHeadMixin, nn.Module):
 
     def scores(self, topk_logprobs: torch.Tensor) -> torch.Tensor:
         """(B,k) unnormalised output logits."""
-        return self.out(_renorm(topk_logprobs))
+        return self.out(renormalise(topk_logprobs))
 
     def forward(self, topk_logprobs, topk_ids=None, hidden=None, logits=None):
         _check_input(topk_logprobs, self.k)
@@ -638,7 +638,7 @@ def flatness(
     kl_out_in: KL(out || in), how far the head moved the distribution at all.
     argmax_kept: fraction of rows whose top token is unchanged.
     """
-    lp_in = _renorm(topk_logprobs)
+    lp_in = renormalise(topk_logprobs)
     lp_out = head(topk_logprobs, topk_ids=topk_ids, hidden=hidden, logits=logits).float()
     k = lp_in.shape[-1]
     h_in = -(lp_in.exp() * lp_in).sum(-1)

@@ -462,7 +462,7 @@ def load_model(name: str = DEFAULT_MODEL, quant: str = "nf4", device: str | None
         kw["device_map"] = {"": device if device != "cuda" else 0}
     if source.kind == "hub" and not Path(loc).exists():
         # Fail fast with a clear message when the hub is unreachable and nothing is cached.
-        _ensure_hub_reachable(loc, name)
+        ensure_hub_reachable(loc, name)
     tokenizer = prepare_tokenizer(_from_pretrained(AutoTokenizer, loc, name, trust_remote_code=trust_remote_code))
     model = _from_pretrained(AutoModelForCausalLM, loc, name, **kw)
     if qcfg is None:
@@ -534,7 +534,7 @@ def cpu_info() -> dict:
     }
 
 
-def _ensure_hub_reachable(hub_id: str, name: str) -> None:
+def ensure_hub_reachable(hub_id: str, name: str) -> None:
     """Fail in seconds, not after the hub client's retries, when nothing is cached and the hub is unreachable."""
     import socket
     from urllib.parse import urlparse

@@ -20,7 +20,7 @@ def check_model(name: str) -> None:
 
     source = models.resolve(name)
     if source.kind == "hub" and not Path(source.location).exists():
-        models._ensure_hub_reachable(source.location, name)  # cached, or the hub answers (5 s at most)
+        models.ensure_hub_reachable(source.location, name)  # cached, or the hub answers (5 s at most)
     if source.kind == "gguf":
         models.check_gguf(source.location)
     elif source.kind == "dir":

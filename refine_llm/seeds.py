@@ -166,8 +166,8 @@ def _symbol(key: str) -> str:
 
 
 def markdown(block: dict) -> list[str]:
-    """report.md's "Seeds" section (tables through ``report._table``, which escapes "|" in mean|C|)."""
-    from refine_llm.report import _table
+    """report.md's "Seeds" section (tables through ``markdown.table``, which escapes "|" in mean|C|)."""
+    from refine_llm.markdown import table
 
     seeds = block["seeds"]
     keys = TABLE_KEYS + tuple(f"rel_{k}" for k in REL_KEYS)
@@ -178,10 +178,10 @@ def markdown(block: dict) -> list[str]:
              f"{seeds[0]}'s; each seed's own report is in `seeds/seed-<s>/`. sd: sample standard deviation.", "",
              f"**{block['verdict']}.**", "",
              "### Mean ± sd across seeds", ""]
-    lines += _table(["condition", "seeds", *symbols],
+    lines += table(["condition", "seeds", *symbols],
                     [[c, str(s["mu"]["n"]), *(_pm(k, s[k]) for k in keys)] for c, s in block["summary"].items()])
     lines += ["", "### Each seed", ""]
-    lines += _table(["condition", "seed", *symbols],
+    lines += table(["condition", "seed", *symbols],
                     [[c, str(s), *(_fmt(k, rows[k].get(s)) for k in keys)]
                      for c, rows in block["per_seed"].items() for s in seeds if s in rows["mu"]])
     if block["conclusions"]:
@@ -192,7 +192,7 @@ def markdown(block: dict) -> list[str]:
             for name, vals in by.items():
                 agree = len({v for v in vals.values() if v is not None}) <= 1
                 rows.append([c, name, *(_show(vals.get(s)) for s in seeds), "yes" if agree else "**no**"])
-        lines += _table(["condition", "conclusion", *(f"seed {s}" for s in seeds), "agree"], rows)
+        lines += table(["condition", "conclusion", *(f"seed {s}" for s in seeds), "agree"], rows)
     return lines + [""]
 
 

