@@ -513,10 +513,10 @@ def _load_template(path):
 
 
 def _runner(model, tokenizer, prompt):
-    from refine_llm.scoring import _HFRunner
+    from refine_llm.scoring.backends.hf import HFRunner
 
     prefix = tokenizer(prompt.prefix(tokenizer), add_special_tokens=prompt.add_special_tokens)["input_ids"]
-    return _HFRunner(model, tokenizer, prefix)
+    return HFRunner(model, tokenizer, prefix)
 
 
 def _last_logprobs(runner, ids: list[list[int]], batch_size: int, progress: str | None = None):
@@ -541,7 +541,7 @@ def score_cloze(model, tokenizer, items: list[BBQItem], top_k: int = 10, batch_s
     options (article-free, ``option_text``), so the model knows this item's wording of "unknown"."""
     import torch
 
-    from refine_llm.scoring import _continuation_ids, cand_mask_of, candidate_token_ids
+    from refine_llm.scoring import cand_mask_of, candidate_token_ids, continuation_ids
 
     prompt = _load_template(prompt_path)
     opts = [[option_text(a) for a in it.answers] for it in items]
@@ -569,7 +569,7 @@ def score_cloze(model, tokenizer, items: list[BBQItem], top_k: int = 10, batch_s
                     opt_lp[i, s] = float(torch.logsumexp(lp[j, cand[i][s]], 0)) if cand[i][s] else -np.inf
     # exact rows: log P(" " + answer text) summed over its tokens, one sequence per (item, answer)
     pairs = [(i, s) for i in np.flatnonzero(exact) for s in range(3)]
-    conts = {(i, s): _continuation_ids(tokenizer, ids[i], texts[i], " " + opts[i][s], prompt.add_special_tokens)
+    conts = {(i, s): continuation_ids(tokenizer, ids[i], texts[i], " " + opts[i][s], prompt.add_special_tokens)
              for i, s in pairs}
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start: start + batch_size]

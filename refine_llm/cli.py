@@ -39,11 +39,11 @@ COMMANDS: dict[str, str | tuple[str, str]] = {
     "evaluate": ("refine_llm.cli:evaluate_main", "stage 4: metrics, report.json/.md and plots from the artifacts"),
     "compare": ("refine_llm.cli:compare_main", "every method (--method all) in one table on stdout"),
     "serve": ("refine_llm.serve:main", "serve a model with trained heads through vLLM's OpenAI server"),
-    "merge": ("refine_llm.scale:merge_main", "merge the score caches of shard run directories (score --shard i/n)"),
+    "merge": ("refine_llm.scoring.jobs:merge_main", "merge the score caches of shard run directories (score --shard i/n)"),
     "bbq": ("refine_llm.bbq:main", "BBQ: score-predictions FILE, or evaluate a model / saved head on BBQ"),
     "fetch": ("refine_llm.cli:fetch_main", "download and convert a model once into the cache (setup does this)"),
 }
-# `score` with these flags is the scale-out scorer (refine_llm.scale: a questions dataset, a shard, Ray).
+# `score` with these flags scores a questions dataset (refine_llm.scoring.jobs: a shard, all of it, Ray).
 _SCALE_SCORE_FLAGS = ("--shard", "--questions", "--ray-address")
 
 # What a stage needs from the stages before it (relative to the run directory), and the command that makes it.
@@ -175,9 +175,9 @@ def questions_main(argv: list[str], prog: str = "refine-llm questions") -> int:
 
 def score_main(argv: list[str], prog: str = "refine-llm score") -> int:
     if any(a.split("=")[0] in _SCALE_SCORE_FLAGS for a in argv):
-        from refine_llm import scale
+        from refine_llm.scoring import jobs
 
-        return scale.score_main(argv, prog=prog)
+        return jobs.score_main(argv, prog=prog)
     return _stage(argv, prog, "score")
 
 

@@ -50,6 +50,20 @@ def atomic_write_json(path: str | os.PathLike, obj, **dump_kw) -> None:
     atomic_write_bytes(path, (json.dumps(obj, **dump_kw) + "\n").encode())
 
 
+def check_writable(out: str | os.PathLike, flag: str = "--out") -> None:
+    """Fail early, before any model loads, when ``out`` cannot be written (a one-line UserError)."""
+    from refine_llm.errors import UserError
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {out}: cannot write there ({e.strerror}); pass a writable directory") from None
+
+
 @contextmanager
 def atomic_dir(out_dir: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield a temp directory next to `out_dir`; when the block succeeds it becomes `out_dir`.

@@ -40,6 +40,7 @@ from refine_llm.config import (
     ScoringConfig,
 )
 from refine_llm.errors import UserError
+from refine_llm.io import check_writable
 
 STAGES = ("questions", "score", "train", "evaluate")  # run(cfg, until=...) stops after one of these
 AUTO_PROMPTS = ("qa", "paper", "chat")
@@ -49,17 +50,6 @@ SWEEP_TUPLES = 32  # validation tuples (with their specified questions) scored p
 
 def log(msg: str) -> None:
     print(f"[refine_llm] {msg}", file=sys.stderr, flush=True)
-
-
-def check_writable(out: Path) -> None:
-    """Fail early, before any model loads, when --out cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror}); pass a writable directory") from None
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
@@ -132,6 +122,15 @@ def _anchor_arrays(anchors, with_hidden: bool) -> dict:
             "anchor_hidden": np.stack(a["hidden"]).astype(np.float32) if with_hidden and "hidden" in a.column_names else None}
 
 
+def _base_probs(scores):
+    """(p_topk, p_full, cand_in_topk) of the base model on a score table (methods.Base)."""
+    from refine_llm.methods import Base, Scores
+
+    sc = Scores.from_table(scores)
+    out = Base().apply(sc)
+    return out.p_topk, out.p_full, sc.cand_in_topk
+
+
 def head_probs(head, data, scores):
     """Candidate probabilities (top-k renormalised, full vocabulary) of every row under `head`, and the
     head's top-k log-probs (M, k) (for KL to base)."""
@@ -194,7 +193,7 @@ class Scorer:
 def choose_prompt(scorer: Scorer, val_questions, requested: str, tokenizer) -> tuple[str, list[dict]]:
     """`--prompt auto`: the prompt with the highest specified accuracy on validation among those that
     put at least half of the probability on the two candidates (else the one with the most mass)."""
-    from refine_llm import metrics, scoring
+    from refine_llm import metrics
 
     if requested != "auto":
         return requested, []
@@ -205,7 +204,7 @@ def choose_prompt(scorer: Scorer, val_questions, requested: str, tokenizer) -> t
         if name == "chat" and not getattr(tokenizer, "chat_template", None):
             continue
         sc = scorer(val_questions, name)
-        p_topk, p_full, in_topk = scoring.candidate_probs(sc)
+        p_topk, p_full, in_topk = _base_probs(sc)
         spec = np.array([i for i, s in enumerate(val_questions["specified"]) if s], dtype=np.int64)
         acc = metrics.specified_accuracy(p_full[spec], metrics.gold_positions(val_questions, spec))["accuracy"]
         sweep.append({"prompt": name, "n_questions": len(val_questions), "answer_mass": metrics.answer_mass(p_full), "specified_accuracy": acc,
@@ -247,7 +246,7 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
     variants = _head_variants(cfg) if train_heads else []
     vdtype = None
     if cfg.scoring.backend == "vllm":
-        from refine_llm.vllm_backend import vllm_dtype
+        from refine_llm.scoring.backends.vllm import vllm_dtype
 
         vdtype = vllm_dtype(mcfg.quant)  # nf4/int8: refused in one line, never reported as what did not run
     if cfg.scoring.backend == "vllm" and set(CONTEXT_VARIANTS) & set(variants):
@@ -403,11 +402,11 @@ def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokeniz
     """Evaluate base and uniform, train and evaluate each head variant; significance of base vs refine."""
     import torch
 
-    from refine_llm import bandit, evaluation, head as H, scoring
+    from refine_llm import bandit, evaluation, head as H
     from refine_llm.baselines import notrain
 
     test_q, test_s = splits["test"], scores["test"]
-    p_topk, p_full, in_topk = scoring.candidate_probs(test_s)
+    p_topk, p_full, in_topk = _base_probs(test_s)
     needs_hidden = bool(set(CONTEXT_VARIANTS) & set(variants))
     test_data = bandit_data(test_q, test_s, with_hidden=needs_hidden)
     seed, k = cfg.seed, cfg.scoring.top_k
@@ -497,7 +496,7 @@ def _gate_token_ids(tokenizer, qcfg: QuestionsConfig) -> list[int]:
 
 def compare_quant(cfg: RunConfig, scfg, source, test_q, prompt_name, out, base_nf4) -> dict:
     """Score the test split again in bf16 and report how much the quantization moved the bias."""
-    from refine_llm import metrics, models, scoring
+    from refine_llm import metrics, models
 
     mcfg = cfg.model
     model, tok = models.load_model(mcfg.name, quant="bf16", device=mcfg.device,
@@ -506,7 +505,7 @@ def compare_quant(cfg: RunConfig, scfg, source, test_q, prompt_name, out, base_n
     scorer = Scorer(model, tok, replace(scfg, backend="hf"), out / "scores", f"{models.fingerprint(source)}-bf16",
                     models.model_dir(source))
     sc = scorer(test_q, prompt_name)
-    p_topk, p_full, in_topk = scoring.candidate_probs(sc)
+    p_topk, p_full, in_topk = _base_probs(sc)
     bf16 = metrics.evaluate(test_q, p_topk, p_full, in_topk, seed=cfg.seed, n_resamples=0)
     keys = ("positional_error", "attributive_error", "mu", "eta", "specified_accuracy", "answer_mass")
     return {"bf16": {k: bf16[k] for k in keys}, mcfg.quant: {k: base_nf4[k] for k in keys},
@@ -549,7 +548,7 @@ def run_lora(cfg: RunConfig, methods, out, splits, prompt_name, scfg, report, ti
         # backend hf: the adapted model in memory (vLLM would score the base weights directory, without the adapter)
         sc = scoring.score(model, tok, splits["test"], prompt, replace(scfg, backend="hf"), cache_dir=out / "scores",
                            model_key=key)
-        p_topk, p_full, in_topk = scoring.candidate_probs(sc)
+        p_topk, p_full, in_topk = _base_probs(sc)
         del model
         _free_memory()
         # its own top-k tokens: no KL to base over the same slots (kl_base is not reported for LoRA)

@@ -224,7 +224,9 @@ def evaluate_testbed(model, tokenizer, prompt_name: str = "qa", spec: EvalSpec =
     questions = questions if questions is not None else eval_questions(spec)
     sc = scoring.score(model, tokenizer, questions, prompts.load_prompt(prompt_name),
                        ScoringConfig(prompt=prompt_name, top_k=10, batch_size=batch_size), progress=progress)
-    p_topk, _, _ = scoring.candidate_probs(sc)
+    from refine_llm.methods import Base, Scores
+
+    p_topk = Base().apply(Scores.from_table(sc)).p_topk
     return testbed_metrics(questions, p_topk, spec)
 
 

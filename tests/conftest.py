@@ -179,7 +179,7 @@ def ray_cluster():
     every process it started, at the end of the session. A missing Ray fails the test."""
     import ray  # noqa: F401  (required: a missing ray fails, never skips)
 
-    from refine_llm import ray_backend
+    from refine_llm.scoring.backends import ray as ray_backend
 
     with ray_backend.local_cluster(num_cpus=2) as session:
         yield session

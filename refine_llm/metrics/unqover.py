@@ -195,7 +195,7 @@ class Cells:
     @classmethod
     def from_codes(cls, x_codes: np.ndarray, a_codes: np.ndarray, n_subjects: int, n_attributes: int) -> "Cells":
         """Cells from integer codes: x_codes (2N,) = subject a of each tuple, then subject b; a_codes (N,).
-        For millions of rows (refine_llm.stream_metrics), where lists of keys would not fit."""
+        For millions of rows (refine_llm.metrics.stream), where lists of keys would not fit."""
         self = cls.__new__(cls)
         n = len(a_codes)
         self.subjects, self.attributes = list(range(n_subjects)), list(range(n_attributes))
