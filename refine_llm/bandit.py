@@ -23,7 +23,7 @@ redubias/calc_bias.py: calculate_reward, calculate_batch_manhattan; redubias/pre
   This is not a policy gradient: no action is sampled, and since r <= 0 the step lowers
   |r_n|-weighted log-distances between tuples' normalised answer profiles, i.e. it pulls every
   tuple's profile toward the first four tuples of the minibatch. With the paper head, whose untrained
-  output is the same for every input (``refine_llm.head``), the profiles already nearly agree. The
+  output is the same for every input (``refine_llm.methods.heads``), the profiles already nearly agree. The
   paper text describes a REINFORCE-style bandit; we follow the code, which is what produced its
   numbers. Uncertainty: the row order inside an entry comes from their preprocess_data.py; we use
   (order, polarity) = (0,0), (0,1), (1,0), (1,1), which only matters through being the same for all
@@ -64,7 +64,7 @@ from torch import nn
 from refine_llm import metrics, rewards
 from refine_llm.config import CONTEXT_VARIANTS, BanditConfig
 from refine_llm.errors import UserError
-from refine_llm.head import renormalise as renormalised_topk
+from refine_llm.methods.heads import renormalise as renormalised_topk
 from refine_llm.io import atomic_write_bytes, kill_point
 from refine_llm.progress import progress as progress_bar
 

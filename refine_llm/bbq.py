@@ -614,11 +614,11 @@ def score_lettered(model, tokenizer, items: list[BBQItem], batch_size: int = 16,
 
 
 class _Top2Equal:
-    """refine_llm.baselines.notrain.top2_equalise called as a head (parameter-free: the two most likely
+    """refine_llm.methods.notrain.top2_equalise called as a head (parameter-free: the two most likely
     top-k slots share their mass)."""
 
     def __call__(self, topk_logprobs, topk_ids=None, hidden=None):
-        from refine_llm.baselines.notrain import top2_equalise
+        from refine_llm.methods.notrain import top2_equalise
 
         return top2_equalise(topk_logprobs)
 
@@ -748,7 +748,7 @@ def evaluate_model(model, tokenizer, items: list[BBQItem], heads: dict | None = 
     disjoint from its test templates) and lettered (mean over the 3 rotations, and the spread)."""
     import time
 
-    from refine_llm.head import LogitHead, UniformHead
+    from refine_llm.methods.heads import LogitHead, UniformHead
 
     heads = dict(heads or {})
     A = item_arrays(items)
@@ -759,7 +759,7 @@ def evaluate_model(model, tokenizer, items: list[BBQItem], heads: dict | None = 
         need_hidden = any(getattr(h, "variant", "") == "contextual" for h in heads.values())
         sc = score_cloze(model, tokenizer, items, top_k, batch_size, store_hidden=need_hidden, progress=progress)
         res["timing"]["cloze_scoring"] = time.time() - t
-        # the no-training baselines (refine_llm.baselines.notrain) next to every head, as in the main report
+        # the no-training baselines (refine_llm.methods.notrain) next to every head, as in the main report
         conds = {"base": sc.probs(), "uniform": head_probs(UniformHead(top_k), sc),
                  "top2-equal": head_probs(_Top2Equal(), sc)}
         for name, h in heads.items():
@@ -802,9 +802,9 @@ def evaluate_model(model, tokenizer, items: list[BBQItem], heads: dict | None = 
 
 def load_heads(paths: dict[str, str], model, tokenizer, top_k: int) -> dict:
     """{name: head directory} -> {name: head module}, checked against this tokenizer and top-k."""
-    from refine_llm import head as H
+    from refine_llm.methods import heads as H, hub
 
-    fp = H.tokenizer_fingerprint(tokenizer)
+    fp = hub.tokenizer_fingerprint(tokenizer)
     w = model.get_output_embeddings().weight.detach().float().cpu() if model is not None else None
     return {name: H.load_head(p, expect_tokenizer_fingerprint=fp, expect_k=top_k, lm_head_weight=w)[0]
             for name, p in paths.items()}
@@ -895,10 +895,10 @@ def run_bbq(out_dir: str | Path, model, tokenizer, bbq_dir: str, head_paths: dic
     head = res.pop("_trained_head", None)
     out_dir = Path(out_dir)
     if head is not None:
-        from refine_llm import head as H
+        from refine_llm.methods import heads as H, hub
 
         H.save_head(head, out_dir / "heads" / "bbq" / "head",
-                    {"tokenizer_fingerprint": H.tokenizer_fingerprint(tokenizer), "category": "bbq",
+                    {"tokenizer_fingerprint": hub.tokenizer_fingerprint(tokenizer), "category": "bbq",
                      "training": res["bbq_trained_head"], "prompt": "bbq_cloze"})
     res["plot"] = str(plot(res, out_dir / "plots" / "bbq.png").relative_to(out_dir))
     atomic_write_json(out_dir / "bbq" / "bbq.json", jsonable(res))
@@ -953,13 +953,14 @@ def _head_name(path: str, taken: set) -> str:
 
 def _cmd_evaluate(a) -> int:
     """`refine-llm bbq evaluate DIR` and `refine-llm evaluate --bbq DIR --head H`: one implementation."""
-    from refine_llm import head as H, models
+    from refine_llm import models
+    from refine_llm.methods import hub
 
     items = stratified_sample(load_bbq(a.data), a.bbq_max_items, seed=a.seed)
     taken: set = set()
     head_paths = {_head_name(h, taken): h for h in a.head or []}
     for p in head_paths.values():  # a missing or corrupt head fails here, before the model loads
-        H.read_head_config(p)
+        hub.read_head_config(p)
     from refine_llm.config import ModelConfig
 
     a.quant = ModelConfig(name=a.model, quant=a.quant).quant  # "auto": fp32 for the testbed, else nf4

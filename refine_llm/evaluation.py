@@ -189,7 +189,7 @@ def unrelated_kl(report: dict, ev: Evaluator, scorer, prompt_name: str, heads_fo
     ``kl_unrelated`` into each condition's metrics block and ``report["unrelated_prompts"]``."""
     import torch
 
-    from refine_llm.baselines import notrain
+    from refine_llm.methods import notrain
 
     test_data, heads, gate = heads_for_unrelated
     q = unrelated_questions(part="test")  # the other families may have trained the heads (BanditConfig.anchor_weight)
@@ -212,8 +212,8 @@ def unrelated_kl(report: dict, ev: Evaluator, scorer, prompt_name: str, heads_fo
     gated = {}
     if gate:
         # Served with refine_mode "gated", a head acts only where the top-k holds >= 2 tokens of its
-        # category vocabulary (refine_llm.serving.gate_mask): elsewhere the output is the base's top-k.
-        from refine_llm.serving import gate_mask
+        # category vocabulary (refine_llm.methods.heads.gate_mask): elsewhere the output is the base's top-k.
+        from refine_llm.methods.heads import gate_mask
 
         g_ids = torch.tensor(sorted(set(gate)), dtype=torch.long)
         g_unrel, g_test = gate_mask(ids, g_ids), gate_mask(torch.as_tensor(test_data.topk_ids), g_ids)  # (U,), (M,)

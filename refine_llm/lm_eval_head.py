@@ -35,7 +35,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"refine_llm.lm_eval_head needs lm-eval: pip install 'refine_llm[lm-eval]' ({e})") from e
 
-from refine_llm import head as H
+from refine_llm.methods import heads as H
+from refine_llm.methods.hub import tokenizer_fingerprint
 from refine_llm.errors import UserError
 
 __all__ = ["RefineHFLM", "apply_head_to_row", "main"]
@@ -55,14 +56,14 @@ def apply_head_to_row(head, lp_row: torch.Tensor, k: int) -> torch.Tensor:
 
 @register_model("refine-hf")
 class RefineHFLM(HFLM):
-    """``HFLM`` + a saved REFINE head (``head=`` a directory from refine_llm.head.save_head)."""
+    """``HFLM`` + a saved REFINE head (``head=`` a directory from refine_llm.methods.heads.save_head)."""
 
     def __init__(self, pretrained, head: str | None = None, **kwargs):
         super().__init__(pretrained=pretrained, **kwargs)
         if head is None:
             raise UserError("refine-hf needs head=<saved head directory> in --model_args (use --model hf without one)")
         w = self.model.get_output_embeddings().weight.detach().float().cpu()
-        self.refine_head, cfg = H.load_head(head, expect_tokenizer_fingerprint=H.tokenizer_fingerprint(self.tokenizer),
+        self.refine_head, cfg = H.load_head(head, expect_tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
                                             lm_head_weight=w)
         self.refine_head.to(self.device)
         self.refine_k = int(cfg["k"])

@@ -343,7 +343,7 @@ def run(cfg: RunConfig, loaded=None, *, until: str = "evaluate", info_only: bool
         del model, scorer
         _free_memory()
         run_lora(cfg0, methods, out0, splits, prompt_name, scfg, report, tm, ev)
-        from refine_llm.baselines import notrain
+        from refine_llm.methods import notrain
 
         # the adapters on the heads' bias-utility plane (against the same temperature curve and baselines)
         report["plane"] = notrain.plane_verdicts(ev.results, report["temperature_curve"],
@@ -402,8 +402,9 @@ def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokeniz
     """Evaluate base and uniform, train and evaluate each head variant; significance of base vs refine."""
     import torch
 
-    from refine_llm import bandit, evaluation, head as H
-    from refine_llm.baselines import notrain
+    from refine_llm import bandit, evaluation
+    from refine_llm.methods import heads as H, notrain
+    from refine_llm.methods.hub import tokenizer_fingerprint
 
     test_q, test_s = splits["test"], scores["test"]
     p_topk, p_full, in_topk = _base_probs(test_s)
@@ -416,7 +417,7 @@ def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokeniz
     warnings = list(results["base"].get("warnings", []))
     uni = H.build_head(HeadConfig(variant="uniform", k=k))
     ev.add("uniform", *head_probs(uni, test_data, test_s))
-    # no-training baselines (refine_llm.baselines.notrain): next to every head on the bias-utility plane
+    # no-training baselines (refine_llm.methods.notrain): next to every head on the bias-utility plane
     t2 = notrain.top2_equalise(test_data.topk_logprobs)
     ev.add("top2-equal", *logprob_probs(t2, test_data, test_s), topk_logprobs=t2.numpy())
     frontier = notrain.temperature_curve(ev, test_data, test_s, lambda lp: logprob_probs(lp, test_data, test_s))
@@ -430,10 +431,10 @@ def run_conditions(cfg: RunConfig, out, splits, scores, variants, model, tokeniz
         val = bandit_data(splits["validation"], scores["validation"], with_hidden=needs_hidden)
         timing["bandit_data"] = time.time() - t
         lm_w = model.get_output_embeddings().weight.detach().float().cpu() if needs_hidden else None
-        fp = H.tokenizer_fingerprint(tokenizer)
+        fp = tokenizer_fingerprint(tokenizer)
         gate = _gate_token_ids(tokenizer, cfg.questions)
         t = time.time()
-        rank = notrain.RankBiasHead(k)  # the input-independent per-rank baseline, trained like the heads
+        rank = H.RankBiasHead(k)  # the input-independent per-rank baseline, trained like the heads
         bandit.train_head(rank, train, cfg.bandit, val=val, progress=False)
         rank.eval()
         ev.add("rank-bias", *head_probs(rank, test_data, test_s))
