@@ -40,7 +40,7 @@ COMMANDS: dict[str, str | tuple[str, str]] = {
     "compare": ("refine_llm.cli:compare_main", "every method (--method all) in one table on stdout"),
     "serve": ("refine_llm.serve:main", "serve a model with trained heads through vLLM's OpenAI server"),
     "merge": ("refine_llm.scoring.jobs:merge_main", "merge the score caches of shard run directories (score --shard i/n)"),
-    "bbq": ("refine_llm.bbq:main", "BBQ: score-predictions FILE, or evaluate a model / saved head on BBQ"),
+    "bbq": ("refine_llm.bbq.cli:main", "BBQ: score-predictions FILE, or evaluate a model / saved head on BBQ"),
     "fetch": ("refine_llm.cli:fetch_main", "download and convert a model once into the cache (setup does this)"),
 }
 # `score` with these flags scores a questions dataset (refine_llm.scoring.jobs: a shard, all of it, Ray).
@@ -189,9 +189,9 @@ def evaluate_main(argv: list[str], prog: str = "refine-llm evaluate") -> int:
     """Stage 4 on a run directory; `--bbq DIR --head HEAD_DIR` (a saved head, not a head variant) evaluates
     saved heads on BBQ instead (refine_llm.bbq, the same as `refine-llm bbq evaluate DIR --head HEAD_DIR`)."""
     if _saved_head_given(argv):
-        from refine_llm import bbq
+        from refine_llm.bbq import cli as bbq_cli
 
-        return bbq.main(argv, parser=bbq.evaluate_parser(prog))
+        return _guarded(lambda: bbq_cli.evaluate_main(argv, prog, evaluate_form=True))
     return _stage(argv, prog, "evaluate")
 
 

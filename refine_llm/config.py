@@ -589,7 +589,7 @@ class BBQEvaluateArgs:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"prefix": "", "fields": ("name", "quant", "device")})
     mode: Literal["cloze", "lettered", "both"] = field(default="both", metadata={"help": "How items are scored."})
     bbq_max_items: int | None = field(default=None, metadata={
-        "help": "Items per category, stratified by condition and polarity (default: all)."})
+        "help": "Items per category, stratified by condition and polarity (0 or None = all)."})
     scoring: ScoringConfig = field(default_factory=ScoringConfig, metadata={"prefix": "", "fields": ("top_k",)})
     train_head: bool = field(default=False, metadata={
         "help": "Also train a logit head on BBQ (templates split by question_index) and report it."})
@@ -602,7 +602,7 @@ class BBQEvaluateArgs:
         _check_literals(self)
         _check_positive("batch_size", self.batch_size)
         if self.bbq_max_items is not None:
-            _check_positive("bbq_max_items", self.bbq_max_items)
+            _check_positive("bbq_max_items", self.bbq_max_items, allow_zero=True)
 
 
 @dataclass

@@ -375,23 +375,38 @@ def _write(out: Path, report: dict) -> None:
 
     write_report(out, report)
     if report.get("bbq"):
-        from refine_llm import bbq
+        from refine_llm.bbq.report import markdown
+        from refine_llm.io import atomic_write_bytes
 
-        bbq.append_to_report(out, report["bbq"])
+        md = out / "report.md"
+        res = report["bbq"]
+        sec = markdown(res) + (f"\n![BBQ]({res['plot']})\n" if res.get("plot") else "")
+        atomic_write_bytes(md, (md.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + sec).encode())
 
 
 def run_bbq_stage(cfg: RunConfig, out, model, tokenizer, report, timing) -> None:
     """--bbq DIR: BBQ tables for base, uniform, the run's heads and a head trained on BBQ (refine_llm.bbq)."""
-    from refine_llm import bbq
+    from refine_llm.bbq import run as bbq_run
+    from refine_llm.config import BBQ_MAX_BATCH_SIZE
+    from refine_llm.methods import heads as H
+    from refine_llm.methods.hub import tokenizer_fingerprint
 
     bcfg = cfg.bbq
     if model is None:
         log("--bbq: skipped, BBQ scoring needs the HF model (use --backend hf)")
         return
     t = time.time()
-    report["bbq"] = bbq.run_bbq(out, model, tokenizer, bcfg.bbq_dir, report.get("heads") or {},
-                                max_items=bcfg.bbq_max_items or None, top_k=cfg.scoring.top_k,
-                                batch_size=min(cfg.scoring.batch_size, 32), seed=cfg.seed)
+    items = bbq_run.items_of(bcfg.bbq_dir, bcfg.bbq_max_items, cfg.seed)
+    heads = bbq_run.load_heads(report.get("heads") or {}, model, tokenizer, cfg.scoring.top_k)
+    need_hidden = any(getattr(h.head, "variant", "") == "contextual" for h in heads.values())
+    scfg = bbq_run.scoring_config(cfg.scoring.top_k, min(cfg.scoring.batch_size, BBQ_MAX_BATCH_SIZE), need_hidden)
+    res, head = bbq_run.evaluate_model(model, tokenizer, items, heads, "both", scfg, True, bbq_run.N_RESAMPLES,
+                                       cfg.seed, cache_dir=Path(out) / "scores", progress=True)
+    if head is not None:
+        H.save_head(head, Path(out) / "heads" / "bbq" / "head",
+                    {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "category": "bbq",
+                     "training": res["bbq_trained_head"], "prompt": "bbq_cloze"})
+    report["bbq"] = bbq_run.save_result(res, out, Path(out) / "bbq" / "bbq.json")
     timing["bbq"] = time.time() - t
     for v in report["bbq"].get("verdict_cloze", []):
         log(f"BBQ {v['condition']}: s_AMB {v['s_amb_base']:.1f} -> {v['s_amb']:.1f}, disambiguated accuracy "

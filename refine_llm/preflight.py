@@ -56,6 +56,6 @@ def check_run(cfg) -> None:
     check_wordlists(cfg.questions.category, cfg.questions.wordlists)
     check_prompt(cfg.scoring.prompt)
     if cfg.bbq.bbq_dir:
-        from refine_llm.bbq import bbq_files
+        from refine_llm.bbq.data import bbq_files
 
         bbq_files(cfg.bbq.bbq_dir)  # --bbq: the BBQ stage runs last, so a wrong path would cost the whole job

@@ -33,8 +33,8 @@ from refine_llm.prompts import PromptTemplate
 from refine_llm.scoring import cache
 from refine_llm.scoring.plan import QUESTION_COLUMNS, BatchPlan, Shard, plan_batches, questions_table
 
-__all__ = ["payload", "LocalPool", "fill_cache", "in_order", "score", "score_stats", "default_model_key",
-           "backend_unit"]
+__all__ = ["payload", "LocalPool", "fill_cache", "in_order", "read_cached", "score", "score_stats",
+           "default_model_key", "backend_unit"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,21 @@ def backend_unit(cfg: ScoringConfig, flush_rows: int) -> int:
     ``max(flush_rows, batch_size)`` rows per engine call (vLLM batches continuously inside a call, and small
     calls leave the engine idle between them)."""
     return cfg.batch_size if cfg.backend != "vllm" else max(flush_rows, cfg.batch_size)
+
+
+def read_cached(questions, prompt: PromptTemplate, cfg: ScoringConfig, cache_dir, model_key: str, *,
+                columns: tuple[str, ...] = QUESTION_COLUMNS):
+    """The cached scores of ``questions`` (as ``score`` returns them) without a model: what a stage after
+    ``score`` reads. A question that is not in the cache is a UserError that names the command to run."""
+    q = questions_table(questions, columns)
+    path = cache.cache_path(cache_dir, model_key, prompt, cfg)
+    table = cache.read_table(path, cfg.store_hidden)
+    have = set(table.column("question_id").to_pylist())
+    missing = [x for x in q.column("question_id").to_pylist() if x not in have]
+    if missing:
+        raise UserError(f"{path}: {len(missing)} of {q.num_rows} prompts are not scored yet (first: {missing[0]}): "
+                        "run the score stage first (`refine-llm score --out RUN`)")
+    return in_order([table], q.column("question_id").to_pylist(), cfg.store_hidden)
 
 
 def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfig,
