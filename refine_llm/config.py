@@ -414,6 +414,35 @@ class RunConfig:
         return self.questions.seed
 
     @property
+    def methods(self) -> list[str]:
+        """What ``method`` trains: refine (the heads), lora-reward (with its objective), lora-cda; ``all``
+        trains lora-reward with both objectives."""
+        return {"none": [], "refine": ["refine"], "lora-reward": ["lora-reward"], "lora-cda": ["lora-cda"],
+                "all": ["refine", "lora-reward", "lora-reward-direct", "lora-cda"]}[self.method]
+
+    @property
+    def head_variants(self) -> list[str]:
+        """The head variants the run trains, the default (``--head``, the condition "refine") first. vLLM
+        returns no hidden states, so with --backend vllm the heads that train on them are left out."""
+        if "refine" not in self.methods:
+            return []
+        variants = [self.head.variant] + [v for v in ("logit", "paper", "contextual", "slot") if v != self.head.variant]
+        if self.scoring.backend == "vllm":
+            variants = [v for v in variants if v not in CONTEXT_VARIANTS]
+        return variants
+
+    def resolve(self, device: str) -> "RunConfig":
+        """The config with every derived value filled in, once (config.json is written from it, so ``--config``
+        re-runs exactly what ran): the scoring batch size for ``device`` ("cpu" or "cuda"), and hidden states
+        stored when a head that reads them trains. Resolving a resolved config changes nothing."""
+        if self.scoring.backend == "vllm" and self.head.variant in CONTEXT_VARIANTS and "refine" in self.methods:
+            raise ValueError(f"--head {self.head.variant} trains on hidden states, which --backend vllm does not "
+                             "return: use --backend hf for it")
+        scoring = replace(self.scoring, batch_size=self.scoring.batch_size or AUTO_SCORING_BATCH_SIZE[device],
+                          store_hidden=self.scoring.store_hidden or bool(set(CONTEXT_VARIANTS) & set(self.head_variants)))
+        return replace(self, scoring=scoring)
+
+    @property
     def training_seeds(self) -> list[int] | None:
         """``seeds`` as integers (None: one run with the configured head and LoRA seeds)."""
         return None if self.seeds is None else [int(s) for s in self.seeds.split(",")]

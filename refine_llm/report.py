@@ -12,6 +12,8 @@ Input ``report`` dict (built by the main job):
     prompt_sweep      optional [{prompt, answer_mass, specified_accuracy, chosen}]
     methods           optional [{method, trainable_params, train_seconds, peak_memory_mb, <metrics>}]
     seeds             optional refine_llm.seeds.aggregate(...) (--seeds): each seed, mean ± sd, reversals
+    bbq               optional refine_llm.bbq.task.evaluate_items(...) (--bbq): its section and plot, last
+    quant_shift       optional (--compare-quant) the bias shift of the quantization
     warnings          optional [str]
 
 Which numbers the tables and plots show, with which symbol, direction and format, comes from the
@@ -312,9 +314,17 @@ def write_report(run_dir, report: dict) -> None:
             warnings.append(f"{cond}: specified accuracy {fmt(res.get('specified_accuracy'))} is within noise of chance")
 
     plots = _plots(run_dir / "plots", report, metrics, per_tuple)
+    md = _markdown(report, metrics, warnings, plots)
+    if report.get("bbq"):  # BBQ's section and plot (refine_llm.bbq.report), after the rest
+        from refine_llm.bbq.report import markdown as bbq_markdown, plot as bbq_plot
+
+        bbq = dict(report["bbq"])
+        bbq["plot"] = str(bbq_plot(bbq, run_dir / "plots" / "bbq.png").relative_to(run_dir))
+        report = {**report, "bbq": bbq}
+        md = md.rstrip("\n") + "\n\n" + bbq_markdown(bbq) + f"\n![BBQ]({bbq['plot']})\n"
     small = {**{k: v for k, v in report.items() if k != "metrics"}, "metrics": metrics, "warnings": warnings,
              "plots": plots, "metric_registry": [m.__dict__ for m in METRICS]}
     atomic_write_bytes(run_dir / "report.json", json.dumps(jsonable(small), indent=2, ensure_ascii=False).encode())
     if any(per_tuple.values()):
         atomic_write_bytes(run_dir / "per_tuple.json", json.dumps(jsonable(per_tuple)).encode())
-    atomic_write_bytes(run_dir / "report.md", _markdown(report, metrics, warnings, plots).encode())
+    atomic_write_bytes(run_dir / "report.md", md.encode())

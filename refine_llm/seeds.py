@@ -139,6 +139,11 @@ def aggregate(reports: dict[int, dict]) -> dict:
             "reversals": reversals, "verdict": verdict}
 
 
+def _at(by_seed: dict, s, missing=None):
+    """``by_seed[s]``, whether the block is fresh (int keys) or read back from JSON (str keys)."""
+    return by_seed.get(s, by_seed.get(str(s), missing))
+
+
 def _show(v) -> str:
     return "–" if v is None else ("yes" if v is True else "no" if v is False else str(v))
 
@@ -179,11 +184,11 @@ def markdown(block: dict) -> list[str]:
              f"**{block['verdict']}.**", "",
              "### Mean ± sd across seeds", ""]
     lines += table(["condition", "seeds", *symbols],
-                    [[c, str(s["mu"]["n"]), *(_pm(k, s[k]) for k in keys)] for c, s in block["summary"].items()])
+                   [[c, str(s["mu"]["n"]), *(_pm(k, s[k]) for k in keys)] for c, s in block["summary"].items()])
     lines += ["", "### Each seed", ""]
     lines += table(["condition", "seed", *symbols],
-                    [[c, str(s), *(_fmt(k, rows[k].get(s)) for k in keys)]
-                     for c, rows in block["per_seed"].items() for s in seeds if s in rows["mu"]])
+                   [[c, str(s), *(_fmt(k, _at(rows[k], s)) for k in keys)]
+                    for c, rows in block["per_seed"].items() for s in seeds if s in rows["mu"] or str(s) in rows["mu"]])
     if block["conclusions"]:
         lines += ["", "### Conclusions per seed", "",
                   "Δ = condition − base (paired cluster bootstrap); a conclusion is reversed when seeds disagree.", ""]
@@ -191,7 +196,7 @@ def markdown(block: dict) -> list[str]:
         for c, by in block["conclusions"].items():
             for name, vals in by.items():
                 agree = len({v for v in vals.values() if v is not None}) <= 1
-                rows.append([c, name, *(_show(vals.get(s)) for s in seeds), "yes" if agree else "**no**"])
+                rows.append([c, name, *(_show(_at(vals, s)) for s in seeds), "yes" if agree else "**no**"])
         lines += table(["condition", "conclusion", *(f"seed {s}" for s in seeds), "agree"], rows)
     return lines + [""]
 

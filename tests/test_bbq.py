@@ -250,7 +250,7 @@ def test_bbq_evaluate_writes_tables_a_trained_head_and_the_plot(tmp_path, slice_
     model, tok = smollm2_fp32
     H.save_head(H.build_head(HeadConfig(variant="logit", k=10)), tmp_path / "h",
                 {"tokenizer_fingerprint": H.tokenizer_fingerprint(tok)})
-    heads = run.load_heads({"refine": str(tmp_path / "h")}, model, tok, 10)
+    heads = run.load_heads({"refine": str(tmp_path / "h")}, tok, 10)
     res, head = run.evaluate_model(model, tok, slice_items, heads, "cloze", run.scoring_config(10, 8, False), True,
                                    20, 0)
     run.save_result(res, tmp_path, tmp_path / "bbq" / "bbq.json", tmp_path / "bbq.md")

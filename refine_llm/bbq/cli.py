@@ -58,7 +58,7 @@ def evaluate_main(argv: list[str] | None, prog: str = "refine-llm bbq evaluate",
         hub.read_head_config(p)
     mcfg = a.model
     model, tok = models.load_model(mcfg.name, quant=mcfg.quant, device=mcfg.device)
-    heads = load_heads(head_paths, model, tok, a.scoring.top_k)
+    heads = load_heads(head_paths, tok, a.scoring.top_k, model.get_output_embeddings().weight.detach().float().cpu())
     need_hidden = any(getattr(h.head, "variant", "") == "contextual" for h in heads.values())
     cfg = scoring_config(a.scoring.top_k, a.batch_size, need_hidden)
     res, _ = evaluate_model(model, tok, items, heads, a.mode, cfg, a.train_head, a.n_resamples, a.seed,

@@ -16,13 +16,14 @@ from refine_llm.bbq.task import conditions, evaluate_items, score_cloze, score_l
 __all__ = ["N_RESAMPLES", "load_heads", "head_name", "items_of", "scoring_config", "score_all", "evaluate_model", "save_result"]
 
 
-def load_heads(paths: dict[str, str], model, tokenizer, top_k: int) -> dict:
-    """{name: head directory or hub id} -> {name: HeadMethod}, checked against this tokenizer and top-k."""
+def load_heads(paths: dict[str, str], tokenizer, top_k: int, lm_head_weight=None) -> dict:
+    """{name: head directory or hub id} -> {name: HeadMethod}, checked against this tokenizer and top-k
+    (``lm_head_weight``: the model's output embedding, for a contextual head)."""
     from refine_llm.methods import HeadMethod
     from refine_llm.methods.hub import tokenizer_fingerprint
 
     fp = tokenizer_fingerprint(tokenizer)
-    w = model.get_output_embeddings().weight.detach().float().cpu() if model is not None else None
+    w = lm_head_weight
     return {name: HeadMethod.from_pretrained(p, name, expect_tokenizer_fingerprint=fp, expect_k=top_k, lm_head_weight=w)
             for name, p in paths.items()}
 

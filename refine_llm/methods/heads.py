@@ -533,14 +533,15 @@ class HeadMethod(Method):
 
     kind: ClassVar[str] = "head"
 
-    def __init__(self, head: nn.Module, name: str | None = None):
+    def __init__(self, head: nn.Module, name: str | None = None, config: dict[str, Any] | None = None):
         self.head, self.name = head, name or getattr(head, "variant", "head")
+        self.config = dict(config or {})  # the saved head's config.json (training summary, gate vocabulary, ...)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, name: str | None = None, **kw) -> "HeadMethod":
         """A saved head (directory or hub repo id; ``load_head``'s checks and keywords)."""
-        head, _ = load_head(name_or_path, **kw)
-        return cls(head, name)
+        head, config = load_head(name_or_path, **kw)
+        return cls(head, name, config)
 
     def logprobs(self, base: Scores) -> torch.Tensor:
         """(M,k) the head's log-probs over the base's top-k slots."""

@@ -87,14 +87,13 @@ class Temperature(Method):
         return Output.from_topk(temperature_logprobs(base.topk_logprobs, self.temperature), base)
 
 
-def temperature_curve(evaluator, data, scores, probs_of) -> list[dict]:
-    """The registry's plane metrics of the top-k at each temperature (evaluated, not kept as conditions).
-
-    evaluator: evaluation.Evaluator; data: BanditData of the test split; probs_of(lp) -> (p_topk, p_full)."""
+def temperature_curve(evaluator, base: Scores) -> list[dict]:
+    """The registry's plane metrics of the top-k at each temperature (``Temperature`` methods, evaluated by
+    ``evaluator`` (evaluation.Evaluator) on the base's scores, not kept as conditions)."""
     out = []
     for T in TEMPERATURES:
-        lp = temperature_logprobs(data.topk_logprobs, T)
-        r = evaluator.add(f"T={T:g}", *probs_of(lp), topk_logprobs=lp.numpy(), keep=False)
+        o = Temperature(T).apply(base)
+        r = evaluator.add(f"T={T:g}", o.p_topk, o.p_full, topk_logprobs=o.topk_logprobs, keep=False)
         out.append({"temperature": T, **{k: r.get(k) for k in PLANE_KEYS}})
     return out
 
