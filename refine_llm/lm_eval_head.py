@@ -42,15 +42,14 @@ from refine_llm.errors import UserError
 __all__ = ["RefineHFLM", "apply_head_to_row", "main"]
 
 
-def apply_head_to_row(head, lp_row: torch.Tensor, k: int) -> torch.Tensor:
-    """(V,) log-softmax row -> (V,) row with ``head`` applied to its top-k (mass-preserving, see above)."""
-    lp = lp_row.float()
-    top = torch.topk(lp, k)
-    with torch.no_grad():
-        hl = head(top.values[None], topk_ids=top.indices[None], logits=lp[None])[0]  # (k,) log-probs over top-k
-    mass = torch.logsumexp(top.values, 0)  # log m
-    out = lp.clone()
-    out[top.indices] = mass + hl
+def apply_head_to_row(head, lp_row: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """(V,) log-softmax row -> (V,) row with ``head`` applied to its top-k (mass-preserving, see above): the
+    one rule of a head on a live row, ``refine_llm.methods.heads.rewrite_topk``."""
+    if k is not None and k != head.k:
+        raise ValueError(f"k={k} but the head was trained with k={head.k}")
+    ids, new = H.rewrite_topk(head, lp_row.float()[None])  # (1,k), (1,k)
+    out = lp_row.float().clone()
+    out[ids[0]] = new[0]
     return out.to(lp_row.dtype)
 
 

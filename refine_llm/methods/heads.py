@@ -83,7 +83,7 @@ from refine_llm.methods.protocol import Method, Output, Scores
 
 __all__ = ["HEADS", "renormalise", "HubHeadMixin", "IdentityHead", "UniformHead", "PaperHead", "LogitHead",
            "ContextualHead", "SlotHead", "RankBiasHead", "build_head", "head_config", "save_head", "load_head",
-           "flatness", "num_parameters", "gate_mask", "HeadMethod", "tokenizer_fingerprint"]
+           "flatness", "num_parameters", "rewrite_topk", "gate_mask", "HeadMethod", "tokenizer_fingerprint"]
 
 _NEG = -1e4  # finite stand-in for -inf log-probs (the authors use -1e10 on logits)
 
@@ -475,6 +475,26 @@ def load_head(
         head.to(device)
     head.eval()
     return head, config
+
+
+@torch.no_grad()
+def rewrite_topk(head: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head on live rows of logits (or log-probs) (R,V) -> (ids (R,k) long, new top-k values (R,k), in the
+    dtype of ``logits``): the rule every live use shares (the HF and vLLM processors, lm-eval).
+
+        ids, v = topk(z, k);  m = logsumexp(v);  z[ids] = m + head(v, ids, logits=z)
+
+    Tokens outside the top-k keep their values and the top-k's total mass is unchanged, so after a
+    log-softmax the top-k holds the head's distribution times the original top-k mass. Top-k entries that
+    are -inf (masked by a grammar or a bad-words list) stay -inf: a head never revives a removed token.
+    Write back with ``logits.scatter_(1, ids, new)``."""
+    z = logits.float()
+    vals, ids = z.topk(head.k, dim=-1)  # (R,k)
+    lse = torch.logsumexp(vals, dim=-1, keepdim=True)  # (R,1) log top-k mass (+ the vocab normaliser)
+    ctx = z if head.needs_lm_head else None  # a contextual head reads the whole row
+    out = head(vals, ids, None, ctx)  # (R,k) log-probs over the top-k
+    new = torch.where(torch.isfinite(vals), lse + out, vals)
+    return ids, new.to(logits.dtype)
 
 
 def gate_mask(ids: torch.Tensor, gate_ids: torch.Tensor) -> torch.Tensor:

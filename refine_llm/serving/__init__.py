@@ -40,7 +40,7 @@ import torch
 
 from refine_llm.config import CONTEXT_VARIANTS, SERVING_MODES
 from refine_llm.errors import UserError
-from refine_llm.methods.heads import gate_mask, load_head
+from refine_llm.methods.heads import gate_mask, load_head, rewrite_topk
 from refine_llm.methods.hub import read_head_config
 from refine_llm.vocab import gate_token_ids  # the one tokenization of gate words, shared with the pipeline
 
@@ -129,21 +129,12 @@ def discover_heads(heads_dir: str | os.PathLike) -> dict[str, Path | str]:
     return found
 
 
-@torch.no_grad()
 def refine_topk(logits: torch.Tensor, served: ServedHead) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R,V) logits -> (ids (R,k) long, new top-k logits (R,k), dtype of ``logits``).
+    """(R,V) logits -> (ids (R,k) long, new top-k logits (R,k), dtype of ``logits``): the served head applied
+    by ``refine_llm.methods.heads.rewrite_topk`` (the one rule of a head on live logits; see there).
 
-    Write back with ``logits.scatter_(1, ids, new)`` (or an index_put on a row subset). Top-k
-    entries that are -inf (masked by a grammar or a bad-words list) stay -inf: the head never
-    revives a token another stage has removed.
-    """
-    z = logits.float()
-    vals, ids = z.topk(served.k, dim=-1)  # (R,k)
-    lse = torch.logsumexp(vals, dim=-1, keepdim=True)  # (R,1) log top-k mass (+ the vocab normaliser)
-    ctx = z if served.contextual else None
-    out = served.head(vals, ids, None, ctx)  # (R,k) log-probs over the top-k
-    new = torch.where(torch.isfinite(vals), lse + out, vals)
-    return ids, new.to(logits.dtype)
+    Write back with ``logits.scatter_(1, ids, new)`` (or an index_put on a row subset)."""
+    return rewrite_topk(served.head, logits)
 
 
 def gate_rows(ids: torch.Tensor, served: ServedHead) -> torch.Tensor:
