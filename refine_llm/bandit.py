@@ -429,9 +429,9 @@ class HeadTrainer:
         self._clock = now
 
     def save_checkpoint(self) -> None:
+        self._tick()  # the training time counts with or without a checkpoint file
         if self.ckpt is None:
             return
-        self._tick()
         tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         if self.best is not None:
             tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in self.best.items()})
