@@ -69,6 +69,7 @@ from refine_llm.errors import UserError
 from refine_llm.methods.heads import renormalise as renormalised_topk
 from refine_llm.io import atomic_write_bytes, kill_point
 from refine_llm.progress import progress as progress_bar
+from refine_llm.training import load_optimizer, optimizer_tensors, step_seed
 
 CHECKPOINT = "last.safetensors"  # in the checkpoint directory (runs/<run>/heads/<variant>/checkpoints/<hash>/)
 CHECKPOINT_FORMAT = "refine_llm.head_trainer/1"
@@ -218,14 +219,10 @@ def evaluate_head(head: nn.Module, data: BanditData, batch_rows: int = 8192) -> 
 # schedule
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return (int(seed) * 1_000_003 + int(step) * 7_919 + 17) % (2**63 - 1)
-
-
 def _schedule(n_tuples: int, cfg: BanditConfig):
     """Yield (epoch, tuple index tensor, draw_with_replacement) per optimizer step, deterministically."""
     for epoch in range(cfg.epochs):
-        perm = torch.randperm(n_tuples, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, -1 - epoch)))
+        perm = torch.randperm(n_tuples, generator=torch.Generator().manual_seed(step_seed(cfg.seed, -1 - epoch)))
         for b in range(0, n_tuples, cfg.batch_size):
             batch = perm[b : b + cfg.batch_size]
             if cfg.objective == "paper":
@@ -339,8 +336,8 @@ class TupleObjective(Objective):
 class TrainerState:
     """Everything a run has done that is not a tensor; saved with ``asdict`` in the checkpoint's metadata.
 
-    All randomness of step t is ``torch.Generator().manual_seed(_step_seed(seed, t))`` and the epoch order
-    uses ``_step_seed(seed, -1 - epoch)``: (seed, step) is the whole RNG state."""
+    All randomness of step t is ``torch.Generator().manual_seed(step_seed(seed, t))`` and the epoch order
+    uses ``step_seed(seed, -1 - epoch)`` (refine_llm.training): (seed, step) is the whole RNG state."""
 
     seed: int
     objective: str
@@ -435,12 +432,10 @@ class HeadTrainer:
         tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         if self.best is not None:
             tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in self.best.items()})
-        osd = self.opt.state_dict()
-        for pid, pstate in osd["state"].items():
-            for key, val in pstate.items():
-                tensors[f"optim.{pid}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
+        optim, groups = optimizer_tensors(self.opt)
+        tensors.update(optim)
         meta = {"format": CHECKPOINT_FORMAT, "trainer_state": json.dumps(asdict(self.state)),
-                "optimizer_param_groups": json.dumps(osd["param_groups"])}
+                "optimizer_param_groups": json.dumps(groups)}
         atomic_write_bytes(self.ckpt, save_safetensors(tensors, metadata=meta))
         kill_point("head")  # test hook (refine_llm.io): a kill -9 right after a checkpoint
 
@@ -466,12 +461,7 @@ class HeadTrainer:
         except RuntimeError as e:
             raise UserError(f"checkpoint {self.ckpt} is for another head ({e}): use another checkpoint_dir") from e
         self.best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
-        ostate: dict[int, dict] = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, pid, key = k.split(".", 2)
-                ostate.setdefault(int(pid), {})[key] = v
-        self.opt.load_state_dict({"state": ostate, "param_groups": groups})
+        load_optimizer(self.opt, tensors, groups)
         self.state, self.resumed_from = st, st.step
         return True
 
@@ -497,7 +487,7 @@ class HeadTrainer:
                 break
             if i < st.step:
                 continue  # done before the checkpoint we resumed from
-            logs = self.training_step(tuples, with_repl, torch.Generator().manual_seed(_step_seed(cfg.seed, i)))
+            logs = self.training_step(tuples, with_repl, torch.Generator().manual_seed(step_seed(cfg.seed, i)))
             st.step = i + 1
             rec = {"step": st.step, "epoch": epoch, **logs}
             if self.val is not None and (st.step % cfg.eval_every == 0 or st.step == full):

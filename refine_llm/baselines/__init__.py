@@ -4,4 +4,4 @@
 imports ``refine_llm.methods`` or ``refine_llm.bandit`` (docs: DESIGN.md, "Who may import whom").
 """
 
-__all__ = ["lora"]
+__all__ = ["lora", "cda"]

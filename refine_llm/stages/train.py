@@ -162,7 +162,9 @@ def train_lora(cfg: RunConfig, out: Path, train_q, prompt_name: str, timing: dic
             log(f"{m}: reusing the adapter in {res.adapter_dir} (same config, model, prompt and train split)")
             continue
         log(f"{m}: {lcfg.steps} steps of {lcfg.batch_size} tuples, lr {lcfg.lr}")
-        train_fn = lora.train_lora_cda if kind == "lora-cda" else lora.train_lora_reward
+        from refine_llm.baselines import cda
+
+        train_fn = cda.train_lora_cda if kind == "lora-cda" else lora.train_lora_reward
         train_fn(mcfg.name, train_q, prompt, lcfg, out / "adapters" / m, quant=mcfg.quant,
                  pronouns=cfg.scoring.pronouns, progress=True)
         timing[f"train_{m}"] = time.time() - t
