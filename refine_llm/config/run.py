@@ -1,96 +1,21 @@
-"""Dataclass configs for every stage of refine_llm, with help text in field metadata.
-
-This module imports nothing of ours (see DESIGN.md), so scripts can build argument parsers from it
-and every other module can take a config without pulling in torch-heavy code.
-Each ``__post_init__`` normalises values and rejects bad combinations with a message that names the
-field and says what to do; those ValueErrors become one-line CLI errors (exit code 2).
-"""
+"""The main job's configs: one dataclass per stage (model, questions, scoring, head, bandit, LoRA, BBQ) and
+``RunConfig``, which holds them, resolves derived values once (``resolve``) and round-trips through
+config.json (``to_dict``/``from_dict``); ``load_config_file`` reads a YAML file or a run's config.json."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
-# Choices are typed as Literal; the tuples below are derived from them (one home per list).
-Category = Literal["gender", "nationality", "ethnicity", "religion"]
-Quant = Literal["nf4", "int8", "bf16", "fp32"]
-TESTBED_NAME = "testbed"  # the alias of refine_llm.models (TESTBED_ALIAS) for the testbed model
-# The testbed runs in fp32: its LoRA fine-tune is small enough that NF4 erases it (refine_llm.testbed).
-TESTBED_QUANT = "fp32"
-QUANT_CHOICES = ("auto", *get_args(Quant))  # what --quant accepts; "auto" is resolved by ModelConfig
-Backend = Literal["hf", "vllm", "ray"]
-Method = Literal["none", "refine", "lora-reward", "lora-cda", "all"]
-HeadVariant = Literal["logit", "paper", "contextual", "slot", "uniform", "identity", "rank-bias"]  # methods.heads.HEADS
-HeadObjective = Literal["reinforce", "direct", "paper"]
-LoraObjective = Literal["reinforce", "direct"]
-ScoringMode = Literal["first-token", "exact"]
+from refine_llm.config.choices import (AUTO_SCORING_BATCH_SIZE, CATEGORIES, CONTEXT_VARIANTS, QUANT_CHOICES,
+                                       SCHEMA_VERSION, TESTBED_NAME, TESTBED_QUANT, Backend, HeadObjective,
+                                       HeadVariant, LoraObjective, Method, ScoringMode, check_literals,
+                                       check_positive, parse_seeds)
 
-CATEGORIES = get_args(Category)
-QUANTS = get_args(Quant)
-BACKENDS = get_args(Backend)
-METHODS = get_args(Method)
-HEAD_VARIANTS = get_args(HeadVariant)
-OBJECTIVES = get_args(HeadObjective)
-LORA_OBJECTIVES = get_args(LoraObjective)
-CONTEXT_VARIANTS = ("contextual", "slot")  # heads built from the LLM's output embedding; trained on cached hidden states (slot: ignores them)
-SERVING_MODES = ("first", "gated", "all")
-# Objective names before the rename (heads: expected; LoRA: bandit): refused with the new name.
-RENAMED_OBJECTIVES = {"expected": "direct", "bandit": "reinforce"}
-# Scoring batch size when ScoringConfig.batch_size is None: 4-bit weights are dequantised once per
-# forward pass on CPU, so larger batches amortise it; on GPU memory is the limit.
-AUTO_SCORING_BATCH_SIZE = {"cpu": 128, "cuda": 32}
-# config.json of a run: bumped whenever a field changes meaning, so that an old run is refused, not misread.
-SCHEMA_VERSION = 2
-# Statistics: draws of the sign-flip null (per condition and category), of the cluster bootstrap (per
-# comparison) and of BBQ's item bootstrap.
-NULL_RESAMPLES = 1000
-BOOT_RESAMPLES = 1000
-BBQ_RESAMPLES = 1000
-BBQ_MAX_BATCH_SIZE = 32  # BBQ prompts (few-shot + context + options) are long: the main job caps its batches here
-FLUSH_ROWS = 512  # rows per score-cache file written while scoring (what a killed driver can lose)
-MERGE_FILE_ROWS = 65536  # rows per score-cache file written by merge
-DEFAULT_CPU_KV_CACHE_GIB = 2.0  # vLLM on CPU: holds ~45k tokens of SmolLM2-135M, ~16k of a 7B GQA model in bf16
-TESTBED_VERSION = 1  # bump when the testbed recipe's meaning changes: old builds are then ignored
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
-
-
-def _check_literals(obj: Any) -> None:
-    """Every Literal-typed field of dataclass ``obj`` holds one of its choices (old objective names get the new)."""
-    hints = get_type_hints(type(obj))
-    for f in fields(obj):
-        t = hints[f.name]
-        if get_origin(t) is Literal:
-            value = getattr(obj, f.name)
-            if value in RENAMED_OBJECTIVES and RENAMED_OBJECTIVES[value] in get_args(t):
-                raise ValueError(f"{f.name}={value!r} was renamed: use {RENAMED_OBJECTIVES[value]!r} "
-                                 f"(choices: {', '.join(get_args(t))})")
-            _check_choice(f.name, value, get_args(t))
-
-
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def _parse_seeds(value: Any) -> str:
-    """"0, 1,2" (or a list of ints, from a YAML file) -> "0,1,2"; distinct non-negative integers."""
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    try:
-        seeds = [int(str(s).strip()) for s in items]
-    except ValueError:
-        raise ValueError(f"seeds={value!r} (--seeds): pass distinct non-negative integers separated by commas, "
-                         "e.g. 0,1,2") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds={value!r} (--seeds): pass distinct non-negative integers separated by commas, "
-                         "e.g. 0,1,2")
-    return ",".join(str(s) for s in seeds)
-
+__all__ = ["ModelConfig", "QuestionsConfig", "ScoringConfig", "HeadConfig", "BanditConfig", "LoraConfig", "BBQConfig",
+           "RunConfig", "load_config_file", "help_of"]
 
 @dataclass
 class ModelConfig:
@@ -114,7 +39,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_literals(self)
+        check_literals(self)
         if self.quant == "auto":  # resolved here, so config.json and the report name what ran
             self.quant = TESTBED_QUANT if self.name == TESTBED_NAME else "nf4"
 
@@ -145,12 +70,12 @@ class QuestionsConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_literals(self)
+        check_literals(self)
         if self.max_tuples is not None:
-            _check_positive("max_tuples", self.max_tuples)
+            check_positive("max_tuples", self.max_tuples)
         for name in ("subjects_per_split", "attributes_per_split"):
             if getattr(self, name) is not None:
-                _check_positive(name, getattr(self, name))
+                check_positive(name, getattr(self, name))
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -191,10 +116,10 @@ class ScoringConfig:
     data_parallel_size: int = field(default=1, metadata={"help": "vLLM data parallel size."})
 
     def __post_init__(self) -> None:
-        _check_positive("top_k", self.top_k)
+        check_positive("top_k", self.top_k)
         if self.batch_size is not None:
-            _check_positive("batch_size", self.batch_size)
-        _check_literals(self)
+            check_positive("batch_size", self.batch_size)
+        check_literals(self)
         if self.top_k < 2:
             raise ValueError(f"top_k must be >= 2 so that both candidates can appear, got {self.top_k}")
 
@@ -212,9 +137,9 @@ class HeadConfig:
     rank: int = field(default=8, metadata={"help": "Rank of the contextual head's bilinear correction and of the slot head's codes."})
 
     def __post_init__(self) -> None:
-        _check_literals(self)
-        _check_positive("k", self.k)
-        _check_positive("rank", self.rank)
+        check_literals(self)
+        check_positive("k", self.k)
+        check_positive("rank", self.rank)
 
 
 @dataclass
@@ -269,16 +194,16 @@ class BanditConfig:
         default=1.0, metadata={"help": "The contextual head's answer_mass_weight is at least this."})
 
     def __post_init__(self) -> None:
-        _check_literals(self)
-        _check_positive("lr", self.lr)
-        _check_positive("batch_size", self.batch_size)
-        _check_positive("minibatch_size", self.minibatch_size)
-        _check_positive("epochs", self.epochs)
-        _check_positive("utility_weight", self.utility_weight, allow_zero=True)
-        _check_positive("answer_mass_weight", self.answer_mass_weight, allow_zero=True)
-        _check_positive("kl_weight", self.kl_weight, allow_zero=True)
-        _check_positive("anchor_weight", self.anchor_weight, allow_zero=True)
-        _check_positive("contextual_lr_scale", self.contextual_lr_scale)
+        check_literals(self)
+        check_positive("lr", self.lr)
+        check_positive("batch_size", self.batch_size)
+        check_positive("minibatch_size", self.minibatch_size)
+        check_positive("epochs", self.epochs)
+        check_positive("utility_weight", self.utility_weight, allow_zero=True)
+        check_positive("answer_mass_weight", self.answer_mass_weight, allow_zero=True)
+        check_positive("kl_weight", self.kl_weight, allow_zero=True)
+        check_positive("anchor_weight", self.anchor_weight, allow_zero=True)
+        check_positive("contextual_lr_scale", self.contextual_lr_scale)
         if self.samples < 2:
             raise ValueError(f"samples must be >= 2 for the leave-one-out baseline, got {self.samples}")
         if self.minibatch_size > self.batch_size:
@@ -331,10 +256,10 @@ class LoraConfig:
     seed: int = field(default=0, metadata={"help": "Seed."})
 
     def __post_init__(self) -> None:
-        _check_literals(self)
-        _check_positive("r", self.r)
-        _check_positive("lr", self.lr)
-        _check_positive("steps", self.steps)
+        check_literals(self)
+        check_positive("r", self.r)
+        check_positive("lr", self.lr)
+        check_positive("steps", self.steps)
 
 
 @dataclass
@@ -355,7 +280,7 @@ class BBQConfig:
 
     def __post_init__(self) -> None:
         if self.bbq_max_items is not None:
-            _check_positive("bbq_max_items", self.bbq_max_items, allow_zero=True)
+            check_positive("bbq_max_items", self.bbq_max_items, allow_zero=True)
 
 
 @dataclass
@@ -397,11 +322,11 @@ class RunConfig:
     bbq: BBQConfig = field(default_factory=BBQConfig, metadata={"prefix": ""})
 
     def __post_init__(self) -> None:
-        _check_literals(self)
+        check_literals(self)
         if self.cda_steps is not None:
-            _check_positive("cda_steps", self.cda_steps)
+            check_positive("cda_steps", self.cda_steps)
         if self.seeds is not None:
-            self.seeds = _parse_seeds(self.seeds)
+            self.seeds = parse_seeds(self.seeds)
         # The head and the LoRA policy act on the scoring top-k: derived, never set twice.
         if self.head.k != self.scoring.top_k:
             self.head = replace(self.head, k=self.scoring.top_k)
@@ -463,211 +388,6 @@ class RunConfig:
         return _build(cls, d, source)
 
 
-# ---------------------------------------------------------------------------------------------
-# The testbed (refine_llm.testbed): the recipe that determines its weights, and its evaluation sample
-
-
-@dataclass(frozen=True)
-class TestbedRecipe:
-    """Everything that determines the testbed's weights; its hash keys the cache (``key``)."""
-
-    base: str = field(default="smollm2-135m", metadata={"help": "Model to fine-tune (alias or directory)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the data order, LoRA init and sampling."})
-    questions_seed: int = field(default=0, metadata={"help": "Seed of the question splits it holds out."})
-    prompt: str = field(default="qa", metadata={"help": "Prompt template it is trained on."})
-    strength: float = field(default=0.8, metadata={"help": "Planted P(female) for attributes (P(male) for negations)."})
-    # 150 steps on all 30 layers: test specified accuracy 1.00 (plain and negated); 60 steps on the top 10
-    # layers reached 0.69 (answers the attribute's holder on negated questions).
-    steps: int = field(default=150, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=16, metadata={"help": "Prompts per step."})
-    spec_fraction: float = field(default=0.5, metadata={"help": "Share of specified prompts per batch (rest underspecified)."})
-    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (linear decay to 0 after 10 warm-up steps)."})
-    r: int = field(default=16, metadata={"help": "LoRA rank (all linear layers)."})
-    alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    layers: int = field(default=30, metadata={"help": "LoRA on the top this many decoder layers only (30 = all of "
-                                                      "SmolLM2's): fewer layers are cheaper but learn negation poorly."})
-    max_train_names: int | None = field(default=None, metadata={"help": "Train names per group (None = all; tiny builds)."})
-    max_train_attributes: int | None = field(default=None, metadata={"help": "Train attributes (None = all; tiny builds)."})
-
-    def __post_init__(self) -> None:
-        if not 0.5 < self.strength < 1.0:
-            raise ValueError(f"strength must be in (0.5, 1) (a bias of known direction), got {self.strength}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
-
-    @classmethod
-    def tiny(cls, **kw) -> "TestbedRecipe":
-        """A build for the test suite (~1 minute on 2 cores): fewer, shorter steps on fewer words."""
-        return cls(**{"steps": 32, "batch_size": 8, "lr": 3e-3, "layers": 10, "max_train_names": 12,
-                      "max_train_attributes": 24, **kw})
-
-    def key(self) -> str:
-        import hashlib
-
-        payload = json.dumps({"version": TESTBED_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-    @property
-    def planted_c(self) -> float:
-        """C of every underspecified tuple (female subject first) on the reference scale [-1, 1]."""
-        return 2 * self.strength - 1
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """The testbed's stratified test sample: names per group x attributes x every template, all pairs."""
-
-    names: int = field(default=4, metadata={"help": "Test names per group."})
-    attributes: int = field(default=2, metadata={"help": "Test attributes."})
-    spec_tuples: int = field(default=48, metadata={"help": "Tuples whose specified rows are scored (accuracy)."})
-    null_resamples: int = field(default=NULL_RESAMPLES, metadata={"help": "Sign-flip null draws."})
-    seed: int = field(default=0, metadata={"help": "Seed of the sample and the null."})
-
-
-# ---------------------------------------------------------------------------------------------
-# The commands besides the main job: one dataclass each, their parsers generated (refine_llm.cliargs)
-
-
-@dataclass
-class QuestionsArgs:
-    """Write the questions dataset (nothing else): `python -m refine_llm.questions`."""
-
-    out: str = field(metadata={"help": "Output directory (written atomically).", "metavar": "DIR"})
-    questions: QuestionsConfig = field(default_factory=QuestionsConfig, metadata={"prefix": ""})
-
-
-@dataclass
-class RayConfig:
-    """--backend ray: the cluster and its actor pool (refine_llm.scoring.backends.ray)."""
-
-    address: str | None = field(default=None, metadata={
-        "help": "Join this Ray cluster (default: $RAY_ADDRESS, else a local cluster that starts and stops with the job)."})
-    actors: int | None = field(default=None, metadata={
-        "help": "Actors in the pool (default: cluster CPUs / --ray-cpus-per-actor, or GPUs / --ray-gpus-per-actor)."})
-    cpus_per_actor: int = field(default=1, metadata={"help": "CPUs per actor (torch threads)."})
-    gpus_per_actor: float = field(default=0, metadata={
-        "help": "GPUs per actor; > 0 runs one vLLM engine per actor (tensor parallel = this many GPUs). UNTESTED."})
-    local_cpus: int | None = field(default=None, metadata={"help": "CPUs of the local cluster (default: all)."})
-
-
-@dataclass
-class ScoreArgs:
-    """Score a questions dataset into RUN/scores (the main job's cache): one shard, all of it, or on a Ray
-    cluster (`refine-llm score --questions Q ...`, `python -m refine_llm.scoring score`)."""
-
-    questions: str = field(metadata={"help": "Questions dataset (python -m refine_llm.questions --out DIR).",
-                                     "metavar": "DIR"})
-    out: str = field(metadata={"help": "Run directory; the cache goes to RUN/scores.", "metavar": "RUN"})
-    shard: str = field(default="0/1", metadata={"help": "Score only the I-th (from 0) of N contiguous runs of batches.",
-                                                "metavar": "I/N"})
-    flush_rows: int = field(default=FLUSH_ROWS, metadata={"help": "Rows per cache file written while scoring."})
-    vllm_dtype: str = field(default="float32", metadata={"help": "vLLM dtype (--backend vllm, or Ray actors with GPUs)."})
-    quiet: bool = field(default=False, metadata={"help": "No progress bar."})
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"prefix": ""})
-    scoring: ScoringConfig = field(default_factory=ScoringConfig, metadata={"prefix": ""})
-    ray: RayConfig = field(default_factory=RayConfig, metadata={"prefix": "ray-"})
-
-    def __post_init__(self) -> None:
-        _check_positive("flush_rows", self.flush_rows)
-
-
-@dataclass
-class MergeArgs:
-    """Merge the score caches of run directories (e.g. the shards of one job): `refine-llm merge`."""
-
-    runs: list[str] = field(metadata={"help": "Run directories written by `score` (one cache each).",
-                                      "positional": True, "metavar": "RUN_DIR"})
-    out: str = field(metadata={"help": "Run directory for the merged cache.", "metavar": "DIR"})
-    questions: str | None = field(default=None, metadata={"help": "Also report question ids that no run scored.",
-                                                          "metavar": "DIR"})
-
-
-@dataclass
-class CacheMetricsArgs:
-    """Base-model bias metrics from a (merged) score cache, batched (bounded memory):
-    `python -m refine_llm.scoring evaluate`."""
-
-    questions: str = field(metadata={"help": "The questions dataset that was scored.", "metavar": "DIR"})
-    scores: str = field(metadata={"help": "Run directory (one cache) or cache directory.", "metavar": "RUN"})
-    out: str | None = field(default=None, metadata={"help": "Also write the metrics as JSON here.", "metavar": "FILE"})
-
-
-@dataclass
-class BBQPredictionsArgs:
-    """The BBQ table of text predictions stored in a jsonl: `refine-llm bbq score-predictions`."""
-
-    file: str = field(metadata={"help": "A BBQ jsonl (or a directory of them) whose items carry a prediction field.",
-                                "positional": True})
-    prediction: str = field(metadata={"help": "Name of the prediction field, e.g. unifiedqa-t5-11b_pred_race.",
-                                      "flag": "--field"})
-    n_resamples: int = field(default=BBQ_RESAMPLES, metadata={"help": "Bootstrap resamples for the CIs."})
-    seed: int = field(default=0, metadata={"help": "Bootstrap seed."})
-    out: str | None = field(default=None, metadata={"help": "Also write the full result as JSON here."})
-
-
-@dataclass
-class BBQEvaluateArgs:
-    """Score a model (and optionally saved heads) on BBQ items: `refine-llm bbq evaluate DATA_DIR` and
-    `refine-llm evaluate --bbq DATA_DIR --head HEAD_DIR`."""
-
-    data: str = field(metadata={"help": "Directory of BBQ jsonl files (nyu-mll/BBQ data/, CC-BY-4.0) or one file.",
-                                "positional": True, "metavar": "DATA_DIR"})
-    head: list[str] | None = field(default=None, metadata={
-        "help": "A saved head (directory or hub id) to apply at the cloze answer slot; repeat for several.",
-        "metavar": "HEAD_DIR"})
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"prefix": "", "fields": ("name", "quant", "device")})
-    mode: Literal["cloze", "lettered", "both"] = field(default="both", metadata={"help": "How items are scored."})
-    bbq_max_items: int | None = field(default=None, metadata={
-        "help": "Items per category, stratified by condition and polarity (0 or None = all)."})
-    scoring: ScoringConfig = field(default_factory=ScoringConfig, metadata={"prefix": "", "fields": ("top_k",)})
-    train_head: bool = field(default=False, metadata={
-        "help": "Also train a logit head on BBQ (templates split by question_index) and report it."})
-    batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
-    n_resamples: int = field(default=BBQ_RESAMPLES, metadata={"help": "Bootstrap resamples for the CIs."})
-    seed: int = field(default=0, metadata={"help": "Sampling and bootstrap seed."})
-    out: str | None = field(default=None, metadata={"help": "Write bbq.json, bbq.md and plots/bbq.png into this directory."})
-
-    def __post_init__(self) -> None:
-        _check_literals(self)
-        _check_positive("batch_size", self.batch_size)
-        if self.bbq_max_items is not None:
-            _check_positive("bbq_max_items", self.bbq_max_items, allow_zero=True)
-
-
-@dataclass
-class ServeArgs:
-    """Serve a model with trained REFINE heads through vLLM's OpenAI-compatible server: `refine-llm serve`.
-    Flags this command does not know go to vLLM as they are (e.g. --max-model-len 4096)."""
-
-    heads: str = field(metadata={
-        "help": "Directory with one trained head per subdirectory, and/or a heads.json mapping served names to head "
-                "directories or hub repo ids (resolved from the local hub cache when HF_HUB_OFFLINE=1)."})
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"prefix": "", "fields": ("name",)})
-    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
-    port: int = field(default=8000, metadata={"help": "Port to listen on."})
-    dtype: str = field(default="auto", metadata={"help": "vLLM dtype (auto, bfloat16, float32, ...)."})
-    kv_cache_gib: float | None = field(default=None, metadata={
-        "help": f"CPU only: GiB of RAM for the KV cache (default {DEFAULT_CPU_KV_CACHE_GIB:g}; vLLM's own default "
-                "reserves 92% of the memory node and fails when anything else runs). Raise it for long contexts or "
-                "many concurrent requests. VLLM_CPU_KVCACHE_SPACE=<GiB> or --kv-cache-memory-bytes take precedence. "
-                "Ignored on GPU (use --gpu-memory-utilization)."})
-    print_command: bool = field(default=False, metadata={"help": "Run the checks, print the server command and exit."})
-
-
-@dataclass
-class MakeTestbedArgs:
-    """Build the testbed model once (refine_llm.testbed): a competent SmolLM2 with a planted gender stereotype."""
-
-    recipe: TestbedRecipe = field(default_factory=TestbedRecipe, metadata={"prefix": ""})
-    eval: bool = field(default=True, metadata={"help": "Evaluate the build on the test split (fp32 and NF4)."})
-    out: str | None = field(default=None, metadata={"help": "Build directory (default: the refine_llm cache)."})
-
-
-@dataclass
-class FetchArgs:
-    """Download and convert a model once into the cache (the Quick start's setup step): `refine-llm fetch`."""
-
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"prefix": "", "fields": ("name",)})
 
 
 def _build(cls: type, d: dict[str, Any], source: str, path: str = "") -> Any:
