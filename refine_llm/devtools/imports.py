@@ -8,12 +8,13 @@ still a cycle (it only fails later, at the first call that closes it). An edge g
 statement names: ``from refine_llm.scoring import cache`` is an edge to ``refine_llm.scoring.cache``
 when that is a module, else to ``refine_llm.scoring`` (its ``__init__``).
 
-Rules (``check`` returns one line per violation; tests/test_architecture.py asserts there are none):
+Rules (``main`` prints each violation and exits 1 when there is one; tests/test_architecture.py asserts there
+are none):
 - no cycle among refine_llm's modules;
 - no module imports a private name (``_x``) of another module;
 - no module is longer than ``MAX_LINES``;
-- the layer rules of docs/architecture.md (``LAYERS``): what each package may import of ours, and
-  which modules may import the heavy optional libraries.
+- the layer rules of docs/architecture.md (``LAYERS``): what each package may import of ours; which modules
+  may import the heavy optional libraries (``OPTIONAL``); the library never imports scripts/, eval/ or tests/.
 Nothing here imports the code it reads.
 """
 
@@ -28,6 +29,47 @@ from pathlib import Path
 PACKAGE = "refine_llm"
 ROOT = Path(__file__).resolve().parents[1]  # refine_llm/
 MAX_LINES = 600
+
+# Who may import whom (docs/architecture.md). Keys and values are module names under refine_llm (a key covers
+# its submodules; a value allows the module and its submodules). LEAVES may be imported by every module but
+# config (which imports nothing of ours). A module without an entry may import anything of the library.
+LEAVES = ("errors", "io", "progress", "markdown", "vocab", "config")
+LAYERS: dict[str, tuple[str, ...]] = {
+    "config": (),
+    "errors": (),
+    "io": ("errors",),
+    "progress": (),
+    "markdown": (),
+    "vocab": (),
+    "training": (),
+    "metrics": ("errors",),  # never torch-heavy code, never a model
+    "prompts": ("errors",),
+    "questions": LEAVES + ("cliargs",),
+    "cliargs": LEAVES,
+    "forward": LEAVES,
+    "rewards": ("metrics",),
+    "methods": LEAVES + ("metrics",),
+    "bandit": LEAVES + ("methods", "rewards", "training", "metrics"),
+    "baselines": LEAVES + ("models", "forward", "scoring", "rewards", "metrics", "training"),
+    "scoring": LEAVES + ("forward", "prompts", "models", "questions", "metrics", "cliargs"),
+    "serving": ("methods", "config", "errors", "vocab"),  # the processors: no trainer, scorer or dataset
+    "serving.launch": ("methods", "config", "errors", "vocab", "models"),  # the launcher resolves the model
+    "seeds": LEAVES + ("metrics",),
+    "report": LEAVES + ("metrics", "seeds", "bbq.report"),
+    "evaluation": LEAVES + ("methods", "metrics"),
+    "models": LEAVES,
+    "devtools": (),
+}
+# The heavy optional libraries, imported only inside the modules that need them.
+OPTIONAL: dict[str, tuple[str, ...]] = {
+    "vllm": ("scoring.backends.vllm", "serving.vllm", "serving.launch"),
+    "ray": ("scoring.backends.ray",),
+    "peft": ("baselines.lora", "baselines.cda", "testbed"),
+    "trl": ("baselines.cda",),
+    "bitsandbytes": ("models",),
+    "lm_eval": ("lm_eval_head",),
+}
+NEVER = ("scripts", "tests", "eval", "conftest")  # the library never imports its callers
 
 
 @dataclass(frozen=True)
@@ -175,6 +217,57 @@ def private_imports(es: list[Edge]) -> list[Edge]:
     return [e for e in es if any(n.startswith("_") and not n.startswith("__") for n in e.names)]
 
 
+def _rule(mod: str, table: dict[str, tuple[str, ...]]):
+    """The most specific entry of ``table`` for ``refine_llm.<mod>`` (None: no rule)."""
+    name = _short(mod)
+    best = None
+    for key in table:
+        if name == key or name.startswith(key + "."):
+            if best is None or len(key) > len(best):
+                best = key
+    return best
+
+
+def _within(name: str, allowed: tuple[str, ...]) -> bool:
+    return any(name == a or name.startswith(a + ".") for a in allowed)
+
+
+def layer_violations(es: list[Edge]) -> list[str]:
+    """Edges that break ``LAYERS`` (an import between two submodules of one package is the package's own)."""
+    out = []
+    for e in es:
+        key = _rule(e.src, LAYERS)
+        src, dst = _short(e.src), _short(e.dst)
+        if key is None or dst == PACKAGE or _within(dst, (key.split(".")[0],)):
+            continue
+        if not _within(dst, LAYERS[key]):
+            out.append(f"{src}:{e.line} imports {dst} (rule {key}: {', '.join(LAYERS[key]) or 'nothing of ours'})")
+    return out
+
+
+def external_imports(root: Path = ROOT) -> list[tuple[str, str, int]]:
+    """(module, imported top-level name, line) of every import of something outside refine_llm."""
+    out = []
+    for mod, path in modules(root).items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                out += [(mod, a.name.split(".")[0], node.lineno) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                out.append((mod, node.module.split(".")[0], node.lineno))
+    return [x for x in out if x[1] != PACKAGE]
+
+
+def optional_violations(root: Path = ROOT) -> list[str]:
+    """Imports of a heavy optional library outside its modules (``OPTIONAL``), and of the library's callers."""
+    out = []
+    for mod, lib, line in external_imports(root):
+        if lib in OPTIONAL and not _within(_short(mod), OPTIONAL[lib]):
+            out.append(f"{_short(mod)}:{line} imports {lib} (only {', '.join(OPTIONAL[lib])} may)")
+        if lib in NEVER:
+            out.append(f"{_short(mod)}:{line} imports {lib} (the library never imports its callers)")
+    return out
+
+
 def long_modules(root: Path = ROOT, limit: int = MAX_LINES) -> dict[str, int]:
     return {m: n for m, p in modules(root).items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > limit}
 
@@ -204,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"modules over {MAX_LINES} lines: {len(long)}")
     for m, n in sorted(long.items()):
         print(f"  {_short(m)}: {n}")
-    return 1 if (cyc or priv or long) else 0
+    layers = layer_violations(es) + optional_violations()
+    print(f"imports against the layer rules: {len(layers)}")
+    for v in layers:
+        print(f"  {v}")
+    return 1 if (cyc or priv or long or layers) else 0
 
 
 if __name__ == "__main__":
