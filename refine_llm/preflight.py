@@ -55,6 +55,17 @@ def check_run(cfg) -> None:
     check_model(cfg.model.name)
     check_wordlists(cfg.questions.category, cfg.questions.wordlists)
     check_prompt(cfg.scoring.prompt)
+    if cfg.plugin_methods:
+        import difflib
+
+        from refine_llm.methods import METHODS
+
+        for m in cfg.plugin_methods:
+            if m not in METHODS:
+                near = difflib.get_close_matches(m, list(METHODS), n=1)
+                hint = f" Did you mean {near[0]!r}?" if near else ""
+                raise UserError(f"--extra-methods {m}: not a method of refine_llm.methods.METHODS.{hint} "
+                                f"Known: {', '.join(METHODS)}")
     if cfg.bbq.bbq_dir:
         from refine_llm.bbq.data import bbq_files
 

@@ -112,6 +112,12 @@ class ScoringConfig:
         default=False,
         metadata={"help": "Also cache the final hidden state at the answer position (fp16), for contextual heads."},
     )
+    align_to_base: bool = field(
+        default=False,
+        metadata={"help": "Also record each row's log-probs of the base pass's top-k ids (column base_topk_ids): an "
+                          "extra pass of a method, so that its KL is taken against the base's top-k on the same "
+                          "question.", "cli": False},
+    )
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size."})
     data_parallel_size: int = field(default=1, metadata={"help": "vLLM data parallel size."})
 
@@ -305,6 +311,11 @@ class RunConfig:
         metadata={"help": "Optimizer steps of lora-cda (None: --lora-steps). Its SFT runs whole prompts with logits at "
                           "every position, several times the cost per example of lora-reward."},
     )
+    extra_methods: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated methods of refine_llm.methods.METHODS (plug-ins with a for_run) that the "
+                          "run also evaluates next to --method's conditions, through the same stages."},
+    )
     seeds: str | None = field(
         default=None,
         metadata={"help": "Training seeds, comma-separated (e.g. 0,1,2): the questions, splits and scores stay fixed "
@@ -342,8 +353,14 @@ class RunConfig:
     def methods(self) -> list[str]:
         """What ``method`` trains: refine (the heads), lora-reward (with its objective), lora-cda; ``all``
         trains lora-reward with both objectives."""
-        return {"none": [], "refine": ["refine"], "lora-reward": ["lora-reward"], "lora-cda": ["lora-cda"],
+        base = {"none": [], "refine": ["refine"], "lora-reward": ["lora-reward"], "lora-cda": ["lora-cda"],
                 "all": ["refine", "lora-reward", "lora-reward-direct", "lora-cda"]}[self.method]
+        return base + self.plugin_methods
+
+    @property
+    def plugin_methods(self) -> list[str]:
+        """``extra_methods`` as a list (methods.METHODS kinds the stages build with ``Method.for_run``)."""
+        return [m.strip() for m in (self.extra_methods or "").split(",") if m.strip()]
 
     @property
     def head_variants(self) -> list[str]:

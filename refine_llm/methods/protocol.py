@@ -41,7 +41,9 @@ class Scores:
 
     topk_logprobs (M,k) float32 full-vocabulary log-probs of the top-k; topk_ids (M,k) int64; cand_mask
     (M,S,k) bool; cand_logprobs (M,S) float32 log P(candidate) over the vocabulary; collision (M,) bool;
-    nonfinite (M,) bool; hidden (M,d) float32 or None."""
+    nonfinite (M,) bool; hidden (M,d) float32 or None; aligned_logprobs (M,k) float32 or None: on an extra
+    pass aligned to the base (``ScorePass.align``), this pass's full-vocabulary log-probs of the *base's* top-k
+    ids on the same question (what a method's KL to base reads)."""
 
     topk_logprobs: np.ndarray
     topk_ids: np.ndarray
@@ -50,6 +52,7 @@ class Scores:
     collision: np.ndarray
     nonfinite: np.ndarray
     hidden: np.ndarray | None = None
+    aligned_logprobs: np.ndarray | None = None
 
     @classmethod
     def from_table(cls, scores) -> "Scores":
@@ -64,7 +67,8 @@ class Scores:
                    cand_logprobs=stack("cand_logprobs", np.float32),
                    collision=np.asarray(sc["collision"], bool) if "collision" in names else np.zeros(n, bool),
                    nonfinite=np.asarray(sc["nonfinite"], bool) if "nonfinite" in names else np.zeros(n, bool),
-                   hidden=stack("hidden", np.float32) if "hidden" in names else None)
+                   hidden=stack("hidden", np.float32) if "hidden" in names else None,
+                   aligned_logprobs=stack("aligned_logprobs", np.float32) if "aligned_logprobs" in names else None)
 
     def __len__(self) -> int:
         return len(self.topk_logprobs)
@@ -75,8 +79,9 @@ class Scores:
 
     def select(self, idx) -> "Scores":
         idx = np.asarray(idx, np.int64)
+        pick = lambda a: None if a is None else a[idx]
         return Scores(self.topk_logprobs[idx], self.topk_ids[idx], self.cand_mask[idx], self.cand_logprobs[idx],
-                      self.collision[idx], self.nonfinite[idx], None if self.hidden is None else self.hidden[idx])
+                      self.collision[idx], self.nonfinite[idx], pick(self.hidden), pick(self.aligned_logprobs))
 
     @property
     def cand_in_topk(self) -> np.ndarray:
@@ -110,15 +115,19 @@ class Output:
 
 @dataclass(frozen=True)
 class ScorePass:
-    """An extra scoring pass a method needs on the same questions: scored by the one driver into the run's
-    cache. ``prompt``: a template name or file (None: the run's prompt); ``prefix``: text put before each
-    question's context (Self-Debias's bias-inducing prefix); ``model``: "base", or "adapter" (a pass on a
-    model that training produces: run by the evaluate stage, once the adapter exists)."""
+    """An extra scoring pass a method needs on the same (test) questions, scored by the one driver into the
+    run's cache (``refine_llm.stages.passes``). ``prompt``: a template name or file (None: the run's prompt);
+    ``prefix``: text put before each question's context (Self-Debias's bias-inducing prefix; the pass's rows
+    get question ids ``<name>|<question id>``); ``model``: "base" (scored by the score stage, up front), or
+    "adapter" (a model that training produces: scored by the evaluate stage once it exists); ``align``:
+    also record this pass's log-probs of the base's top-k ids (``Scores.aligned_logprobs``), so that the
+    method's KL is taken against the base model's top-k on the same question."""
 
     name: str
     prompt: str | None = None
     prefix: str = ""
     model: str = "base"
+    align: bool = True
 
 
 class Method(ABC):
@@ -130,6 +139,17 @@ class Method(ABC):
 
     kind: ClassVar[str] = ""
     name: str = ""
+
+    @classmethod
+    def for_run(cls, cfg, run_dir) -> "Method":
+        """The method as the main job evaluates it (``RunConfig.extra_methods`` names it): from the run's config
+        (its own config dataclass lives in refine_llm.config) and, for a trained method, its artifacts in
+        ``run_dir`` (``from_pretrained``). The built-in conditions are built by the evaluate stage itself."""
+        raise NotImplementedError(f"{cls.__name__} is not a plug-in of the main job (no for_run)")
+
+    def train(self, cfg, run_dir, scores: dict) -> None:
+        """Train and save what the method learns (steering vectors, ...) under ``run_dir``; ``scores``: the
+        cached train/validation scores. Default: nothing to train."""
 
     def passes(self) -> list[ScorePass]:
         """The extra scoring passes this method reads (default: none, it acts on the base top-k)."""

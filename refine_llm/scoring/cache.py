@@ -4,7 +4,9 @@ One row per question id (docs/CONTRACTS.md, "Scores"): ``topk_ids`` (k,), ``topk
 full-vocabulary log-softmax, ``cand_logprobs`` (S,) log P of each candidate, ``cand_mask`` (S, k) which
 top-k positions are a first token of each candidate, ``nonfinite``, ``collision`` (candidates share a
 first token, so they were scored by whole continuations) and optional ``hidden`` (d,) fp16 (the final
-post-norm hidden state at the answer position, so that ``logits = lm_head(hidden)``).
+post-norm hidden state at the answer position, so that ``logits = lm_head(hidden)``) and, for a method's
+extra pass aligned to the base (``ScoringConfig.align_to_base``), ``aligned_logprobs`` (k,): the
+full-vocabulary log-probs of the base pass's top-k ids on the same question.
 
 Layout: ``<cache_dir>/<model key>/<prompt fp>-k<k>-<mode>-pron<0|1>-hid<0|1>-v<SCORING_VERSION>/shard-*.arrow``
 (Arrow IPC files, each written temp + rename, so a kill -9 loses at most the file in flight). The model
@@ -49,7 +51,7 @@ MANIFEST = "scale.json"
 MANIFEST_VERSION = 1
 
 
-def schema(store_hidden: bool):
+def schema(store_hidden: bool, aligned: bool = False):
     import pyarrow as pa
 
     fields = [("question_id", pa.string()), ("topk_ids", pa.list_(pa.int64())), ("topk_logprobs", pa.list_(pa.float32())),
@@ -57,6 +59,8 @@ def schema(store_hidden: bool):
               ("nonfinite", pa.bool_()), ("collision", pa.bool_())]
     if store_hidden:
         fields.append(("hidden", pa.list_(pa.float16())))
+    if aligned:
+        fields.append(("aligned_logprobs", pa.list_(pa.float32())))
     return pa.schema(fields)
 
 
@@ -71,7 +75,7 @@ def list_array(a: np.ndarray):
     return arr
 
 
-def to_table(cols: dict[str, Any], store_hidden: bool):
+def to_table(cols: dict[str, Any], store_hidden: bool, aligned: bool = False):
     """Score columns (``refine_llm.scoring.plan.finish``) -> a cache table (``schema``)."""
     import pyarrow as pa
 
@@ -81,14 +85,16 @@ def to_table(cols: dict[str, Any], store_hidden: bool):
               pa.array(np.asarray(cols["nonfinite"])), pa.array(np.asarray(cols["collision"]))]
     if store_hidden:
         arrays.append(list_array(np.asarray(cols["hidden"]).astype(np.float16)))
-    return pa.Table.from_arrays(arrays, schema=schema(store_hidden))
+    if aligned:
+        arrays.append(list_array(np.asarray(cols["aligned_logprobs"]).astype(np.float32)))
+    return pa.Table.from_arrays(arrays, schema=schema(store_hidden, aligned))
 
 
 def cache_path(cache_dir, model_key: str, prompt: PromptTemplate, cfg: ScoringConfig) -> Path:
     """The cache directory of (model key, prompt, scoring settings) under ``cache_dir`` (a run's scores/)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_key)
     name = (f"{prompt.fingerprint}-k{cfg.top_k}-{cfg.mode}-pron{int(cfg.pronouns)}-hid{int(cfg.store_hidden)}"
-            f"-v{SCORING_VERSION}")
+            f"-v{SCORING_VERSION}" + ("-aligned" if cfg.align_to_base else ""))
     return Path(cache_dir) / safe / name
 
 
@@ -117,11 +123,11 @@ def read_file(f: Path, want=None):
         return None
 
 
-def read_table(path: Path | None, store_hidden: bool):
+def read_table(path: Path | None, store_hidden: bool, aligned: bool = False):
     """Every readable row of the cache at ``path`` (an empty table of the schema when there is none)."""
     import pyarrow as pa
 
-    want = schema(store_hidden)
+    want = schema(store_hidden, aligned)
     tables = [t for f in cache_files(path) if (t := read_file(f, want)) is not None]
     return pa.concat_tables(tables) if tables else want.empty_table()
 

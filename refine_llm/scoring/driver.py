@@ -121,13 +121,13 @@ def fill_cache(q, cfg: ScoringConfig, path: Path | None, pool: Callable[[Any], I
     return stats
 
 
-def in_order(tables: list, qids_all: list, store_hidden: bool):
+def in_order(tables: list, qids_all: list, store_hidden: bool, aligned: bool = False):
     """A Dataset with one row per requested id, in request order."""
     import pyarrow as pa
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
-    sch = cache.schema(store_hidden)
+    sch = cache.schema(store_hidden, aligned)
     table = pa.concat_tables([sch.empty_table()] + [t.select(sch.names) for t in tables])
     pos = {qid: i for i, qid in enumerate(table.column("question_id").to_pylist())}
     missing = [qid for qid in qids_all if qid not in pos]
@@ -166,13 +166,13 @@ def read_cached(questions, prompt: PromptTemplate, cfg: ScoringConfig, cache_dir
     ``score`` reads. A question that is not in the cache is a UserError that names the command to run."""
     q = questions_table(questions, columns)
     path = cache.cache_path(cache_dir, model_key, prompt, cfg)
-    table = cache.read_table(path, cfg.store_hidden)
+    table = cache.read_table(path, cfg.store_hidden, cfg.align_to_base)
     have = set(table.column("question_id").to_pylist())
     missing = [x for x in q.column("question_id").to_pylist() if x not in have]
     if missing:
         raise UserError(f"{path}: {len(missing)} of {q.num_rows} prompts are not scored yet (first: {missing[0]}): "
                         "run the score stage first (`refine-llm score --out RUN`)")
-    return in_order([table], q.column("question_id").to_pylist(), cfg.store_hidden)
+    return in_order([table], q.column("question_id").to_pylist(), cfg.store_hidden, cfg.align_to_base)
 
 
 def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfig,
@@ -224,8 +224,8 @@ def score(model, tokenizer, questions, prompt: PromptTemplate, cfg: ScoringConfi
     if st["collisions"]:
         log.warning("%d of %d questions have candidates sharing a first token: scored in exact mode",
                     st["collisions"], st["written_rows"])
-    tables = st["tables"] + ([cache.read_table(path, cfg.store_hidden)] if path is not None else [])
-    ds = in_order(tables, q.column("question_id").to_pylist(), cfg.store_hidden)
+    tables = st["tables"] + ([cache.read_table(path, cfg.store_hidden, cfg.align_to_base)] if path is not None else [])
+    ds = in_order(tables, q.column("question_id").to_pylist(), cfg.store_hidden, cfg.align_to_base)
     counts = score_stats(ds)
     if counts["nonfinite"]:
         log.warning("%d of %d prompts gave NaN/inf logits (nonfinite=True); they are reported, not retried",

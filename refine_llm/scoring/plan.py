@@ -201,6 +201,7 @@ class PromptPlan:
     lp_ids: list[list[list[int]]]
     cont_ids: list[list[list[int]] | None]
     collision: list[bool]
+    aligned_ids: list[list[int]] | None = None  # [row] the base pass's top-k ids (an aligned extra pass)
 
     @property
     def n_sides(self) -> int:
@@ -235,10 +236,11 @@ def prompt_plan(tokenizer, rows: dict[str, list], prompt: PromptTemplate, cfg: S
         else:
             lp_ids.append(full)
             cont_ids.append(None)
-    return PromptPlan(list(rows["question_id"]), prompts, ids, cand_ids, lp_ids, cont_ids, collision)
+    aligned = [list(map(int, x)) for x in rows["base_topk_ids"]] if cfg.align_to_base else None
+    return PromptPlan(list(rows["question_id"]), prompts, ids, cand_ids, lp_ids, cont_ids, collision, aligned)
 
 
-def finish(plan: PromptPlan, res: dict[str, np.ndarray], store_hidden: bool) -> dict:
+def finish(plan: PromptPlan, res: dict[str, np.ndarray], store_hidden: bool, aligned: bool = False) -> dict:
     """A backend's arrays for every row of ``plan`` -> the cache's columns (cand_mask and cand_logprobs
     computed here, once for every backend). ``res``: topk_ids (n,k), topk_logprobs (n,k), main_lp (n,S)
     (log-sum-exp of ``lp_ids``), exact_lp (n,S) (continuation sums, -inf where not exact), nonfinite (n,),
@@ -251,4 +253,6 @@ def finish(plan: PromptPlan, res: dict[str, np.ndarray], store_hidden: bool) -> 
             "nonfinite": res["nonfinite"], "collision": np.array(plan.collision, bool)}
     if store_hidden:
         cols["hidden"] = res["hidden"]
+    if aligned:
+        cols["aligned_logprobs"] = res["aligned_logprobs"]
     return cols

@@ -117,6 +117,23 @@ def evaluate_lora(cfg: RunConfig, out: Path, out_s: Path, parts: dict, base, pro
                                      [n for n in ev.results if n.startswith(("refine", "lora"))])
 
 
+def evaluate_plugins(cfg: RunConfig, out: Path, out_s: Path, test_q, base, key: str, prompt_name: str, report: dict,
+                     ev) -> None:
+    """The run's plug-in methods (``RunConfig.extra_methods``): built with ``Method.for_run`` (artifacts from the
+    seed's directory), given their extra passes' cached scores, evaluated like every other condition."""
+    from refine_llm.methods.notrain import plane_verdicts
+    from refine_llm.stages.passes import plugins, read_passes
+
+    for kind, method in plugins(cfg, out_s).items():
+        own = read_passes(cfg, out, method, key, prompt_name, test_q, base)
+        o = method.apply(base, own)
+        r = ev.add(method.name or kind, o.p_topk, o.p_full, topk_logprobs=o.topk_logprobs)
+        report["methods"].append(method_row(method.name or kind, r, method.trainable_params, 0.0, None))
+    names = [m.name or k for k, m in plugins(cfg, out_s).items()]
+    report["plane"] = plane_verdicts(ev.results, report["temperature_curve"],
+                                     [n for n in ev.results if n.startswith(("refine", "lora")) or n in names])
+
+
 def _free_memory() -> None:
     import gc
 
@@ -203,6 +220,8 @@ def run(cfg: RunConfig, out: Path, questions, loaded=None) -> dict:
 
             if lora_runs(cfg):
                 evaluate_lora(cfg, out, out_s, parts, base, prompt_name, report, ev)
+        if cfg.plugin_methods:
+            evaluate_plugins(cfg_s, out, out_s, parts["test"], base, info["model_key"], prompt_name, report, ev)
         report["significance"] = evaluation.significance(report["metrics"], seed=cfg.seed)
         ev.write_predictions(out_s / "predictions.parquet")
         timing["evaluate"] = time.time() - t

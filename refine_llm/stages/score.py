@@ -126,8 +126,8 @@ def run(cfg: RunConfig, out: Path, questions, loaded=None, info_only: bool = Fal
     timing["prompt_sweep"] = time.time() - t
     log(f"prompt: {prompt_name}")
     t = time.time()
-    for s, q in parts.items():
-        if s == "test" or cfg.head_variants:
+    for s, q in parts.items():  # train and validation when something trains on them (heads, plug-in methods)
+        if s == "test" or cfg.head_variants or cfg.plugin_methods:
             scorer(q, prompt_name)
     if cfg.head_variants and cfg.bandit.anchor_weight > 0:  # unrelated prompts of the anchor families
         scorer(evaluation.unrelated_questions(part=ANCHOR), prompt_name)
@@ -145,6 +145,14 @@ def run(cfg: RunConfig, out: Path, questions, loaded=None, info_only: bool = Fal
             items = items_of(cfg.bbq.bbq_dir, cfg.bbq.bbq_max_items, cfg.seed)
             score_all(model, tokenizer, items, "both", bbq_scoring(cfg), out / "scores", key, progress=True)
             timing["bbq_scoring"] = time.time() - t
+    if cfg.plugin_methods:  # the plug-in methods' extra passes (an instruction, a bias-inducing prefix, ...)
+        from refine_llm.methods import Scores
+        from refine_llm.stages import passes
+
+        t = time.time()
+        base = Scores.from_table(scorer(parts["test"], prompt_name))
+        passes.score_passes(cfg, out, model, tokenizer, key, prompt_name, parts["test"], base)
+        timing["method_passes"] = time.time() - t
     record = {"prompt": prompt_name, "prompt_sweep": sweep, "model": info, "model_key": key,
               "vllm_dtype": vdtype, "timing": timing}
     if cfg.compare_quant and mcfg.quant != "bf16":

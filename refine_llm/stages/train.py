@@ -196,6 +196,14 @@ def run(cfg: RunConfig, out: Path, questions, loaded=None) -> dict:
             train_bbq(cfg_s, out_s, out / "scores", info["model_key"], tok, timing)
         if i == 0 and lora_runs(cfg):
             train_lora(cfg_s, out_s, parts["train"], prompt_name, timing)
+        if cfg.plugin_methods:  # a plug-in method that learns something saves it here (Method.train)
+            from refine_llm.stages.passes import plugins
+
+            t = time.time()
+            for method in plugins(cfg_s, out_s).values():
+                method.train(cfg_s, out_s, {s: cached_scores(cfg, out, parts[s], prompt_name)
+                                            for s in ("train", "validation")})
+            timing["train_plugins"] = time.time() - t
         write_json(out_s / TRAIN_INFO, {"timing": timing})
         timings[str(out_s)] = timing
     return timings

@@ -73,6 +73,8 @@ def score_plan(model, plan: PromptPlan, cfg: ScoringConfig, runner: HFRunner) ->
            "nonfinite": np.zeros(n, bool)}
     if cfg.store_hidden:
         out["hidden"] = np.zeros((n, model.config.hidden_size), np.float16)
+    if cfg.align_to_base:  # the base pass's top-k ids, read off this pass's distribution
+        out["aligned_logprobs"] = np.zeros((n, len(plan.aligned_ids[0]) if n else 0), np.float32)
     for a, b in batch_ranges(n, cfg.batch_size):
         seqs = plan.ids[a:b]
         h, logits = runner.logits_at(seqs, [[len(s) - 1] for s in seqs], cfg.prefix_cache)  # (B,d), (B,V)
@@ -87,6 +89,8 @@ def score_plan(model, plan: PromptPlan, cfg: ScoringConfig, runner: HFRunner) ->
                 out["main_lp"][j, s] = _lse(lp[j - a], plan.lp_ids[j][s])
             if cfg.store_hidden:
                 out["hidden"][j] = h[j - a].to(torch.float16).cpu().numpy()
+            if cfg.align_to_base:
+                out["aligned_logprobs"][j] = lp[j - a][plan.aligned_ids[j]].cpu().numpy()
     # Exact pass: one sequence per (row, candidate) = prompt + continuation; sum the continuation's log-probs.
     pairs = [(r, s) for r in range(n) if plan.cont_ids[r] is not None for s in range(S)]
     for a, b in batch_ranges(len(pairs), cfg.batch_size):
@@ -118,5 +122,6 @@ class HFBackend:
 
     def score_batch(self, rows: dict[str, list]):
         plan = prompt_plan(self.tokenizer, rows, self.prompt, self.cfg)
-        return to_table(finish(plan, score_plan(self.model, plan, self.cfg, self.runner), self.cfg.store_hidden),
-                        self.cfg.store_hidden)
+        cfg = self.cfg
+        return to_table(finish(plan, score_plan(self.model, plan, cfg, self.runner), cfg.store_hidden, cfg.align_to_base),
+                        cfg.store_hidden, cfg.align_to_base)

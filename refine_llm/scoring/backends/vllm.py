@@ -402,6 +402,8 @@ def score_plan(model_dir: str, plan, cfg, dtype: str) -> dict[str, np.ndarray]:
     rows that need it; returns the arrays ``scoring.plan.finish`` takes."""
     if cfg.store_hidden:
         raise UserError("--store-hidden is not available with --backend vllm: use --backend hf")
+    if cfg.align_to_base:
+        raise UserError("a method's aligned extra pass (log-probs of the base's top-k ids) needs --backend hf for now")
     kw = dict(dtype=dtype, tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size)
     n, S = len(plan.qids), plan.n_sides
     res = score_token_ids_vllm(model_dir, plan.ids, plan.lp_ids, cfg.top_k, **kw)
