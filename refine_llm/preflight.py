@@ -52,6 +52,10 @@ def check_prompt(prompt: str) -> None:
 
 def check_run(cfg) -> None:
     """All of the above for the main job's `RunConfig` (its dataclasses have already checked their values)."""
+    if cfg.scoring.backend == "vllm":  # nf4/int8: refused in one line, never reported as what did not run
+        from refine_llm.scoring.backends.vllm import vllm_dtype
+
+        vllm_dtype(cfg.model.quant)
     check_model(cfg.model.name)
     check_wordlists(cfg.questions.category, cfg.questions.wordlists)
     check_prompt(cfg.scoring.prompt)
