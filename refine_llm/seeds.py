@@ -154,7 +154,7 @@ def _show(v) -> str:
 TABLE_KEYS = ("mu", "mean_abs_c", "eta", "gold_share", "specified_accuracy", "kl_base", "kl_unrelated")
 
 
-def _fmt(key: str, v) -> str:
+def _cell(key: str, v) -> str:
     if key.startswith("rel_"):
         return "–" if v is None else f"{round(v) + 0:+d}%"  # + 0: no "-0%"
     return metric(key).format(v)
@@ -163,7 +163,7 @@ def _fmt(key: str, v) -> str:
 def _pm(key: str, s: dict) -> str:
     if s.get("mean") is None:
         return "–"
-    return _fmt(key, s["mean"]) + ("" if s.get("sd") is None else " ± " + _fmt(key, s["sd"]).lstrip("+"))
+    return _cell(key, s["mean"]) + ("" if s.get("sd") is None else " ± " + _cell(key, s["sd"]).lstrip("+"))
 
 
 def _symbol(key: str) -> str:
@@ -187,7 +187,7 @@ def markdown(block: dict) -> list[str]:
                    [[c, str(s["mu"]["n"]), *(_pm(k, s[k]) for k in keys)] for c, s in block["summary"].items()])
     lines += ["", "### Each seed", ""]
     lines += table(["condition", "seed", *symbols],
-                   [[c, str(s), *(_fmt(k, _at(rows[k], s)) for k in keys)]
+                   [[c, str(s), *(_cell(k, _at(rows[k], s)) for k in keys)]
                     for c, rows in block["per_seed"].items() for s in seeds if s in rows["mu"] or str(s) in rows["mu"]])
     if block["conclusions"]:
         lines += ["", "### Conclusions per seed", "",
