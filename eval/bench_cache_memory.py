@@ -1,13 +1,13 @@
-"""Peak memory of the metrics on a synthetic 2M-row score cache (refine_llm.stream_metrics).
+"""Peak memory of the metrics on a synthetic 2M-row score cache (refine_llm.metrics.stream).
 
 Writes a synthetic gender question set (--tuples 8-row tuples: 4 underspecified + 4 specified; 250k
 tuples = 2M rows) and a score cache of random top-k rows for it (k=10, in shuffled files of 65,536 rows,
 as a merge writes them), then runs, each in a fresh process, and prints the peak RSS (VmHWM of /proc/self/status; ru_maxrss would
 carry over the parent's peak across fork + exec):
 
-- `python -m refine_llm.scale evaluate` on the 2M rows (batched: Arrow record batches -> numpy);
+- `python -m refine_llm.scoring evaluate` on the 2M rows (batched: Arrow record batches -> numpy);
 - the import baseline of that process (python + numpy/pyarrow/scipy/datasets), for reference;
-- with --naive-tuples, the in-memory path of the main job (`datasets` + `scoring.candidate_probs` +
+- with --naive-tuples, the in-memory path of the main job (`datasets` + `methods.Base` +
   `metrics.evaluate`, Python lists per column) on a smaller set, to show what the batched path avoids.
 
 RSS counts the memory-mapped pages of the cache and questions that were touched (file-backed, shared,
@@ -44,7 +44,7 @@ def synthetic_questions(n_tuples: int, seed: int = 0):
     r = np.tile(np.arange(8), T)
     names = pa.array([f"name{i:03d}" for i in range(200)])  # 0-99 female, 100-199 male; a < b alphabetically
     a, b = rng.integers(0, 100, T), rng.integers(100, 200, T)
-    # rows of a tuple (as questions._rows_for_tuple): (a,b,attr) (a,b,neg) (b,a,attr) (b,a,neg), then 4 specified
+    # rows of a tuple (as questions.rows_for_tuple): (a,b,attr) (a,b,neg) (b,a,attr) (b,a,neg), then 4 specified
     a_first = np.array([1, 1, 0, 0, 1, 1, 0, 0], bool)[r]
     s1 = np.where(a_first, a[tup], b[tup])
     s2 = np.where(a_first, b[tup], a[tup])
@@ -70,7 +70,7 @@ def write_cache(q, cache: Path, k: int = 10, rows_per_file: int = 65536, seed: i
     """Random scores for every question id of ``q``, in shuffled files (as a merge of shards writes them)."""
     import pyarrow as pa
 
-    from refine_llm.scoring import _to_table
+    from refine_llm.scoring.cache import to_table
 
     rng = np.random.default_rng(seed)
     cache.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def write_cache(q, cache: Path, k: int = 10, rows_per_file: int = 65536, seed: i
         cols = {"question_id": qid.take(pa.array(idx)).to_pylist(), "topk_ids": rng.integers(0, 49152, (m, k)),
                 "topk_logprobs": lp, "cand_logprobs": np.log(rng.uniform(1e-4, 0.5, (m, 2))),
                 "cand_mask": mask, "nonfinite": np.zeros(m, bool), "collision": np.zeros(m, bool)}
-        t = _to_table(cols, False)
+        t = to_table(cols, False)
         with pa.OSFile(str(cache / f"shard-synthetic-{part:05d}.arrow"), "wb") as f, pa.ipc.new_file(f, t.schema) as w:
             w.write_table(t)
 
@@ -112,7 +112,9 @@ sys.path.insert(0, {root!r})
 def hwm():  # peak RSS of this process in kB (VmHWM: per address space, so exec starts it afresh)
     return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
 import numpy, pyarrow, scipy.stats, datasets
-from refine_llm import metrics, scoring, stream_metrics
+from refine_llm import metrics
+from refine_llm.methods import Base, Scores
+from refine_llm.scoring import jobs
 base = hwm()
 t = time.time()
 if {naive!r}:
@@ -125,10 +127,12 @@ if {naive!r}:
     tb = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(f))).read_all() for f in fs])
     pos = {{x: i for i, x in enumerate(tb.column("question_id").to_pylist())}}
     ds = Dataset(InMemoryTable(tb.take(pa.array([pos[x] for x in q["question_id"]]))))
-    pt, pf, cit = scoring.candidate_probs(ds)
+    sc = Scores.from_table(ds)
+    out = Base().apply(sc)
+    pt, pf, cit = out.p_topk, out.p_full, sc.cand_in_topk
     res = metrics.evaluate(q, pt, pf, cit, n_resamples=10)
 else:
-    res = stream_metrics.evaluate_cache({qdir!r}, {run!r})
+    res = jobs.cache_metrics({qdir!r}, {run!r})
 peak = hwm()
 print(json.dumps({{"base_mb": base / 1024, "peak_mb": peak / 1024, "seconds": time.time() - t, "mu": res["mu"],
                   "n_tuples": res["n_tuples"]}}))
@@ -155,7 +159,7 @@ def main() -> None:
             qdir, run = (root / f"q{n}", root / f"run{n}") if (root / f"q{n}").exists() else make(n, root)
             gen = time.time() - t
             r = measure(qdir, run, naive)
-            rows.append((8 * n, "in-memory (metrics.evaluate)" if naive else "batched (stream_metrics)", r, gen))
+            rows.append((8 * n, "in-memory (metrics.evaluate)" if naive else "batched (metrics.stream)", r, gen))
         print(f"{'rows':>9}  {'path':<30} {'peak RSS MB':>11} {'imports MB':>10} {'eval s':>7}  mu")
         for m, path, r, gen in rows:
             print(f"{m:>9}  {path:<30} {r['peak_mb']:>11.0f} {r['base_mb']:>10.0f} {r['seconds']:>7.1f}  {r['mu']:.6f}")

@@ -3,7 +3,7 @@
 prompt run in full (what a plain causal-LM training loop does).
 
 Both arms train the same fresh LoRA adapter (same seed) on the same tuples for the same steps; the only
-difference is ``_TrainSet.prefix_len`` (0 = whole prompts). The script prints seconds per step for each,
+difference is ``TrainSet.prefix_len`` (0 = whole prompts). The script prints seconds per step for each,
 their ratio, and the largest difference between the two arms' per-step mean |C| (the forward is exact, so
 the runs match up to float rounding).
 
@@ -51,16 +51,16 @@ def main(argv: list[str] | None = None) -> int:
             for n, t in peft_model.named_parameters():
                 if n in init:
                     t.copy_(init[n])
-        ts = lora._prepare(train, prompt, tok)
+        ts = lora.prepare_train_set(train, prompt, tok)
         prefix_len = ts.prefix_len
         if arm == "whole prompts":
             ts.prefix_len = 0
         opt = torch.optim.AdamW([t for t in peft_model.parameters() if t.requires_grad], lr=cfg.lr)
         peft_model.train()
         times, abs_c = [], []
-        for step, tuples in lora._schedule(len(ts.tuple_rows), cfg):
+        for step, tuples in lora.schedule(len(ts.tuple_rows), cfg):
             t0 = time.perf_counter()
-            loss, logs = lora._step_loss(peft_model, ts, tuples, cfg, torch.Generator().manual_seed(step))
+            loss, logs = lora.step_loss(peft_model, ts, tuples, cfg, torch.Generator().manual_seed(step))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -2,7 +2,7 @@
 
 Same questions, prompt, batch size and model (SmolLM2-135M) for every row of the table:
 
-- single process: `scale.LocalScorer` in this process (the model is already loaded; load time apart),
+- single process: `scoring.driver.LocalPool` (an HF backend) in this process (the model is already loaded; load time apart),
   with torch's default thread count and with 1 thread (what an actor uses);
 - Ray, 1 and 2 actors (local cluster, num_cpus=1 per actor): wall time including the actors' start and
   model load (Ray Data starts a fresh actor pool per run; on a few hundred prompts start-up dominates);
@@ -47,11 +47,11 @@ class _Timed:
 
 
 def _run(q, cfg, scorer) -> tuple[float, float | None]:
-    from refine_llm import scale
+    from refine_llm.scoring import driver
 
     timed = _Timed(scorer)
     t0 = time.time()
-    st = scale.score_to_cache(q, cfg, None, timed, progress=False)
+    st = driver.fill_cache(q, cfg, None, timed, progress=False)
     wall = time.time() - t0
     assert st["written_rows"] == len(set(q.column("question_id").to_pylist())), st
     steady = None
@@ -62,12 +62,12 @@ def _run(q, cfg, scorer) -> tuple[float, float | None]:
 
 
 def driver_ceiling(n_rows: int = 200_000, batch_size: int = 64, k: int = 10) -> float:
-    """prompts/s of score_to_cache when results arrive instantly (synthetic tables), writing a real cache."""
+    """prompts/s of the driver (fill_cache) when results arrive instantly (synthetic tables), writing a real cache."""
     import pyarrow as pa
 
     from bench_cache_memory import synthetic_questions
-    from refine_llm import scale, scoring
     from refine_llm.config import ScoringConfig
+    from refine_llm.scoring import cache, driver
 
     q = synthetic_questions(n_rows // 8)
     rng = np.random.default_rng(0)
@@ -78,7 +78,7 @@ def driver_ceiling(n_rows: int = 200_000, batch_size: int = 64, k: int = 10) -> 
         cols = {"question_id": qid.slice(s, m).to_pylist(), "topk_ids": rng.integers(0, 49152, (m, k)),
                 "topk_logprobs": rng.normal(size=(m, k)).astype(np.float32), "cand_logprobs": rng.normal(size=(m, 2)),
                 "cand_mask": rng.random((m, 2, k)) < 0.1, "nonfinite": np.zeros(m, bool), "collision": np.zeros(m, bool)}
-        t = scoring._to_table(cols, False)
+        t = cache.to_table(cols, False)
         tables.append(t.append_column("batch", pa.array(np.full(m, s // batch_size, np.int64))))
 
     def instant(payload):
@@ -87,7 +87,7 @@ def driver_ceiling(n_rows: int = 200_000, batch_size: int = 64, k: int = 10) -> 
     cfg = ScoringConfig(top_k=k, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        st = scale.score_to_cache(q, cfg, Path(tmp) / "cache", instant, progress=False)
+        st = driver.fill_cache(q, cfg, Path(tmp) / "cache", instant, progress=False)
         dt = time.time() - t0
     return st["written_rows"] / dt
 
@@ -102,12 +102,16 @@ def main() -> None:
 
     import torch
 
-    from refine_llm import models, prompts, ray_backend, scale
+    from refine_llm import models, prompts
+    from refine_llm.scoring import driver
+    from refine_llm.scoring.backends import ray as ray_backend
+    from refine_llm.scoring.backends.hf import HFBackend
+    from refine_llm.scoring.plan import questions_table
     from refine_llm.config import QuestionsConfig, ScoringConfig
     from refine_llm.questions import build_questions
 
     q = build_questions(QuestionsConfig(category="gender", max_tuples=max(1, args.rows // 24 + 1), seed=0))
-    q = scale.questions_table(q).slice(0, args.rows)
+    q = questions_table(q).slice(0, args.rows)
     prompt = prompts.load_prompt(args.prompt)
     cfg = ScoringConfig(prompt=args.prompt, top_k=10, batch_size=args.batch_size, backend="ray")
     n = q.num_rows
@@ -119,7 +123,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     for th in dict.fromkeys((threads, 1)):
         torch.set_num_threads(th)
-        wall, _ = _run(q, cfg, scale.LocalScorer(model, tok, prompt, cfg))
+        wall, _ = _run(q, cfg, driver.LocalPool(HFBackend(model, tok, prompt, cfg)))
         rows.append((f"single process (torch {th} thread{'s' if th > 1 else ''})", wall, n / wall, None,
                      f"+ {load:.1f} s model load"))
     torch.set_num_threads(threads)
@@ -127,7 +131,7 @@ def main() -> None:
 
     with ray_backend.local_cluster(num_cpus=2):
         for a in (1, 2):
-            scorer = ray_backend.RayScorer("smollm2-135m", args.quant, prompt, cfg, device="cpu", num_actors=a)
+            scorer = ray_backend.RayPool("smollm2-135m", args.quant, prompt, cfg, device="cpu", num_actors=a)
             wall, steady = _run(q, cfg, scorer)
             rows.append((f"ray, {a} actor{'s' if a > 1 else ''} (1 CPU each)", wall, n / wall, steady,
                          "wall includes actor start + model load"))

@@ -6,7 +6,7 @@ On the same prompts and model (default: SmolLM2-135M nf4, 64 validation gender q
       step's scores (as the authors do), batched with left padding;
   (b) refine_llm.scoring without the prefix cache (one forward pass per prompt, left padding);
   (c) refine_llm.scoring with the prefix KV cache;
-  (d) vLLM through refine_llm.vllm_backend, when it imports (otherwise a printed note).
+  (d) vLLM through refine_llm.scoring.backends.vllm, when it imports (otherwise a printed note).
 Each result is checked against (b): the same top-1 token. Ratios are printed against (a).
 
     python eval/bench_scoring.py --model smollm2-135m --quant nf4 --n 64 --batch-size 16
@@ -30,7 +30,7 @@ class BenchArgs:
     device: str | None = None
 
 
-def _paper_generate(model, tok, texts: list[str], batch_size: int, k: int):
+def paper_generate(model, tok, texts: list[str], batch_size: int, k: int):
     """The authors' way: generate 10 tokens with output_scores, keep the first step's top-k."""
     import torch
 
@@ -62,7 +62,7 @@ def main(args: BenchArgs) -> dict:
     rates, top1 = {}, {}
 
     t = time.perf_counter()
-    top1["a_paper_generate"] = _paper_generate(model, tok, texts, args.batch_size, args.top_k)
+    top1["a_paper_generate"] = paper_generate(model, tok, texts, args.batch_size, args.top_k)
     rates["a_paper_generate"] = args.n / (time.perf_counter() - t)
     for name, c in (("b_ours_no_prefix_cache", replace(cfg, prefix_cache=False)), ("c_ours_prefix_cache", cfg)):
         t = time.perf_counter()
@@ -70,7 +70,7 @@ def main(args: BenchArgs) -> dict:
         rates[name] = args.n / (time.perf_counter() - t)
         top1[name] = [row[0] for row in ds["topk_ids"]]
     try:
-        import refine_llm.vllm_backend  # noqa: F401
+        import refine_llm.scoring.backends.vllm  # noqa: F401
 
         src = models.resolve(args.model)
         vcfg, mdir = replace(cfg, backend="vllm"), models.model_dir(src)
@@ -81,7 +81,7 @@ def main(args: BenchArgs) -> dict:
         rates["d_vllm"] = args.n / (time.perf_counter() - t)  # vLLM runs the unquantised weights (fp32)
         top1["d_vllm"] = [row[0] for row in ds["topk_ids"]]
     except ImportError as e:
-        print(f"note: (d) vLLM skipped: refine_llm.vllm_backend does not import yet ({e})")
+        print(f"note: (d) vLLM skipped: refine_llm.scoring.backends.vllm does not import yet ({e})")
     except Exception as e:  # an engine that cannot start here (memory, no supported device) is not our result
         print(f"note: (d) vLLM skipped: the engine failed ({type(e).__name__}: {str(e)[:200]})")
     base = rates["a_paper_generate"]

@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from refine_llm import bandit, metrics, models, prompts, questions, scoring
     from refine_llm.config import BanditConfig, HeadConfig, QuestionsConfig, ScoringConfig
-    from refine_llm.head import build_head, candidate_probs
-    from refine_llm.pipeline import bandit_data
+    from refine_llm.head import build_head
+    from refine_llm.metrics import candidate_probs
+    from refine_llm.stages.train import bandit_data
 
     model, tok = models.load_model(args.model, quant=args.quant)
     qs = questions.build_questions(QuestionsConfig(category="gender", seed=0, max_tuples=args.tuples))

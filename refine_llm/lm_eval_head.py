@@ -17,7 +17,7 @@ continuation's tokens. The head acts at exactly one position: the one that predi
 continuation's *first* token, which is the answer slot where REFINE heads are trained (the next token
 after the prompt). There the row's top-k (k = the head's) goes through the head and the top-k mass m is
 redistributed: log p'(t) = log m + head_logprob(t) for the k tokens, every other token keeps its
-log-prob (refine_llm.head.candidate_probs_full, the same rule as for UnQover and BBQ). The context
+log-prob (refine_llm.metrics.candidate_probs_full, the same rule as for UnQover and BBQ). The context
 and the continuation's later tokens are untouched, so for multi-token answers only the first token is
 debiased. Contextual heads receive the row's log-probs as their logits (their context projection is
 shift-invariant). The head must match the model's tokenizer (checked by fingerprint).
@@ -35,34 +35,34 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"refine_llm.lm_eval_head needs lm-eval: pip install 'refine_llm[lm-eval]' ({e})") from e
 
-from refine_llm import head as H
+from refine_llm.methods import heads as H
+from refine_llm.methods.hub import tokenizer_fingerprint
 from refine_llm.errors import UserError
 
 __all__ = ["RefineHFLM", "apply_head_to_row", "main"]
 
 
-def apply_head_to_row(head, lp_row: torch.Tensor, k: int) -> torch.Tensor:
-    """(V,) log-softmax row -> (V,) row with ``head`` applied to its top-k (mass-preserving, see above)."""
-    lp = lp_row.float()
-    top = torch.topk(lp, k)
-    with torch.no_grad():
-        hl = head(top.values[None], topk_ids=top.indices[None], logits=lp[None])[0]  # (k,) log-probs over top-k
-    mass = torch.logsumexp(top.values, 0)  # log m
-    out = lp.clone()
-    out[top.indices] = mass + hl
+def apply_head_to_row(head, lp_row: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """(V,) log-softmax row -> (V,) row with ``head`` applied to its top-k (mass-preserving, see above): the
+    one rule of a head on a live row, ``refine_llm.methods.heads.rewrite_topk``."""
+    if k is not None and k != head.k:
+        raise ValueError(f"k={k} but the head was trained with k={head.k}")
+    ids, new = H.rewrite_topk(head, lp_row.float()[None])  # (1,k), (1,k)
+    out = lp_row.float().clone()
+    out[ids[0]] = new[0]
     return out.to(lp_row.dtype)
 
 
 @register_model("refine-hf")
 class RefineHFLM(HFLM):
-    """``HFLM`` + a saved REFINE head (``head=`` a directory from refine_llm.head.save_head)."""
+    """``HFLM`` + a saved REFINE head (``head=`` a directory from refine_llm.methods.heads.save_head)."""
 
     def __init__(self, pretrained, head: str | None = None, **kwargs):
         super().__init__(pretrained=pretrained, **kwargs)
         if head is None:
             raise UserError("refine-hf needs head=<saved head directory> in --model_args (use --model hf without one)")
         w = self.model.get_output_embeddings().weight.detach().float().cpu()
-        self.refine_head, cfg = H.load_head(head, expect_tokenizer_fingerprint=H.tokenizer_fingerprint(self.tokenizer),
+        self.refine_head, cfg = H.load_head(head, expect_tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
                                             lm_head_weight=w)
         self.refine_head.to(self.device)
         self.refine_k = int(cfg["k"])

@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from refine_llm.config import QUANTS, TESTBED_NAME
+from refine_llm.config import QUANTS, TESTBED_NAME, TestbedRecipe
 from refine_llm.errors import UserError
 from refine_llm.io import atomic_dir, atomic_write_json
 
@@ -109,6 +109,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REFINE_LLM_CACHE", Path.home() / ".cache" / "refine_llm")).expanduser()
 
 
+TESTBED_INFO = "refine_llm_testbed.json"  # the build's record, written last: a directory without it is unfinished
+TESTBED_BUILD_COMMAND = ".venv/bin/python scripts/make_testbed.py"
+
+
+def testbed_dir(recipe: TestbedRecipe | None = None) -> Path:
+    """Where the testbed of ``recipe`` (default: the default recipe) is built: keyed by the recipe's hash."""
+    return cache_dir() / "models" / f"testbed-{(recipe or TestbedRecipe()).key()}"
+
+
+def testbed_is_built(path: Path) -> bool:
+    return all((path / f).is_file() for f in ("model.safetensors", "config.json", TESTBED_INFO))
+
+
+def testbed_resolve_dir(recipe: TestbedRecipe | None = None) -> Path:
+    """The built testbed's directory, or a UserError that says the one command that builds it."""
+    path = testbed_dir(recipe)
+    if not testbed_is_built(path):
+        raise UserError(f"--model {TESTBED_ALIAS}: not built yet (expected {path}); build it once with "
+                        f"`{TESTBED_BUILD_COMMAND}` (about 15-30 minutes on 2 CPU cores)")
+    return path
+
+
 def resolve(name: str) -> ModelSource:
     """Turn a `--model` value into a `ModelSource`, or raise a `UserError` that says what to pass."""
     if name == DEFAULT_MODEL:
@@ -117,10 +139,8 @@ def resolve(name: str) -> ModelSource:
         return ModelSource(name, "parted", PARTED[name].filename, hub_id=PARTED[name].hub_id)
     if name in ALIASES:
         return ModelSource(name, "hub", ALIASES[name], hub_id=ALIASES[name])
-    if name == TESTBED_ALIAS:
-        from refine_llm.testbed import resolve_dir  # built once, cached; UserError names the build command
-
-        return ModelSource(name, "dir", str(resolve_dir()), hub_id=None)
+    if name == TESTBED_ALIAS:  # built once by scripts/make_testbed.py (refine_llm.testbed), cached
+        return ModelSource(name, "dir", str(testbed_resolve_dir()), hub_id=None)
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -350,7 +370,7 @@ def _importable(module: str) -> bool:
         return False
 
 
-def _quantization(quant: str, device: str):
+def quantization(quant: str, device: str):
     """(BitsAndBytesConfig or None, dtype of the modules that stay unquantized) for `quant` on `device`."""
     import torch
 
@@ -435,14 +455,14 @@ def load_model(name: str = DEFAULT_MODEL, quant: str = "nf4", device: str | None
     source = resolve(name)
     loc = model_dir(source)
     device = device or default_device()
-    qcfg, dtype = _quantization(quant, device)
+    qcfg, dtype = quantization(quant, device)
     kw: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if qcfg is not None:
         kw["quantization_config"] = qcfg
         kw["device_map"] = {"": device if device != "cuda" else 0}
     if source.kind == "hub" and not Path(loc).exists():
         # Fail fast with a clear message when the hub is unreachable and nothing is cached.
-        _ensure_hub_reachable(loc, name)
+        ensure_hub_reachable(loc, name)
     tokenizer = prepare_tokenizer(_from_pretrained(AutoTokenizer, loc, name, trust_remote_code=trust_remote_code))
     model = _from_pretrained(AutoModelForCausalLM, loc, name, **kw)
     if qcfg is None:
@@ -514,7 +534,7 @@ def cpu_info() -> dict:
     }
 
 
-def _ensure_hub_reachable(hub_id: str, name: str) -> None:
+def ensure_hub_reachable(hub_id: str, name: str) -> None:
     """Fail in seconds, not after the hub client's retries, when nothing is cached and the hub is unreachable."""
     import socket
     from urllib.parse import urlparse

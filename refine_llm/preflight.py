@@ -20,7 +20,7 @@ def check_model(name: str) -> None:
 
     source = models.resolve(name)
     if source.kind == "hub" and not Path(source.location).exists():
-        models._ensure_hub_reachable(source.location, name)  # cached, or the hub answers (5 s at most)
+        models.ensure_hub_reachable(source.location, name)  # cached, or the hub answers (5 s at most)
     if source.kind == "gguf":
         models.check_gguf(source.location)
     elif source.kind == "dir":
@@ -52,10 +52,25 @@ def check_prompt(prompt: str) -> None:
 
 def check_run(cfg) -> None:
     """All of the above for the main job's `RunConfig` (its dataclasses have already checked their values)."""
+    if cfg.scoring.backend == "vllm":  # nf4/int8: refused in one line, never reported as what did not run
+        from refine_llm.scoring.backends.vllm import vllm_dtype
+
+        vllm_dtype(cfg.model.quant)
     check_model(cfg.model.name)
     check_wordlists(cfg.questions.category, cfg.questions.wordlists)
     check_prompt(cfg.scoring.prompt)
+    if cfg.plugin_methods:
+        import difflib
+
+        from refine_llm.methods import METHODS
+
+        for m in cfg.plugin_methods:
+            if m not in METHODS:
+                near = difflib.get_close_matches(m, list(METHODS), n=1)
+                hint = f" Did you mean {near[0]!r}?" if near else ""
+                raise UserError(f"--extra-methods {m}: not a method of refine_llm.methods.METHODS.{hint} "
+                                f"Known: {', '.join(METHODS)}")
     if cfg.bbq.bbq_dir:
-        from refine_llm.bbq import bbq_files
+        from refine_llm.bbq.data import bbq_files
 
         bbq_files(cfg.bbq.bbq_dir)  # --bbq: the BBQ stage runs last, so a wrong path would cost the whole job

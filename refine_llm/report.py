@@ -12,6 +12,8 @@ Input ``report`` dict (built by the main job):
     prompt_sweep      optional [{prompt, answer_mass, specified_accuracy, chosen}]
     methods           optional [{method, trainable_params, train_seconds, peak_memory_mb, <metrics>}]
     seeds             optional refine_llm.seeds.aggregate(...) (--seeds): each seed, mean ± sd, reversals
+    bbq               optional refine_llm.bbq.task.evaluate_items(...) (--bbq): its section and plot, last
+    quant_shift       optional (--compare-quant) the bias shift of the quantization
     warnings          optional [str]
 
 Which numbers the tables and plots show, with which symbol, direction and format, comes from the
@@ -23,10 +25,10 @@ atomically (temp file in the same directory + ``os.replace``).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-from refine_llm.io import atomic_write_bytes
+from refine_llm.io import atomic_write_bytes, jsonable
+from refine_llm.markdown import fmt, table
 from refine_llm.metrics import BIAS_KEYS, METRICS, UTILITY_KEYS, metric
 
 __all__ = ["methods_table", "summary_lines", "write_report"]
@@ -36,21 +38,6 @@ MAIN_KEYS = BIAS_KEYS + UTILITY_KEYS + ("kl_unrelated", "answer_mass", "topk_mis
 HEATMAP_N = 12  # most biased subjects and attributes shown per γ heatmap
 
 
-def _jsonable(x):
-    """Plain JSON types: numpy scalars/arrays to Python, NaN/inf to None."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
-        return _jsonable(x.tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
-
-
 def _split_per_tuple(metrics: dict) -> tuple[dict, dict]:
     small, per_tuple = {}, {}
     for cond, res in metrics.items():
@@ -58,24 +45,6 @@ def _split_per_tuple(metrics: dict) -> tuple[dict, dict]:
         per_tuple[cond] = {k: res.pop(k) for k in _PER_TUPLE_KEYS if k in res}
         small[cond] = res
     return small, per_tuple
-
-
-def _fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return "–" if not math.isfinite(v) else f"{v:.{digits}f}"
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(_fmt(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
-    return out
 
 
 def _cell(res: dict, key: str) -> str:
@@ -99,7 +68,7 @@ def methods_table(report: dict) -> list[str]:
     keys = BIAS_KEYS + UTILITY_KEYS
     rows = [[m.get("method"), m.get("trainable_params"), m.get("train_seconds"), m.get("peak_memory_mb")]
             + [metric(k).format(m.get(k)) for k in keys] for m in report.get("methods") or []]
-    return _table(["method", "trainable params", "train s", "peak MB"] + _header(keys), rows)
+    return table(["method", "trainable params", "train s", "peak MB"] + _header(keys), rows)
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -138,38 +107,38 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
               "share = mean P(gold)/(P(gold)+P(other)), its log-loss, accuracy, KL(base‖condition) and TV of the "
               "top-k; KL unrel. = on unrelated prompts. ↓ lower is better, ↑ higher. \"(≤ null)\": not above its "
               "sign-flip permutation null at p < 0.05.", ""]
-    lines += _table(["condition"] + _header(MAIN_KEYS),
+    lines += table(["condition"] + _header(MAIN_KEYS),
                     [[cond] + [_cell(res, k) for k in MAIN_KEYS] for cond, res in metrics.items()]) + [""]
     cat_keys = BIAS_KEYS + UTILITY_KEYS + ("n_tuples", "n_specified")
     cat_rows = [[cond, cat] + [_cell(b, k) for k in cat_keys]
                 for cond, res in metrics.items() for cat, b in (res.get("per_category") or {}).items()]
     if cat_rows:
-        lines += ["### Per category", ""] + _table(["condition", "category"] + _header(cat_keys), cat_rows) + [""]
+        lines += ["### Per category", ""] + table(["condition", "category"] + _header(cat_keys), cat_rows) + [""]
     occ = [[cat, b["tuples_per_cell"]["cells"], b["tuples_per_cell"]["min"], b["tuples_per_cell"]["median"],
             b["tuples_per_cell"]["share_single"]]
            for cat, b in (next(iter(metrics.values()), {}).get("per_category") or {}).items() if b.get("tuples_per_cell")]
     if occ:
         lines += ["### Tuples per (subject, attribute) cell of γ (test split)", ""]
-        lines += _table(["category", "cells", "min", "median", "share with 1 tuple"], occ) + [""]
+        lines += table(["category", "cells", "min", "median", "share with 1 tuple"], occ) + [""]
     nrows = _null_rows(metrics)
     if nrows:
         lines += ["### Noise floor: sign-flip permutation null", "",
                   "Each tuple's C with a random sign: the μ and η a model with the same |C| and no subject-attribute "
                   "preference shows. p = share of null draws ≥ observed.", ""]
-        lines += _table(["condition", "category", "metric", "observed", "null mean", "null 95th pct", "p",
+        lines += table(["condition", "category", "metric", "observed", "null mean", "null 95th pct", "p",
                          "above null"], nrows) + [""]
     full = [[cond] + [metric(k).format(res["full_vocab"].get(k)) for k in BIAS_KEYS + ("gold_share", "answer_mass")]
             for cond, res in metrics.items() if isinstance(res.get("full_vocab"), dict)]
     if full:
         lines += ["### Full-vocabulary probabilities", ""]
-        lines += _table(["condition"] + _header(BIAS_KEYS + ("gold_share", "answer_mass")), full) + [""]
+        lines += table(["condition"] + _header(BIAS_KEYS + ("gold_share", "answer_mass")), full) + [""]
     grp = [[cond, cat, b["by_group"].get("mu"), b["by_group"].get("eta")]
            for cond, res in metrics.items() for cat, b in (res.get("per_category") or {}).items() if b.get("by_group")]
     if grp:
         lines += ["### Extra: subjects grouped (female/male for gender)", "",
                   "UnQover's `gender_act` aggregation: names pooled into their group before γ, so opposite signs "
                   "cancel. Not the headline μ/η; shown for comparison only.", ""]
-        lines += _table(["condition", "category", "μ grouped", "η grouped"], grp) + [""]
+        lines += table(["condition", "category", "μ grouped", "η grouped"], grp) + [""]
 
     sig = report.get("significance") or {}
     if sig:
@@ -182,7 +151,7 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
             b, w = s.get("bootstrap") or {}, s.get("wilcoxon") or {}
             srows.append([name, _delta(b.get("mu")), _delta(b.get("mean_abs_c")), w.get("p_value"), w.get("p_holm"),
                           w.get("n")])
-        lines += _table(["condition", "Δμ [95% CI]", "Δmean|C| [95% CI]", "Wilcoxon p (one-sided)", "Holm p", "n"],
+        lines += table(["condition", "Δμ [95% CI]", "Δmean|C| [95% CI]", "Wilcoxon p (one-sided)", "Holm p", "n"],
                         srows) + [""]
 
     curve = report.get("temperature_curve") or []
@@ -192,19 +161,19 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
                   "Temperature curve: the top-k at temperature T (T = 1: base; 1e9: uniform). Parameter-free points: "
                   "uniform, top2-equal (the two most likely slots share their mass); rank-bias: identity + a learned "
                   "per-rank bias (k parameters). Their rows are in the tables above.", ""]
-        lines += _table(["T"] + _header(keys), [[f"{c['temperature']:g}"] + [metric(k).format(c.get(k)) for k in keys]
+        lines += table(["T"] + _header(keys), [[f"{c['temperature']:g}"] + [metric(k).format(c.get(k)) for k in keys]
                                                 for c in curve]) + [""]
     plane = report.get("plane") or {}
     if plane:
         rows = [[h, v.get("gold_share"), v.get("mu"), v.get("curve_mu_at_gold_share"),
-                 _fmt(v.get("below_temperature_curve")) + (" (past the curve's end)" if v.get("past_curve_end") else ""),
-                 ", ".join(f"{p}: {_fmt(d)}" for p, d in (v.get("dominates") or {}).items())]
+                 fmt(v.get("below_temperature_curve")) + (" (past the curve's end)" if v.get("past_curve_end") else ""),
+                 ", ".join(f"{p}: {fmt(d)}" for p, d in (v.get("dominates") or {}).items())]
                 for h, v in plane.items()]
         lines += ["Each trained head and LoRA adapter against the curve (at its own P(gold) share) and the "
                   "parameter-free points (dominates = no worse on μ, mean|C|, P(gold) share and KL, better on one; "
                   "an adapter has no KL over the base's top-k). \"Past the curve's end\": more P(gold) share than "
                   "base, where the curve is read at T = 1.", ""]
-        lines += _table(["head", "P(gold) share", "μ", "curve μ there", "below curve (μ and mean|C|)", "dominates"],
+        lines += table(["head", "P(gold) share", "μ", "curve μ there", "below curve (μ and mean|C|)", "dominates"],
                         rows) + [""]
 
     design = report.get("split_design") or {}
@@ -216,7 +185,7 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
             rows.append([cat] + [f"{c[s]['templates']}/{c[s]['attributes']}/{c[s]['subjects']}"
                                  for s in ("train", "validation", "test")]
                         + [", ".join(d["unseen_in_test"]) or "nothing"])
-        lines += _table(["category", "train tpl/attr/subj", "validation", "test", "unseen in test"], rows) + [""]
+        lines += table(["category", "train tpl/attr/subj", "validation", "test", "unseen in test"], rows) + [""]
     unrel = report.get("unrelated_prompts") or {}
     if unrel:
         lines += [f"## Unrelated prompts ({unrel['n']}, `{unrel['file']}`)", ""]
@@ -225,7 +194,7 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
             lines += [f"KL gated: served with `refine_mode` \"gated\", a head acts only where the top-k holds two "
                       f"tokens of its category vocabulary: {g['unrelated_share']:.1%} of these prompts, "
                       f"{g['test_share']:.1%} of the test split's prompts.", ""]
-        lines += _table(["condition", "KL(base‖·)", "KL 95th pct", "TV"] + (["KL gated"] if g else []),
+        lines += table(["condition", "KL(base‖·)", "KL 95th pct", "TV"] + (["KL gated"] if g else []),
                         [[n, v["kl"], v["kl_p95"], v["tv"]] + ([v.get("kl_gated", "–")] if g else [])
                          for n, v in unrel["per_condition"].items()]) + [""]
 
@@ -235,18 +204,18 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
     sweep = report.get("prompt_sweep") or []
     if sweep:
         lines += ["## Prompt sweep", ""]
-        lines += _table(["prompt", "answer mass", "spec. acc.", "chosen"],
+        lines += table(["prompt", "answer mass", "spec. acc.", "chosen"],
                         [[s.get("prompt"), s.get("answer_mass"), s.get("specified_accuracy"), bool(s.get("chosen"))]
                          for s in sweep]) + [""]
     timing = report.get("timing") or {}
     if timing:
-        lines += ["## Timing", ""] + _table(["stage", "seconds"], [[k, float(v)] for k, v in timing.items()]) + [""]
+        lines += ["## Timing", ""] + table(["stage", "seconds"], [[k, float(v)] for k, v in timing.items()]) + [""]
     lines += ["## Warnings", ""] + ([f"- {w}" for w in warnings] or ["- none"]) + [""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     cfg = report.get("config") or {}
     if cfg:
-        lines += ["## Configuration", "", "```json", json.dumps(_jsonable(cfg), indent=2, sort_keys=True), "```", ""]
+        lines += ["## Configuration", "", "```json", json.dumps(jsonable(cfg), indent=2, sort_keys=True), "```", ""]
     return "\n".join(lines)
 
 
@@ -342,12 +311,20 @@ def write_report(run_dir, report: dict) -> None:
     for cond, res in metrics.items():
         warnings += [f"{cond}: {w}" for w in res.get("warnings") or []]
         if res.get("at_chance") and res.get("n_specified") and not any("chance" in w for w in res.get("warnings") or []):
-            warnings.append(f"{cond}: specified accuracy {_fmt(res.get('specified_accuracy'))} is within noise of chance")
+            warnings.append(f"{cond}: specified accuracy {fmt(res.get('specified_accuracy'))} is within noise of chance")
 
     plots = _plots(run_dir / "plots", report, metrics, per_tuple)
+    md = _markdown(report, metrics, warnings, plots)
+    if report.get("bbq"):  # BBQ's section and plot (refine_llm.bbq.report), after the rest
+        from refine_llm.bbq.report import markdown as bbq_markdown, plot as bbq_plot
+
+        bbq = dict(report["bbq"])
+        bbq["plot"] = str(bbq_plot(bbq, run_dir / "plots" / "bbq.png").relative_to(run_dir))
+        report = {**report, "bbq": bbq}
+        md = md.rstrip("\n") + "\n\n" + bbq_markdown(bbq) + f"\n![BBQ]({bbq['plot']})\n"
     small = {**{k: v for k, v in report.items() if k != "metrics"}, "metrics": metrics, "warnings": warnings,
              "plots": plots, "metric_registry": [m.__dict__ for m in METRICS]}
-    atomic_write_bytes(run_dir / "report.json", json.dumps(_jsonable(small), indent=2, ensure_ascii=False).encode())
+    atomic_write_bytes(run_dir / "report.json", json.dumps(jsonable(small), indent=2, ensure_ascii=False).encode())
     if any(per_tuple.values()):
-        atomic_write_bytes(run_dir / "per_tuple.json", json.dumps(_jsonable(per_tuple)).encode())
-    atomic_write_bytes(run_dir / "report.md", _markdown(report, metrics, warnings, plots).encode())
+        atomic_write_bytes(run_dir / "per_tuple.json", json.dumps(jsonable(per_tuple)).encode())
+    atomic_write_bytes(run_dir / "report.md", md.encode())

@@ -106,11 +106,6 @@ def expected_tuple_reward(p_pos: torch.Tensor) -> torch.Tensor:
     return -tuple_c(p_pos) ** 2
 
 
-def candidate_probs(logp: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
-    """(R, k) log-probs, (R, 2, k) bool -> (R, 2): each candidate's mass over its top-k tokens."""
-    return (logp.exp().unsqueeze(1) * cand_mask.to(logp.dtype)).sum(-1)
-
-
 def kl_to_base(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """(R, V) log-probs of the frozen base and of the policy over the same support -> (R,) KL(base || policy)."""
     return (base_logp.exp() * (base_logp - logp)).sum(-1)
@@ -158,7 +153,7 @@ def policy_loss(
     if len(logp) != 4 * n or cand_mask.shape[:1] != logp.shape[:1]:
         raise ValueError(f"logp must be (4n, k) with a (4n, 2, k) cand_mask, got {tuple(logp.shape)}, "
                          f"{tuple(cand_mask.shape)}")
-    p_pos = candidate_probs(logp, cand_mask)  # (4n, 2)
+    p_pos = metrics.candidate_probs(logp, cand_mask)  # (4n, 2)
     logs = {"abs_c": tuple_c(p_pos.detach()).abs().mean().item(),
             "answer_mass": p_pos.detach().sum(-1).mean().item()}
     if objective == "direct":

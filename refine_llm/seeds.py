@@ -139,6 +139,11 @@ def aggregate(reports: dict[int, dict]) -> dict:
             "reversals": reversals, "verdict": verdict}
 
 
+def _at(by_seed: dict, s, missing=None):
+    """``by_seed[s]``, whether the block is fresh (int keys) or read back from JSON (str keys)."""
+    return by_seed.get(s, by_seed.get(str(s), missing))
+
+
 def _show(v) -> str:
     return "–" if v is None else ("yes" if v is True else "no" if v is False else str(v))
 
@@ -149,7 +154,7 @@ def _show(v) -> str:
 TABLE_KEYS = ("mu", "mean_abs_c", "eta", "gold_share", "specified_accuracy", "kl_base", "kl_unrelated")
 
 
-def _fmt(key: str, v) -> str:
+def _cell(key: str, v) -> str:
     if key.startswith("rel_"):
         return "–" if v is None else f"{round(v) + 0:+d}%"  # + 0: no "-0%"
     return metric(key).format(v)
@@ -158,7 +163,7 @@ def _fmt(key: str, v) -> str:
 def _pm(key: str, s: dict) -> str:
     if s.get("mean") is None:
         return "–"
-    return _fmt(key, s["mean"]) + ("" if s.get("sd") is None else " ± " + _fmt(key, s["sd"]).lstrip("+"))
+    return _cell(key, s["mean"]) + ("" if s.get("sd") is None else " ± " + _cell(key, s["sd"]).lstrip("+"))
 
 
 def _symbol(key: str) -> str:
@@ -166,8 +171,8 @@ def _symbol(key: str) -> str:
 
 
 def markdown(block: dict) -> list[str]:
-    """report.md's "Seeds" section (tables through ``report._table``, which escapes "|" in mean|C|)."""
-    from refine_llm.report import _table
+    """report.md's "Seeds" section (tables through ``markdown.table``, which escapes "|" in mean|C|)."""
+    from refine_llm.markdown import table
 
     seeds = block["seeds"]
     keys = TABLE_KEYS + tuple(f"rel_{k}" for k in REL_KEYS)
@@ -178,12 +183,12 @@ def markdown(block: dict) -> list[str]:
              f"{seeds[0]}'s; each seed's own report is in `seeds/seed-<s>/`. sd: sample standard deviation.", "",
              f"**{block['verdict']}.**", "",
              "### Mean ± sd across seeds", ""]
-    lines += _table(["condition", "seeds", *symbols],
-                    [[c, str(s["mu"]["n"]), *(_pm(k, s[k]) for k in keys)] for c, s in block["summary"].items()])
+    lines += table(["condition", "seeds", *symbols],
+                   [[c, str(s["mu"]["n"]), *(_pm(k, s[k]) for k in keys)] for c, s in block["summary"].items()])
     lines += ["", "### Each seed", ""]
-    lines += _table(["condition", "seed", *symbols],
-                    [[c, str(s), *(_fmt(k, rows[k].get(s)) for k in keys)]
-                     for c, rows in block["per_seed"].items() for s in seeds if s in rows["mu"]])
+    lines += table(["condition", "seed", *symbols],
+                   [[c, str(s), *(_cell(k, _at(rows[k], s)) for k in keys)]
+                    for c, rows in block["per_seed"].items() for s in seeds if s in rows["mu"] or str(s) in rows["mu"]])
     if block["conclusions"]:
         lines += ["", "### Conclusions per seed", "",
                   "Δ = condition − base (paired cluster bootstrap); a conclusion is reversed when seeds disagree.", ""]
@@ -191,8 +196,8 @@ def markdown(block: dict) -> list[str]:
         for c, by in block["conclusions"].items():
             for name, vals in by.items():
                 agree = len({v for v in vals.values() if v is not None}) <= 1
-                rows.append([c, name, *(_show(vals.get(s)) for s in seeds), "yes" if agree else "**no**"])
-        lines += _table(["condition", "conclusion", *(f"seed {s}" for s in seeds), "agree"], rows)
+                rows.append([c, name, *(_show(_at(vals, s)) for s in seeds), "yes" if agree else "**no**"])
+        lines += table(["condition", "conclusion", *(f"seed {s}" for s in seeds), "agree"], rows)
     return lines + [""]
 
 

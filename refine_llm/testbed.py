@@ -36,21 +36,21 @@ holds several tuples and μ can be told from its sign-flip permutation null (``s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from refine_llm.errors import UserError
-from refine_llm.models import TESTBED_ALIAS
+from refine_llm.config import TESTBED_VERSION, EvalSpec, TestbedRecipe
+from refine_llm.models import TESTBED_INFO as INFO_NAME
+from refine_llm.models import testbed_dir, testbed_is_built
 
-TESTBED_VERSION = 1  # bump when the recipe's meaning changes: old builds are then ignored
-INFO_NAME = "refine_llm_testbed.json"
+__all__ = ["TEMPLATES", "TestbedRecipe", "EvalSpec", "testbed_dir", "training_examples", "eval_questions",
+           "sign_flip_null", "testbed_metrics", "evaluate_testbed", "build", "read_info"]
 
 # The testbed's own context templates: none of them is in refine_llm/wordlists, so every template
 # of the test split is unseen. [x1] names the first subject, [x2] the second.
@@ -70,85 +70,6 @@ TEMPLATES = (
 )
 
 
-@dataclass(frozen=True)
-class TestbedRecipe:
-    """Everything that determines the testbed's weights; its hash keys the cache."""
-
-    base: str = field(default="smollm2-135m", metadata={"help": "Model to fine-tune (alias or directory)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the data order, LoRA init and sampling."})
-    questions_seed: int = field(default=0, metadata={"help": "Seed of the question splits it holds out."})
-    prompt: str = field(default="qa", metadata={"help": "Prompt template it is trained on."})
-    strength: float = field(default=0.8, metadata={"help": "Planted P(female) for attributes (P(male) for negations)."})
-    # 150 steps on all 30 layers: test specified accuracy 1.00 (plain and negated); 60 steps on the top 10
-    # layers reached 0.69 (answers the attribute's holder on negated questions).
-    steps: int = field(default=150, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=16, metadata={"help": "Prompts per step."})
-    spec_fraction: float = field(default=0.5, metadata={"help": "Share of specified prompts per batch (rest underspecified)."})
-    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (linear decay to 0 after 10 warm-up steps)."})
-    r: int = field(default=16, metadata={"help": "LoRA rank (all linear layers)."})
-    alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    layers: int = field(default=30, metadata={"help": "LoRA on the top this many decoder layers only (30 = all of "
-                                                      "SmolLM2's): fewer layers are cheaper but learn negation poorly."})
-    max_train_names: int | None = field(default=None, metadata={"help": "Train names per group (None = all; tiny builds)."})
-    max_train_attributes: int | None = field(default=None, metadata={"help": "Train attributes (None = all; tiny builds)."})
-
-    def __post_init__(self) -> None:
-        if not 0.5 < self.strength < 1.0:
-            raise ValueError(f"strength must be in (0.5, 1) (a bias of known direction), got {self.strength}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
-
-    @classmethod
-    def tiny(cls, **kw) -> "TestbedRecipe":
-        """A build for the test suite (~1 minute on 2 cores): fewer, shorter steps on fewer words."""
-        return cls(**{"steps": 32, "batch_size": 8, "lr": 3e-3, "layers": 10, "max_train_names": 12,
-                      "max_train_attributes": 24, **kw})
-
-    def key(self) -> str:
-        payload = json.dumps({"version": TESTBED_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-    @property
-    def planted_c(self) -> float:
-        """C of every underspecified tuple (female subject first) on the reference scale [-1, 1]."""
-        return 2 * self.strength - 1
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """The stratified test sample: names per group x attributes x every template, all pairs."""
-
-    names: int = 4
-    attributes: int = 2
-    spec_tuples: int = 48  # tuples whose specified rows are scored (accuracy)
-    null_resamples: int = 1000
-    seed: int = 0
-
-
-def testbed_dir(recipe: TestbedRecipe | None = None) -> Path:
-    from refine_llm.models import cache_dir
-
-    recipe = recipe or TestbedRecipe()
-    return cache_dir() / "models" / f"testbed-{recipe.key()}"
-
-
-def is_built(path: Path) -> bool:
-    return (path / "model.safetensors").is_file() and (path / "config.json").is_file() and (path / INFO_NAME).is_file()
-
-
-def build_command() -> str:
-    return ".venv/bin/python scripts/make_testbed.py"
-
-
-def resolve_dir(recipe: TestbedRecipe | None = None) -> Path:
-    """The built testbed's directory, or a UserError that says the one command that builds it."""
-    path = testbed_dir(recipe)
-    if not is_built(path):
-        raise UserError(f"--model {TESTBED_ALIAS}: not built yet (expected {path}); build it once with "
-                        f"`{build_command()}` (about 15-30 minutes on 2 CPU cores)")
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
 # words: the train split's names and attributes, the test split's stratified sample
 
@@ -158,7 +79,7 @@ def _gender_space(questions_seed: int):
     from refine_llm import questions as Q
 
     wl = Q.load_wordlists("gender")
-    return wl, Q._spaces(wl, questions_seed)
+    return wl, Q.split_spaces(wl, questions_seed)
 
 
 def _split_words(space) -> tuple[dict[str, list[str]], list]:
@@ -242,10 +163,10 @@ def eval_questions(spec: EvalSpec = EvalSpec(), questions_seed: int = 0):
     keep_spec = set(rng.sample(range(len(tuples)), min(spec.spec_tuples, len(tuples))))
     rows = []
     for i, (t, f, m, attr) in enumerate(tuples):
-        for r in Q._rows_for_tuple(wl, "test", t, f, m, attr):
+        for r in Q.rows_for_tuple(wl, "test", t, f, m, attr):
             if not r["specified"] or i in keep_spec:
                 rows.append(r)
-    return Dataset.from_dict({c: [r[c] for r in rows] for c in Q.COLUMNS}, features=Q._features())
+    return Dataset.from_dict({c: [r[c] for r in rows] for c in Q.COLUMNS}, features=Q.dataset_features())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +224,9 @@ def evaluate_testbed(model, tokenizer, prompt_name: str = "qa", spec: EvalSpec =
     questions = questions if questions is not None else eval_questions(spec)
     sc = scoring.score(model, tokenizer, questions, prompts.load_prompt(prompt_name),
                        ScoringConfig(prompt=prompt_name, top_k=10, batch_size=batch_size), progress=progress)
-    p_topk, _, _ = scoring.candidate_probs(sc)
+    from refine_llm.methods import Base, Scores
+
+    p_topk = Base().apply(Scores.from_table(sc)).p_topk
     return testbed_metrics(questions, p_topk, spec)
 
 
@@ -357,7 +280,7 @@ def build(recipe: TestbedRecipe = TestbedRecipe(), out_dir: str | Path | None = 
     from refine_llm.io import atomic_dir
 
     out = Path(out_dir) if out_dir is not None else testbed_dir(recipe)
-    if is_built(out):
+    if testbed_is_built(out):
         return out
     t0, c0 = time.perf_counter(), time.process_time()
     torch.manual_seed(recipe.seed)

@@ -4,33 +4,31 @@
     .venv/bin/python scripts/debias_llm.py --model testbed
 
 A finished build is reused (the cache is keyed by a hash of the recipe). Flags override recipe fields
-(``--steps``, ``--strength``, ...); a non-default recipe is built next to the default one but
-``--model testbed`` selects only the default; pass the printed directory as ``--model`` instead.
+(``--steps``, ``--strength``, ...; generated from ``refine_llm.config.MakeTestbedArgs``); a non-default
+recipe is built next to the default one but ``--model testbed`` selects only the default; pass the printed
+directory as ``--model`` instead.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from transformers import HfArgumentParser
+from pathlib import Path
 
-from refine_llm.errors import UserError
-from refine_llm.testbed import EvalSpec, TestbedRecipe
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from refine_llm.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser(TestbedRecipe)
-    parser.add_argument("--no-eval", action="store_true", help="Skip the test-split evaluation (fp32 and NF4).")
-    parser.add_argument("--out", default=None, help="Build directory (default: the refine_llm cache).")
+    from refine_llm.cliargs import parse_config
+    from refine_llm.config import EvalSpec, MakeTestbedArgs
+
     try:
-        recipe, rest = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
+        args = parse_config(MakeTestbedArgs, argv, "make_testbed.py")
         from refine_llm import testbed
 
-        path = testbed.build(recipe, rest.out, evaluate=not rest.no_eval, eval_spec=EvalSpec(),
+        path = testbed.build(args.recipe, args.out, evaluate=args.eval, eval_spec=EvalSpec(),
                              log=lambda m: print(m, file=sys.stderr, flush=True))
         info = testbed.read_info(path)
     except UserError as e:

@@ -6,6 +6,11 @@
   Use fp32 where a test checks exactness (bf16 with left padding on CPU moves log-probs by ~0.1).
 - `tiny_mistral_dir`: a 2-layer MistralForCausalLM with a SentencePiece tokenizer trained on the fly,
   saved to a temp directory (random weights: for shapes, tokenization and plumbing, not for behaviour).
+
+Markers (pyproject.toml): ``model`` (loads an LLM), ``vllm`` (a vLLM engine or server), ``ray`` (a Ray
+cluster), ``slow`` (end to end). A test that takes a model, server or cluster fixture gets its marker here
+(``pytest_collection_modifyitems``); a test that loads one itself carries it in its file. The pure tests
+are ``pytest -m "not model and not vllm and not ray and not slow"`` (README, "Developing"); CI runs all.
 """
 
 from __future__ import annotations
@@ -17,6 +22,21 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# fixture -> the markers of every test that uses it (directly or through another fixture)
+FIXTURE_MARKERS = {
+    "smollm2_dir": ("model",), "smollm2_nf4": ("model",), "smollm2_fp32": ("model",),
+    "tiny_mistral_dir": ("model",), "served_heads_dir": ("model",),
+    "vllm_server": ("model", "vllm"), "vllm_llm": ("model", "vllm"), "ray_cluster": ("ray",),
+    "tiny_testbed": ("model", "slow"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            for name in FIXTURE_MARKERS.get(fixture, ()):
+                item.add_marker(getattr(pytest.mark, name))
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +179,7 @@ def ray_cluster():
     every process it started, at the end of the session. A missing Ray fails the test."""
     import ray  # noqa: F401  (required: a missing ray fails, never skips)
 
-    from refine_llm import ray_backend
+    from refine_llm.scoring.backends import ray as ray_backend
 
     with ray_backend.local_cluster(num_cpus=2) as session:
         yield session

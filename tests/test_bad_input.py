@@ -156,12 +156,12 @@ MAIN_CASES = [
 
 @pytest.mark.parametrize("case", MAIN_CASES, ids=[c[0] for c in MAIN_CASES])
 def test_main_job_bad_input(case, bad, tmp_path, capsys, monkeypatch):
-    from refine_llm import pipeline
+    from refine_llm.stages import questions
 
     def tripwire(*a, **k):
         raise AssertionError("the job got past the input checks (the questions stage started)")
 
-    monkeypatch.setattr(pipeline, "stage_questions", tripwire)  # every case must fail before any stage runs
+    monkeypatch.setattr(questions, "run", tripwire)  # every case must fail before any stage runs
     name, argv_of, expect = case
     argv = argv_of(bad, tmp_path)
     out = tmp_path / "run"

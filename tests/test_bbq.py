@@ -28,7 +28,9 @@ def _item(info, groups, polarity="neg", condition="ambig", label=2, category="X"
          "category": category, "answer_info": {f"ans{i}": list(v) for i, v in enumerate(info)},
          "additional_metadata": {"stereotyped_groups": groups}, "context": "c", "question": "q?",
          "ans0": answers[0], "ans1": answers[1], "ans2": answers[2], "label": label, **extra}
-    return bbq._item(d, "test")
+    from refine_llm.bbq.data import parse_item
+
+    return parse_item(d, "test")
 
 
 UNK = ("Unknown", "unknown")
@@ -187,75 +189,78 @@ def slice_items():
 
 
 def test_cloze_lettered_heads_and_report_on_a_slice(tmp_path, slice_items, smollm2_fp32):
+    """The task's requests through the scoring driver, conditions through the methods protocol, and a head
+    trained on BBQ through HeadTrainer."""
     from refine_llm import head as H
-    from refine_llm.config import BanditConfig, HeadConfig
+    from refine_llm.bbq import task
+    from refine_llm.config import BanditConfig, HeadConfig, ScoringConfig
+    from refine_llm.methods import HeadMethod
 
     model, tok = smollm2_fp32
     items = slice_items
     assert len(items) == 4 and {(it.condition, it.polarity) for it in items} == {
         ("ambig", "neg"), ("ambig", "nonneg"), ("disambig", "neg"), ("disambig", "nonneg")}
-    sc = bbq.score_cloze(model, tok, items, top_k=10, batch_size=8)
-    assert sc.topk_ids.shape == (4, 10) and sc.cand_mask.shape == (4, 3, 10) and sc.opt_logprobs.shape == (4, 3)
-    P = sc.probs()
+    cfg = ScoringConfig(top_k=10, batch_size=8)
+    sc = task.score_cloze(model, tok, items, cfg, cache_dir=tmp_path / "scores", model_key="smollm2-fp32")
+    assert sc.topk_ids.shape == (4, 10) and sc.cand_mask.shape == (4, 3, 10) and sc.cand_logprobs.shape == (4, 3)
+    P = np.exp(sc.cand_logprobs.astype(np.float64))
     assert np.all(P > 0) and np.all(P.sum(1) <= 1 + 1e-6)
-    # the first-token rule: a non-exact row's answer probability is the mass of its candidate tokens
+    # scored once: read back from the cache without a model, row for row
+    again = task.score_cloze(None, None, items, cfg, cache_dir=tmp_path / "scores", model_key="smollm2-fp32",
+                             read_only=True)
+    np.testing.assert_array_equal(again.topk_logprobs, sc.topk_logprobs)
+    # the first-token rule: a row's answer probability is at least the mass of its candidate tokens in the top-k
     from refine_llm.scoring import candidate_token_ids
 
-    i = int(np.flatnonzero(~sc.exact)[0])
+    i = int(np.flatnonzero(~sc.collision)[0])
     ids = candidate_token_ids(tok, bbq.option_text(items[i].answers[0]))
     in_top = [j for j, t in enumerate(sc.topk_ids[i]) if t in ids]
     assert sc.cand_mask[i, 0].nonzero()[0].tolist() == in_top
     if in_top:
         assert P[i, 0] >= np.exp(sc.topk_logprobs[i, in_top]).sum() - 1e-5
-    # identity head = the model; uniform head flattens the top-k and moves the answer probabilities
-    ident = bbq.head_probs(H.build_head(HeadConfig(variant="identity", k=10)), sc)
+    # identity head = the model; uniform flattens the top-k and moves the answer probabilities
+    ident = task.answer_probs(HeadMethod(H.build_head(HeadConfig(variant="identity", k=10))), sc)
     np.testing.assert_allclose(ident, P, rtol=1e-4, atol=1e-7)
-    uni = bbq.head_probs(H.build_head(HeadConfig(variant="uniform", k=10)), sc)
-    assert not np.allclose(uni[~sc.exact], P[~sc.exact])
+    uni = task.answer_probs(task.conditions()["uniform"], sc)
+    assert not np.allclose(uni[~sc.collision], P[~sc.collision])
     # lettered: 3 rotations, each a probability over A/B/C mapped back to the answers
-    L = bbq.score_lettered(model, tok, items, batch_size=8)
+    L = task.score_lettered(model, tok, items, cfg)
     assert L.shape == (3, 4, 3) and np.all(L > 0) and np.all(L.sum(2) <= 1 + 1e-6)
     summ = bbq.lettered_summary(L, bbq.item_arrays(items))
     assert len(summ["per_rotation"]) == 3 and summ["acc_disambig_spread"] >= 0
-    # a head trained on BBQ raises its own training reward
-    A = bbq.item_arrays(items)
-    head = H.build_head(HeadConfig(variant="logit", k=10))
-    w0 = head.out.weight.detach().clone()
-    res = bbq.train_bbq_head(head, sc, A, BanditConfig(objective="direct", lr=5e-2, epochs=15))
-    assert res["last"]["reward"] > res["first"]["reward"]
-    assert not torch_equal(head.out.weight, w0)
+    # a head trained on BBQ raises its own training reward (its train templates: half of the slice's)
+    head, res = task.train_bbq_head(sc, items, 10, cfg=BanditConfig(objective="direct", lr=5e-2, epochs=15))
+    assert res["last"]["reward"] > res["first"]["reward"] and res["steps"] == 15
+    assert not torch_equal(head.out.weight, H.build_head(HeadConfig(variant="logit", k=10)).out.weight)
 
 
 def torch_equal(a, b) -> bool:
     import torch
 
-    return bool(torch.equal(a.detach(), b))
+    return bool(torch.equal(a.detach(), b.detach()))
 
 
-def test_run_bbq_writes_the_report_section_and_plot(tmp_path, slice_items, smollm2_fp32):
-    """The main job's hook: a saved (UnQover) head applied at the answer slot, a BBQ-trained head on
-    held-out templates, bbq.json, plots/bbq.png and a section appended to report.md."""
+def test_bbq_evaluate_writes_tables_a_trained_head_and_the_plot(tmp_path, slice_items, smollm2_fp32):
+    """A saved (UnQover) head applied at the answer slot next to the baselines, a BBQ-trained head on
+    held-out templates, bbq.json, bbq.md and plots/bbq.png."""
     from refine_llm import head as H
+    from refine_llm.bbq import run
     from refine_llm.config import HeadConfig
 
     model, tok = smollm2_fp32
-    d = tmp_path / "data"
-    d.mkdir()
-    (d / "Age.jsonl").write_text("\n".join(json.dumps(_raw(it)) for it in slice_items) + "\n")
     H.save_head(H.build_head(HeadConfig(variant="logit", k=10)), tmp_path / "h",
                 {"tokenizer_fingerprint": H.tokenizer_fingerprint(tok)})
-    (tmp_path / "report.md").write_text("# report\n")
-    res = bbq.run_bbq(tmp_path, model, tok, str(d), {"refine": str(tmp_path / "h")}, max_items=None,
-                      mode="cloze", n_resamples=20)
-    bbq.append_to_report(tmp_path, res)
+    heads = run.load_heads({"refine": str(tmp_path / "h")}, tok, 10)
+    res, head = run.evaluate_model(model, tok, slice_items, heads, "cloze", run.scoring_config(10, 8, False), True,
+                                   20, 0)
+    run.save_result(res, tmp_path, tmp_path / "bbq" / "bbq.json", tmp_path / "bbq.md")
     assert set(res["tables"]["cloze"]) == {"base", "uniform", "top2-equal", "refine"}
     assert set(res["tables"]["cloze_heldout"]) == {"base", "uniform", "top2-equal", "refine", "bbq-trained"}
     assert res["tables"]["cloze"]["refine"]["Age"]["s_amb"] == res["tables"]["cloze"]["base"]["Age"]["s_amb"]
-    md = (tmp_path / "report.md").read_text()
-    assert md.startswith("# report") and "## BBQ" in md and "| bbq-trained | Age |" in md
+    md = (tmp_path / "bbq.md").read_text()
+    assert "## BBQ" in md and "| bbq-trained | Age |" in md and head is not None
     assert (tmp_path / "plots" / "bbq.png").stat().st_size > 1000
     assert json.loads((tmp_path / "bbq" / "bbq.json").read_text())["n_items"] == 4
-    H.load_head(tmp_path / "heads" / "bbq" / "head")  # the BBQ-trained head is saved for reuse
 
 
 def _raw(it: bbq.BBQItem) -> dict:
@@ -309,7 +314,7 @@ def test_refine_llm_evaluate_bbq_with_a_saved_head(tmp_path, slice_items, smollm
     (["evaluate", "--bbq", "{tmp}/no-such-dir", "--head", "{tmp}/h"], "--bbq {tmp}/no-such-dir: no such file or directory"),
     (["evaluate", "--bbq", "{data}", "--head", "{tmp}/no-head"], "no head directory at {tmp}/no-head"),
     (["evaluate", "--head", "{tmp}/h"], "the following arguments are required: --bbq"),
-    (["evaluate", "--bbq", "{data}", "--head", "{tmp}/h", "--bbq-max-items", "-1"], "--bbq-max-items -1: must be >= 1"),
+    (["evaluate", "--bbq", "{data}", "--head", "{tmp}/h", "--bbq-max-items", "-1"], "--bbq-max-items must be >= 0"),
     (["bbq", "evaluate", "{tmp}/no-such-dir", "--head", "{tmp}/h"], "no such file or directory"),
     (["run", "--bbq", "{tmp}/no-such-dir", "--out", "{tmp}/run"], "--bbq {tmp}/no-such-dir: no such file or directory"),
 ])

@@ -97,6 +97,7 @@ def test_yaml_config_under_the_flags(tmp_path):
         parse_run_config(["--config", str(f)])
 
 
+@pytest.mark.slow
 def test_old_schema_is_refused_in_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
@@ -105,7 +106,9 @@ def test_old_schema_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(UserError, match="schema version 1"):
         parse_run_config(["--config", str(run / "config.json")])
     with pytest.raises(UserError, match=f"schema version 1, this refine_llm writes version {SCHEMA_VERSION}"):
-        pipeline.check_schema(run)
+        from refine_llm.stages.common import check_schema
+
+        check_schema(run)
     # from the command line: one line, exit 2, before any model loads, and nothing written
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "debias_llm.py"), "--out", str(run)],
                           capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""Tests for refine_llm.evaluation and refine_llm.baselines.notrain on a generated questions table and
+"""Tests for refine_llm.evaluation and refine_llm.methods.notrain on a generated questions table and
 made-up probabilities (no model): predictions reproduce the report's numbers, the plane verdicts."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from refine_llm import evaluation as E
-from refine_llm.baselines import notrain
+from refine_llm.methods import notrain
 from refine_llm.config import QuestionsConfig
 from refine_llm.questions import build_questions
 
@@ -26,6 +26,7 @@ def _probs(q, seed, k=6):
     return lp, p
 
 
+@pytest.mark.slow
 def test_predictions_reproduce_every_per_category_number(test_q, tmp_path):
     base_lp, p_base = _probs(test_q, 0)
     ev = E.Evaluator(test_q, base_lp, seed=3, n_resamples=200)
@@ -69,7 +70,9 @@ def test_baselines_and_plane_verdicts(test_q):
     np.testing.assert_allclose(eq.topk(2, -1).values.numpy(), top.mean(-1, keepdim=True).expand(-1, 2).numpy(), rtol=1e-5)
     np.testing.assert_allclose(eq.sum(-1).numpy(), 1.0, rtol=1e-5)
     assert torch.allclose(notrain.temperature_logprobs(lp, 1.0), torch.log_softmax(lp, -1), atol=1e-6)
-    head = notrain.RankBiasHead(lp.shape[1])
+    from refine_llm.methods.heads import RankBiasHead
+
+    head = RankBiasHead(lp.shape[1])
     assert torch.allclose(head(lp), torch.log_softmax(lp, -1), atol=1e-6)  # starts as the identity
     curve = [{"temperature": 1.0, "mu": 0.4, "mean_abs_c": 0.4, "gold_share": 0.8},
              {"temperature": 1e9, "mu": 0.0, "mean_abs_c": 0.0, "gold_share": 0.5}]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from refine_llm.config import HeadConfig
-from refine_llm.gate_head import GateHead, LogitSpace, equalise_groups, name_groups
-from refine_llm.head import build_head, load_head, save_head
+from refine_llm.methods.gate import LogitSpace, equalise_groups, name_groups
+from refine_llm.methods.heads import GateHead, build_head, load_head, save_head
 
 # vocabulary ids 1..6: "Marg"(1) and " Margaret"(2) -> Margaret (word 0); " John"(3) -> John (word 1);
 # "J"(4) -> John and James (words 1, 2); " she"(5) -> she (word 3); id 0, 7.. are not in the vocabulary
@@ -18,7 +18,8 @@ V, D, K = 64, 8, 4
 
 def _head(k: int = K) -> GateHead:
     head = build_head(HeadConfig(variant="gate", k=k), vocab_size=V, hidden_size=D,
-                      n_words=4, n_tokens=len(TOKENS))
+                      arch={"n_words": 4, "n_tokens": len(TOKENS)})
+    assert isinstance(head, GateHead)
     head.set_vocabulary(TOKENS, torch.tensor(MEMBERSHIP, dtype=torch.bool))
     return head
 

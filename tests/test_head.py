@@ -10,10 +10,9 @@ import torch
 
 from refine_llm.config import HeadConfig
 from refine_llm.errors import UserError
+from refine_llm.metrics import candidate_probs, candidate_probs_full
 from refine_llm.head import (
     build_head,
-    candidate_probs,
-    candidate_probs_full,
     flatness,
     load_head,
     save_head,
@@ -240,3 +239,22 @@ def test_slot_head_reads_the_category_vocabulary_and_saves_it(tmp_path):
     torch.testing.assert_close(loaded(topk_lp, topk_ids=topk_ids), after, atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="category token ids"):
         head.set_category_vocabulary([V])
+
+
+def test_head_registry_covers_every_cli_variant_and_the_saved_config_round_trips(tmp_path):
+    from typing import get_args
+
+    from refine_llm.config import HeadVariant
+    from refine_llm.methods import HEADS
+    from refine_llm.methods.hub import SavedHeadConfig, read_head_config
+
+    assert set(get_args(HeadVariant)) <= set(HEADS)  # every --head choice is a registered variant
+    assert all(HEADS[v].variant == v for v in HEADS)
+    save_head(build_head(HeadConfig(variant="rank-bias", k=4)), tmp_path / "h",
+              {"category": "gender", "gate_token_ids": [3, 1], "custom": {"a": 1}})
+    d = read_head_config(tmp_path / "h")
+    c = SavedHeadConfig.from_dict(d)
+    assert c.variant == "rank-bias" and c.k == 4 and c.gate_token_ids == [3, 1] and c.extra == {"custom": {"a": 1}}
+    assert c.to_dict() == d and SavedHeadConfig.from_dict(c.to_dict()) == c
+    head, cfg = load_head(tmp_path / "h")
+    assert cfg == d and head.variant == "rank-bias"

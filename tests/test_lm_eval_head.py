@@ -1,6 +1,6 @@
 """lm-evaluation-harness with a REFINE head: a local 4-question multiple-choice task run through
 RefineHFLM on the session SmolLM2 (fp32). An identity head changes nothing; a uniform head changes
-exactly the answer slot's top-k log-probs, as refine_llm.head.candidate_probs_full says."""
+exactly the answer slot's top-k log-probs, as refine_llm.metrics.candidate_probs_full says."""
 
 from __future__ import annotations
 

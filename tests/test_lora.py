@@ -117,7 +117,7 @@ def test_adapter_round_trip(trainable, direct_run, train_q, prompt, smollm2_dir,
     model.set_adapter("default")
     out = lora.save_adapter(model, tmp_path / "adapter", {"note": "test"})
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
-    ts = lora._prepare(train_q, prompt, tok)
+    ts = lora.prepare_train_set(train_q, prompt, tok)
     seqs = ts.ids[:4]
     with torch.no_grad():
         ref = forward.answer_logits(model, seqs, pad_id=ts.pad_id)[1]
@@ -162,14 +162,18 @@ def test_load_adapted_refuses_other_base(tmp_path, smollm2_dir, trainable):
 def test_candidate_probs_match_scoring_convention():
     import torch
 
-    from refine_llm import rewards, scoring
+    from refine_llm import metrics
+    from refine_llm.methods import Base, Scores
 
     rng = np.random.default_rng(0)
     lp = np.log(rng.dirichlet(np.ones(10), size=6)) - 0.7  # (6,10) full-vocab log-probs of a top-10
     mask = rng.random((6, 2, 10)) < 0.2
-    want, _, _ = scoring.candidate_probs({"topk_logprobs": lp, "cand_mask": mask, "cand_logprobs": np.zeros((6, 2))})
-    got = rewards.candidate_probs(torch.log_softmax(torch.tensor(lp), -1), torch.tensor(mask)).numpy()
-    np.testing.assert_allclose(got, want, atol=1e-10)
+    base = Scores(lp.astype(np.float32), np.zeros((6, 10), np.int64), mask, np.zeros((6, 2), np.float32),
+                  np.zeros(6, bool), np.zeros(6, bool))
+    want = Base().apply(base).p_topk  # the scoring convention: the base's top-k renormalised
+    got = metrics.candidate_probs(torch.log_softmax(torch.tensor(lp, dtype=torch.float32), -1),
+                                  torch.tensor(mask)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ CDA
@@ -182,13 +186,13 @@ def test_candidate_probs_match_scoring_convention():
     ("Johnny met Mary.", "John", "Mary", "Johnny met John."),
 ])
 def test_swap_subjects(text, a, b, want):
-    from refine_llm.baselines.lora import swap_subjects
+    from refine_llm.baselines.cda import swap_subjects
 
     assert swap_subjects(text, a, b) == want
 
 
 def test_cda_dataset_swaps_and_balances(train_q, prompt):
-    from refine_llm.baselines.lora import build_cda_dataset
+    from refine_llm.baselines.cda import build_cda_dataset
 
     ds = build_cda_dataset(train_q, prompt, None, dedupe=False)
     spec_rows = [r for r in train_q if r["specified"]]

@@ -84,10 +84,12 @@ def _assert_one_line_error(proc, needle):
     assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_cli_unknown_alias(tmp_path):
     _assert_one_line_error(_cli("--model", "lama-2-7b", "--out", str(tmp_path)), "Did you mean llama-2-7b")
 
 
+@pytest.mark.slow
 def test_cli_hub_without_network(tmp_path):
     import os
 
@@ -96,10 +98,12 @@ def test_cli_hub_without_network(tmp_path):
                            "cannot reach the model hub")
 
 
+@pytest.mark.slow
 def test_cli_path_without_model(tmp_path):
     _assert_one_line_error(_cli("--model", str(tmp_path), "--out", str(tmp_path / "o")), "holds no model")
 
 
+@pytest.mark.slow
 def test_cli_out_not_writable(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

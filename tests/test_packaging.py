@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import zipfile
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "refine_llm", "prompts")
 
 
+@pytest.mark.slow
 def test_wheel_ships_prompts_wordlists_and_console_script(tmp_path):
     src = tmp_path / "src"  # build from a copy: a build in the checkout would leave build/ behind
     src.mkdir()

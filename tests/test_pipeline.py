@@ -159,6 +159,11 @@ def test_stages_run_one_at_a_time(tmp_path, smollm2_dir, smollm2_nf4):
     assert pipeline.run(cfg, loaded=smollm2_nf4, until="train") == 0
     assert (out / "heads" / "logit" / "model.safetensors").is_file() and not (out / "report.json").exists()
     head_bytes = (out / "heads" / "logit" / "model.safetensors").read_bytes()
-    assert pipeline.run(cfg, loaded=smollm2_nf4, until="evaluate") == 0
-    assert (out / "report.json").is_file()
+    assert pipeline.run(cfg, loaded=smollm2_nf4, until="evaluate", first="evaluate") == 0
+    assert (out / "evaluation.json").is_file() and (out / "predictions.parquet").is_file()
+    assert not (out / "report.json").exists()  # evaluate renders nothing
+    assert pipeline.run(cfg, until="report", first="report") == 0  # from the files alone: no model
+    assert (out / "report.json").is_file() and (out / "report.md").is_file()
+    rendered, evaluated = (json.loads((out / f).read_text())["metrics"] for f in ("report.json", "evaluation.json"))
+    assert {c: r["mu"] for c, r in rendered.items()} == {c: r["mu"] for c, r in evaluated.items()}
     assert (out / "heads" / "logit" / "model.safetensors").read_bytes() == head_bytes  # reused, not retrained

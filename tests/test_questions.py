@@ -319,6 +319,7 @@ def test_cli_bad_flags_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, phra
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_module_entry_point_without_torch(tmp_path):
     """`python -m refine_llm.questions`: exit 2 and one stderr line on bad input; torch never imported."""
     bad = tmp_path / "lists"

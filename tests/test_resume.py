@@ -78,12 +78,14 @@ def test_kill9_during_scoring_and_head_training_resumes_bit_identical(uninterrup
     assert len(_shards(out)) == 6
     # 2. the same command resumes scoring from those ranges, then is killed after the first head checkpoint
     _run(cmd, out, kill_at="head:1")
-    # the question set's 12 ranges and the anchor prompts' ranges (batches of 8); the report's unrelated
-    # prompts are scored after training
+    # the score stage scored everything up front: the question set's 12 ranges, the anchor prompts' and the
+    # report's unrelated prompts' ranges (batches of 8)
     n_anchor = len(evaluation.unrelated_questions(part="anchor")["question_id"])
-    assert len(_shards(out)) == 12 + math.ceil(n_anchor / 8)
+    n_unrelated = len(evaluation.unrelated_questions(part="test")["question_id"])
+    assert len(_shards(out)) == 12 + math.ceil(n_anchor / 8) + math.ceil(n_unrelated / 8)
     ckpts = list((out / "heads" / "logit" / "checkpoints").rglob("last.safetensors"))
-    assert len(ckpts) == 1 and not list((out / "heads").rglob("model.safetensors"))
+    saved = [p.parent.name for p in (out / "heads").rglob("model.safetensors")]
+    assert len(ckpts) == 1 and saved == ["rank-bias"]  # rank-bias (no checkpoints) is saved before the heads
     from safetensors import safe_open
 
     with safe_open(str(ckpts[0]), framework="pt") as f:
@@ -96,7 +98,7 @@ def test_kill9_during_scoring_and_head_training_resumes_bit_identical(uninterrup
 
     assert _metrics(out) == _metrics(ref)
     heads, ref_heads = _files(out, "heads/*/model.safetensors"), _files(ref, "heads/*/model.safetensors")
-    assert len(ref_heads) == 4 and heads.keys() == ref_heads.keys()  # logit, paper, contextual, slot
+    assert len(ref_heads) == 5 and heads.keys() == ref_heads.keys()  # rank-bias, logit, paper, contextual, slot
     assert all(heads[k] == ref_heads[k] for k in heads), [k for k in heads if heads[k] != ref_heads[k]]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refine_llm import rewards
+from refine_llm import metrics, rewards
 from refine_llm.config import BanditConfig, LoraConfig
 
 K = 5
@@ -74,7 +74,7 @@ def test_expected_reward_is_minus_c_squared_and_unbiased():
     n = 2
     theta, mask, _, _ = _policy(n, 0, seed=1)
     logp = torch.log_softmax(theta, -1)
-    p = rewards.candidate_probs(logp, mask)
+    p = metrics.candidate_probs(logp, mask)
     c_exact = rewards.tuple_c(p)
     torch.testing.assert_close(rewards.expected_tuple_reward(p), -c_exact**2)
     g = torch.Generator().manual_seed(0)
@@ -136,15 +136,15 @@ def test_head_and_lora_compute_the_same_loss_on_the_same_policy(tiny_lm, objecti
     qs = build_questions(QuestionsConfig(category="gender", max_tuples=2, seed=0))
     qs = qs.select([i for i, s in enumerate(qs["split"]) if s == "train"])
     prompt = load_prompt("qa")
-    ts = lora._prepare(qs, prompt, tok)
+    ts = lora.prepare_train_set(qs, prompt, tok)
     tuples = torch.arange(len(ts.tuple_rows)).numpy()
     lcfg = LoraConfig(objective=objective, top_k=K, samples=4, answer_mass_weight=0.3, utility_weight=utility,
                       kl_weight=0.0, seed=0)
     with torch.no_grad():
-        l_loss, l_logs = lora._step_loss(model, ts, tuples, lcfg, torch.Generator().manual_seed(5))
+        l_loss, l_logs = lora.step_loss(model, ts, tuples, lcfg, torch.Generator().manual_seed(5))
         flat = ts.tuple_rows[tuples].reshape(-1).tolist()
         spec = [m for t in tuples for m in ts.spec_of_tuple[t]] if utility else []
-        _, lpk, mask = lora._policy(model, ts, flat + spec, K)
+        _, lpk, mask = lora.policy(model, ts, flat + spec, K)
     n4 = len(flat)
     data = bandit.BanditData(topk_logprobs=lpk, topk_ids=torch.zeros_like(lpk, dtype=torch.long), cand_mask=mask,
                              tuple_rows=torch.arange(n4).reshape(-1, 2, 2),

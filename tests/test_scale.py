@@ -20,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refine_llm import metrics, prompts, scale, scoring
+from refine_llm import metrics, prompts, scoring
+from refine_llm.errors import UserError
+from refine_llm.methods import Base, Scores
+from refine_llm.scoring import cache, driver, jobs, plan
 from refine_llm.config import QuestionsConfig, ScoringConfig
 
 B = 6
@@ -62,26 +65,27 @@ def _key(smollm2_fp32) -> str:
 
 
 def _cache(run: Path, key: str, prompt) -> Path:
-    return scoring._cache_path(run / "scores", key, prompt, CFG)
+    return cache.cache_path(run / "scores", key, prompt, CFG)
 
 
-def _table(cache: Path):
+def _table(path: Path):
     import pyarrow as pa
 
-    files = scale.cache_files(cache)
-    return pa.concat_tables([scale.read_cache_file(f) for f in files]).sort_by("question_id")
+    return cache.read_table(path, False).sort_by("question_id")
 
 
 def _hf(smollm2_fp32, short_prompt):
     model, tok = smollm2_fp32
-    return scale.LocalScorer(model, tok, short_prompt, CFG)
+    from refine_llm.scoring.backends.hf import HFBackend
+
+    return driver.LocalPool(HFBackend(model, tok, short_prompt, CFG))
 
 
 def _ray(smollm2_fp32, short_prompt, actors: int = 2):
-    from refine_llm import ray_backend
+    from refine_llm.scoring.backends import ray as ray_backend
 
     src = smollm2_fp32[0].refine_llm_source
-    return ray_backend.RayScorer(src.name, "fp32", short_prompt, CFG, device="cpu", num_actors=actors)
+    return ray_backend.RayPool(src.name, "fp32", short_prompt, CFG, device="cpu", num_actors=actors)
 
 
 @pytest.fixture(scope="module")
@@ -89,29 +93,29 @@ def hf_cache(smollm2_fp32, short_prompt, qset, tmp_path_factory):
     """One unsharded single-process run (the reference)."""
     run = tmp_path_factory.mktemp("hf")
     path = _cache(run, _key(smollm2_fp32), short_prompt)
-    st = scale.score_to_cache(qset, CFG, path, _hf(smollm2_fp32, short_prompt), progress=False)
+    st = driver.fill_cache(qset, CFG, path, _hf(smollm2_fp32, short_prompt), progress=False)
     assert st["written_rows"] == qset.num_rows - 1  # the repeated id is scored once
     return path
 
 
 def test_fixed_batches_and_shards():
     assert scoring.batch_ranges(13, 5) == [(0, 5), (5, 10), (10, 13)]
-    assert [scale.Shard(i, 3).batches(8) for i in range(3)] == [(0, 2), (2, 5), (5, 8)]
+    assert [plan.Shard(i, 3).batches(8) for i in range(3)] == [(0, 2), (2, 5), (5, 8)]
     import pyarrow as pa
 
     ids = pa.array(["a", "b", "c", "a", "d", "e", "b"])
-    plan = scale.plan_batches(ids, pa.array(["a", "b", "c"]), 3, scale.Shard(0, 1))
+    todo = plan.plan_batches(ids, pa.array(["a", "b", "c"]), 3, plan.Shard(0, 1))
     # batch 0 (a b c) is cached; batch 1 (a d e) is pending and scores d, e only (a's first row is in batch 0);
     # batch 2 (b) holds no first occurrence
-    assert plan.rows.tolist() == [4, 5] and plan.todo == 2
+    assert todo.rows.tolist() == [4, 5] and todo.todo == 2
     for bad in ("2/2", "x", "1/0", "-1/3"):
-        with pytest.raises(scale.UserError, match="--shard"):
-            scale.Shard.parse(bad)
+        with pytest.raises(UserError, match="--shard"):
+            plan.Shard.parse(bad)
 
 
 def test_ray_backend_equals_hf_bit_for_bit(ray_cluster, smollm2_fp32, short_prompt, qset, hf_cache, tmp_path):
     path = _cache(tmp_path, _key(smollm2_fp32), short_prompt)
-    st = scale.score_to_cache(qset, CFG, path, _ray(smollm2_fp32, short_prompt), progress=False)
+    st = driver.fill_cache(qset, CFG, path, _ray(smollm2_fp32, short_prompt), progress=False)
     assert st["written_rows"] == qset.num_rows - 1
     got, ref = _table(path), _table(hf_cache)
     assert got.equals(ref)
@@ -142,7 +146,7 @@ def test_killed_actor_mid_run_gives_identical_cache(ray_cluster, smollm2_fp32, s
 
     def job():
         try:
-            result["stats"] = scale.score_to_cache(qset, CFG, path, _ray(smollm2_fp32, short_prompt),
+            result["stats"] = driver.fill_cache(qset, CFG, path, _ray(smollm2_fp32, short_prompt),
                                                    flush_rows=1, progress=False)
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             result["error"] = e
@@ -150,11 +154,11 @@ def test_killed_actor_mid_run_gives_identical_cache(ray_cluster, smollm2_fp32, s
     th = threading.Thread(target=job)
     th.start()
     deadline = time.time() + 150
-    while time.time() < deadline and not (path.exists() and scale.cache_files(path)):
+    while time.time() < deadline and not (path.exists() and cache.cache_files(path)):
         time.sleep(0.05)
     pids = _actor_pids()
     assert pids and th.is_alive(), "the job ended (or never started an actor) before an actor could be killed"
-    written = len(scale.cache_files(path))
+    written = len(cache.cache_files(path))
     os.kill(pids[0], signal.SIGKILL)
     th.join(timeout=200)
     assert not th.is_alive() and "error" not in result, result.get("error")
@@ -169,17 +173,17 @@ def test_shard_then_merge_equals_unsharded_run(smollm2_fp32, short_prompt, qset,
     for i in range(3):
         run = tmp_path / f"s{i}"
         path = _cache(run, key, short_prompt)
-        shard = scale.Shard(i, 3)
-        st = scale.score_to_cache(qset, CFG, path, _hf(smollm2_fp32, short_prompt), shard=shard, progress=False)
-        scale.write_manifest(run, path, qset, st, shard, CFG, {"name": "smollm2-135m", "quant": "fp32"}, short_prompt)
+        shard = plan.Shard(i, 3)
+        st = driver.fill_cache(qset, CFG, path, _hf(smollm2_fp32, short_prompt), shard=shard, progress=False)
+        cache.write_manifest(run, path, qset, st, shard, CFG, {"name": "smollm2-135m", "quant": "fp32"}, short_prompt)
         runs.append(str(run))
     out = tmp_path / "merged"
-    assert scale.merge_main(runs + ["--out", str(out)]) == 0
+    assert jobs.merge_main(runs + ["--out", str(out)]) == 0
     assert "gap" not in capsys.readouterr().out
     assert _table(_cache(out, key, short_prompt)).equals(_table(hf_cache))
 
     # gaps and duplicates are reported
-    assert scale.merge_main([runs[0], runs[2], runs[0], "--out", str(tmp_path / "m2")]) == 0
+    assert jobs.merge_main([runs[0], runs[2], runs[0], "--out", str(tmp_path / "m2")]) == 0
     txt = capsys.readouterr().out
     assert "missing shards 1/3" in txt and "shard given twice" in txt
     assert f"{_table(_cache(Path(runs[0]), key, short_prompt)).num_rows} duplicate" in txt
@@ -190,15 +194,13 @@ def test_shard_then_merge_equals_unsharded_run(smollm2_fp32, short_prompt, qset,
     dst = other / "scores" / key.replace("-fp32", "-nf4") / src.name
     dst.parent.mkdir(parents=True)
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
-    assert scale.merge_main([runs[0], str(other), "--out", str(tmp_path / "m3")]) == 2
+    assert jobs.merge_main([runs[0], str(other), "--out", str(tmp_path / "m3")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "quantization" in err and "nf4" in err
 
 
 def test_batched_metrics_equal_evaluate(qset, hf_cache):
-    """stream_metrics on the cache == metrics.evaluate on the same scores (every key it reports)."""
-    from refine_llm import stream_metrics
-
+    """metrics.stream on the cache == metrics.evaluate on the same scores (every key it reports)."""
     q = qset.slice(0, qset.num_rows - 1)  # metrics.evaluate rejects a duplicated underspecified row
     table = _table(hf_cache)
     pos = {x: i for i, x in enumerate(table.column("question_id").to_pylist())}
@@ -207,9 +209,11 @@ def test_batched_metrics_equal_evaluate(qset, hf_cache):
     from datasets.table import InMemoryTable
 
     sc = Dataset(InMemoryTable(table.take(pa.array([pos[x] for x in q.column("question_id").to_pylist()]))))
-    pt, pf, cit = scoring.candidate_probs(sc)
+    base = Scores.from_table(sc)
+    out = Base().apply(base)
+    pt, pf, cit = out.p_topk, out.p_full, base.cand_in_topk
     ref = metrics.evaluate(q.to_pydict(), pt, pf, cit, n_resamples=10)
-    got = stream_metrics.evaluate_cache(q, hf_cache)
+    got = jobs.cache_metrics(q, hf_cache)
     for k in ("mu", "eta", "positional_error", "attributive_error", "specified_accuracy", "answer_mass",
               "topk_miss_rate", "n_tuples", "n_specified"):
         assert got[k] == pytest.approx(ref[k], abs=1e-12), k
@@ -219,7 +223,7 @@ def test_batched_metrics_equal_evaluate(qset, hf_cache):
 
 def test_next_run_cleans_up_after_a_killed_driver(tmp_path):
     """A session directory whose driver is gone: its leftover processes are killed and it is removed."""
-    from refine_llm import ray_backend
+    from refine_llm.scoring.backends import ray as ray_backend
 
     root = tmp_path / "rlray"
     session = root / "12345"

@@ -1,5 +1,5 @@
 """Scoring: candidate mapping on both tokenizer families, prefix cache == no cache, exact mode, the
-on-disk cache, non-finite detection and candidate_probs. Small batches of short prompts (2 CPU cores).
+on-disk cache, non-finite detection and the base model's candidate probabilities. Small batches of short prompts (2 CPU cores).
 
 fp32 throughout where values are compared: the measured prefix-cached vs uncached difference is
 ~1e-5 (SmolLM2, fp32), so the tolerance is 1e-4.
@@ -112,6 +112,7 @@ def test_collisions_are_reported_and_scored_exactly(smollm2_fp32, short_prompt):
 
 
 @pytest.mark.parametrize("which", ["smollm2", "tiny_mistral"])
+@pytest.mark.model
 def test_prefix_cache_equals_uncached(which, request, short_prompt):
     model, tok = request.getfixturevalue("smollm2_fp32" if which == "smollm2" else "tiny_mistral")
     kw = dict(top_k=8, batch_size=3, store_hidden=True)
@@ -189,7 +190,7 @@ def test_cache_hit_runs_no_model_and_resumes(tiny_mistral, short_prompt, tmp_pat
     np.testing.assert_array_equal(again["topk_logprobs"][::-1], both["topk_logprobs"])
     np.testing.assert_array_equal(both["topk_logprobs"][:2], first["topk_logprobs"])
     # another k is another cache entry
-    other = scoring._cache_path(tmp_path, "tiny", short_prompt, ScoringConfig(top_k=7))
+    other = scoring.cache_path(tmp_path, "tiny", short_prompt, ScoringConfig(top_k=7))
     assert not other.exists() and len(list(tmp_path.rglob("shard-*.arrow"))) == 2
 
 
@@ -216,7 +217,11 @@ def test_candidate_probs_consistency(smollm2_fp32, short_prompt):
     model, tok = smollm2_fp32
     cfg = ScoringConfig(top_k=10, batch_size=4, pronouns=True)
     ds = scoring.score(model, tok, QUESTIONS, short_prompt, cfg, progress=False)
-    p_topk, p_full, in_topk = scoring.candidate_probs(ds)
+    from refine_llm.methods import Base, Scores
+
+    base = Scores.from_table(ds)
+    out = Base().apply(base)
+    p_topk, p_full, in_topk = out.p_topk, out.p_full, base.cand_in_topk
     assert p_topk.shape == p_full.shape == (4, 2) and in_topk.shape == (4,)
     assert (p_topk.sum(1) <= 1 + 1e-6).all() and (p_full.sum(1) <= 1 + 1e-6).all() and (p_full >= 0).all()
     assert in_topk.all() and (p_topk.sum(1) > 0.1).all()  # the names are the likely answers

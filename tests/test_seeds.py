@@ -42,13 +42,15 @@ def _head_tensors(path: Path) -> dict[str, np.ndarray]:
 
 def test_seeds_score_once_train_per_seed(tmp_path, tiny_mistral_dir, tiny_fp32, monkeypatch):
     scored: list[tuple[str, str]] = []  # (model, question id) that reached a model (cache misses)
-    real = scoring._score_hf
+    from refine_llm.scoring.backends import hf as hf_backend
 
-    def spy(model, tokenizer, plan, idx, *a, **k):
-        scored.extend((model.refine_llm_quant, plan.qids[r]) for r in idx)
-        return real(model, tokenizer, plan, idx, *a, **k)
+    real = hf_backend.score_plan
 
-    monkeypatch.setattr(scoring, "_score_hf", spy)
+    def spy(model, plan, *a, **k):
+        scored.extend((model.refine_llm_quant, q) for q in plan.qids)
+        return real(model, plan, *a, **k)
+
+    monkeypatch.setattr(hf_backend, "score_plan", spy)
     callers: list[str] = []  # the module of each caller of the shared reward's loss
     real_loss = rewards.policy_loss
 

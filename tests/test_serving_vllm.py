@@ -38,6 +38,8 @@ from refine_llm.serving.vllm import (  # noqa: E402
 from conftest import SERVED_MODEL, log_tail  # noqa: E402
 from test_serving_hf import K, PROMPTS  # noqa: E402
 
+pytestmark = pytest.mark.vllm  # every test here imports vLLM's processor interfaces
+
 V, KT = 32, 4  # toy vocabulary and top-k
 GATE = [0, 1, 2]  # toy category vocabulary
 

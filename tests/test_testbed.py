@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from refine_llm import models, testbed
+from refine_llm import config, models, testbed
 from refine_llm.errors import UserError
 
 TINY_EVAL = testbed.EvalSpec(names=3, attributes=1, spec_tuples=24, null_resamples=200)
@@ -30,8 +30,8 @@ def tiny_testbed(tmp_path_factory):
 def test_tiny_build_is_a_saved_model_with_its_recipe(tiny_testbed):
     path, _ = tiny_testbed
     assert (path / "model.safetensors").is_file() and not list(path.glob("*.bin"))
-    info = json.loads((path / testbed.INFO_NAME).read_text())
-    assert info["recipe"]["steps"] == testbed.TestbedRecipe.tiny().steps and info["version"] == testbed.TESTBED_VERSION
+    info = json.loads((path / models.TESTBED_INFO).read_text())
+    assert info["recipe"]["steps"] == testbed.TestbedRecipe.tiny().steps and info["version"] == config.TESTBED_VERSION
     assert info["key"] == testbed.TestbedRecipe.tiny().key() != testbed.TestbedRecipe().key()
     assert info["train_seconds"] > 0 and info["planted_c_reference_scale"] == pytest.approx(0.6)
 
@@ -56,7 +56,7 @@ def test_testbed_alias_names_the_build_command(tmp_path, monkeypatch):
     recipe = testbed.TestbedRecipe()
     fake = testbed.testbed_dir(recipe)
     fake.mkdir(parents=True)
-    for f in ("config.json", "model.safetensors", testbed.INFO_NAME):
+    for f in ("config.json", "model.safetensors", models.TESTBED_INFO):
         (fake / f).write_text("{}")
     src = models.resolve("testbed")
     assert src.kind == "dir" and src.location == str(fake.resolve())

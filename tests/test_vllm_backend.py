@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from refine_llm import vllm_backend as vb
+from refine_llm.scoring.backends import vllm as vb
 
 LP_TOL = 1e-3  # abs tolerance on log-probs (measured max 4.3e-05, see module docstring)
 K = 5

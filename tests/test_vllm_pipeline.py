@@ -2,7 +2,7 @@
 and a quantization vLLM would not run (nf4, int8) is refused in one line instead of being reported.
 
 The vLLM run is a subprocess of the main job (its engine, with the CPU KV-cache bound of
-`vllm_backend.make_llm`, ends with it); the HF run reuses the session's fp32 SmolLM2.
+`scoring.backends.vllm.make_llm`, ends with it); the HF run reuses the session's fp32 SmolLM2.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def _numbers(d, prefix="") -> dict[str, object]:
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
+@pytest.mark.slow
 def test_vllm_refuses_quantizations_it_would_not_run(quant, tmp_path):
     proc = _script("--backend", "vllm", "--quant", quant, "--out", str(tmp_path / "run"), timeout=300)
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]

@@ -20,10 +20,8 @@ every prompt, not only the 4 answers, so unlike the head it needs the KL anchor 
 answers where they were. The forward is ``refine_llm.forward.answer_logits`` (the shared few-shot prefix
 runs once per step, its KV expanded to the batch; the same function scoring uses).
 
-lora-cda (``train_lora_cda``): counterfactual data augmentation and plain SFT with trl's SFTTrainer and a
-peft LoraConfig. ``build_cda_dataset`` pairs each example with its subject-swapped twin (both subjects
-exchanged in context, question and answer): specified questions answer with their gold; underspecified
-questions answer with each subject in turn, so the target set is balanced by identity and by position.
+lora-cda (refine_llm.baselines.cda): counterfactual data augmentation and plain SFT with trl, on the same
+adapters, artifacts and base-model loading as here.
 
 Artifacts: the adapter directory is peft's format (``adapter_config.json`` + ``adapter_model.safetensors``,
 ``save_pretrained``) plus ``refine_llm_lora.json`` (method, objective, configs, base model fingerprint,
@@ -47,9 +45,7 @@ import itertools
 import json
 import logging
 import os
-import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +54,8 @@ from typing import Any
 import numpy as np
 
 from refine_llm import forward, metrics, models, rewards, scoring
+from refine_llm.metrics.unqover import column
+from refine_llm.training import load_optimizer, optimizer_tensors, step_seed
 from refine_llm.config import LoraConfig
 from refine_llm.errors import UserError
 from refine_llm.io import atomic_dir, atomic_write_bytes, kill_point
@@ -69,15 +67,25 @@ __all__ = [
     "add_lora",
     "train_reward",
     "train_lora_reward",
-    "swap_subjects",
-    "build_cda_dataset",
-    "train_lora_cda",
     "save_adapter",
     "load_adapted",
     "adapter_fingerprint",
     "model_key",
     "candidate_probs_of",
     "mean_abs_bias",
+    "load_base",
+    "device_of",
+    "cpu_fp32_compute",
+    "TrainSet",
+    "prepare_train_set",
+    "PeakMemory",
+    "policy",
+    "step_loss",
+    "schedule",
+    "trainable_params",
+    "adapter_info",
+    "train_data_fingerprint",
+    "reusable",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,7 +121,7 @@ class LoraResult:
 # memory
 
 
-class _PeakMemory:
+class PeakMemory:
     """CUDA: max allocated since start(); CPU: the largest RSS seen at ``sample()`` calls."""
 
     def __init__(self, device) -> None:
@@ -149,7 +157,7 @@ def peft_lora_config(cfg: LoraConfig):
                           target_modules=cfg.target_modules, task_type="CAUSAL_LM")
 
 
-def _device(model):
+def device_of(model):
     return next(model.parameters()).device
 
 
@@ -170,7 +178,7 @@ def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool | None = None)
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        _cpu_fp32_compute(model)
+        cpu_fp32_compute(model)
     elif gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -178,7 +186,7 @@ def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool | None = None)
     return get_peft_model(model, peft_lora_config(cfg))
 
 
-def _cpu_fp32_compute(model) -> None:
+def cpu_fp32_compute(model) -> None:
     """On CPU, run the 4-bit layers' matmuls in fp32 instead of bf16 (weights stay NF4).
 
     CPUs without AVX512-BF16 emulate bf16 matmuls: one SmolLM2 forward took 4.5 s with bf16 compute and
@@ -186,18 +194,18 @@ def _cpu_fp32_compute(model) -> None:
     bf16 compute (``load_adapted``), a difference at bf16 rounding level. CUDA keeps bf16."""
     import torch
 
-    if _device(model).type != "cpu":
+    if device_of(model).type != "cpu":
         return
     for m in model.modules():
         if hasattr(m, "compute_dtype") and type(m).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"):
             m.compute_dtype = torch.float32
 
 
-def _trainable(model) -> int:
+def trainable_params(model) -> int:
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-def _load_base(model_dir_or_name, quant: str, tokenizer, device):
+def load_base(model_dir_or_name, quant: str, tokenizer, device):
     if not isinstance(model_dir_or_name, (str, os.PathLike)):
         raise UserError(f"pass a model name or directory, got {type(model_dir_or_name).__name__}; to train an already "
                         "loaded model use lora.add_lora + lora.train_reward")
@@ -210,7 +218,7 @@ def _load_base(model_dir_or_name, quant: str, tokenizer, device):
 
 
 @dataclass
-class _TrainSet:
+class TrainSet:
     """Questions as the trainer needs them. ids: prompt token ids per row; cand: [subj1 ids, subj2 ids]
     per row (scoring.candidate_token_ids); tuple_rows (N,2,2) rows [order, polarity]; spec_of_tuple:
     specified rows per tuple; gold_pos: row -> 0/1 (metrics.gold_positions)."""
@@ -225,16 +233,12 @@ class _TrainSet:
     ref_kv: Any = None  # the frozen model's prefix KV (adapters off), computed once per training run
 
 
-def _col(questions, name: str) -> list:
-    return list(questions[name])
-
-
-def _prepare(questions, prompt, tokenizer, pronouns: bool = False) -> _TrainSet:
+def prepare_train_set(questions, prompt, tokenizer, pronouns: bool = False) -> TrainSet:
     rows, meta = metrics.tuple_index(questions)
-    ctx, q = _col(questions, "context"), _col(questions, "question")
-    s1, s2 = _col(questions, "subj1"), _col(questions, "subj2")
-    g1, g2 = _col(questions, "subj1_group"), _col(questions, "subj2_group")
-    cat, spec, tid = (_col(questions, c) for c in ("category", "specified", "tuple_id"))
+    ctx, q = column(questions, "context"), column(questions, "question")
+    s1, s2 = column(questions, "subj1"), column(questions, "subj2")
+    g1, g2 = column(questions, "subj1_group"), column(questions, "subj2_group")
+    cat, spec, tid = (column(questions, c) for c in ("category", "specified", "tuple_id"))
     texts = [prompt.render(c, qq, tokenizer) for c, qq in zip(ctx, q)]
     ids = tokenizer(texts, add_special_tokens=prompt.add_special_tokens)["input_ids"]
     memo: dict[tuple[str, str | None], list[int]] = {}
@@ -255,10 +259,10 @@ def _prepare(questions, prompt, tokenizer, pronouns: bool = False) -> _TrainSet:
         spec_of_tuple[t_index[tid[m]]].append(m)
     gold_pos = dict(zip(spec_rows, metrics.gold_positions(questions, spec_rows).tolist()))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return _TrainSet(ids, cand, rows, spec_of_tuple, gold_pos, pad, forward.common_prefix_len(ids))
+    return TrainSet(ids, cand, rows, spec_of_tuple, gold_pos, pad, forward.common_prefix_len(ids))
 
 
-def _logits(model, ts: _TrainSet, rows: list[int], kv=None):
+def _logits(model, ts: TrainSet, rows: list[int], kv=None):
     """(R, V) float32 answer-position logits of rows (``forward.answer_logits``, the few-shot prefix once);
     gradients flow when grad is enabled. ``kv``: a prefix KV computed earlier (the frozen reference's)."""
     import torch
@@ -269,7 +273,7 @@ def _logits(model, ts: _TrainSet, rows: list[int], kv=None):
     return logits
 
 
-def _policy(model, ts: _TrainSet, rows: list[int], k: int, kv=None):
+def policy(model, ts: TrainSet, rows: list[int], k: int, kv=None):
     """Rows -> (full log-softmax (R,V), top-k renormalised log-probs (R,k), cand mask (R,2,k) bool).
     Gradients flow through the top-k values; the top-k ids and the mask are constants."""
     import torch
@@ -287,15 +291,15 @@ def candidate_probs_of(model, tokenizer, questions, prompt, top_k: int = 10, pro
     (no grad, eval mode). For monitoring and tests; the evaluation path is ``scoring.score``."""
     import torch
 
-    ts = _prepare(questions, prompt, tokenizer, pronouns)
+    ts = prepare_train_set(questions, prompt, tokenizer, pronouns)
     was = model.training
     model.eval()
     out = []
     with torch.no_grad():
         kv = forward.prefix_kv(model, ts.ids[0][: ts.prefix_len]) if forward.prefix_usable(model, ts.prefix_len) else None
         for s in range(0, len(ts.ids), batch_size):
-            _, lpk, mask = _policy(model, ts, list(range(s, min(s + batch_size, len(ts.ids)))), top_k, kv)
-            out.append(rewards.candidate_probs(lpk, mask).cpu().numpy())
+            _, lpk, mask = policy(model, ts, list(range(s, min(s + batch_size, len(ts.ids)))), top_k, kv)
+            out.append(metrics.candidate_probs(lpk, mask).cpu().numpy())
     model.train(was)
     return np.concatenate(out) if out else np.zeros((0, 2))
 
@@ -311,13 +315,13 @@ def mean_abs_bias(model, tokenizer, questions, prompt, top_k: int = 10, pronouns
 # lora-reward
 
 
-def _step_loss(model, ts: _TrainSet, tuples: np.ndarray, cfg: LoraConfig, g) -> tuple[Any, dict]:
+def step_loss(model, ts: TrainSet, tuples: np.ndarray, cfg: LoraConfig, g) -> tuple[Any, dict]:
     """One step's loss on tuples (n,) and its logs: ``rewards.policy_loss`` on the adapted model's top-k."""
     import torch
 
     flat = ts.tuple_rows[tuples].reshape(-1).tolist()  # (4n,) in (tuple, order, polarity) order
     spec = [m for t in tuples for m in ts.spec_of_tuple[t]] if cfg.utility_weight > 0 else []
-    logp, lpk, mask = _policy(model, ts, flat + spec, int(cfg.top_k))
+    logp, lpk, mask = policy(model, ts, flat + spec, int(cfg.top_k))
     dev, n4 = lpk.device, len(flat)
     extra = {}
     if spec:
@@ -334,17 +338,13 @@ def _step_loss(model, ts: _TrainSet, tuples: np.ndarray, cfg: LoraConfig, g) -> 
                                **extra)
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return (int(seed) * 1_000_003 + int(step) * 7_919 + 17) % (2**63 - 1)
-
-
-def _schedule(n_tuples: int, cfg: LoraConfig):
+def schedule(n_tuples: int, cfg: LoraConfig):
     """cfg.steps batches of min(batch_size, N) tuples: seeded epochs of a permutation, no tuple twice per epoch."""
     bs = min(cfg.batch_size, n_tuples)
     per_epoch = n_tuples // bs
     for step in range(cfg.steps):
         epoch, b = divmod(step, per_epoch)
-        perm = np.random.default_rng(_step_seed(cfg.seed, -1 - epoch)).permutation(n_tuples)
+        perm = np.random.default_rng(step_seed(cfg.seed, -1 - epoch)).permutation(n_tuples)
         yield step, np.sort(perm[b * bs: (b + 1) * bs])
 
 
@@ -354,15 +354,13 @@ def _save_checkpoint(path: Path, model, opt, state: dict) -> None:
     from safetensors.torch import save
 
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    osd = opt.state_dict()
-    for pid, pstate in osd["state"].items():
-        for key, val in pstate.items():
-            tensors[f"optim.{pid}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
+    optim, groups = optimizer_tensors(opt)
+    tensors.update(optim)
     tensors["rng.cpu"] = torch.get_rng_state()  # LoRA dropout draws from the global generator
-    dev = _device(model)
+    dev = device_of(model)
     if dev.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(dev)
-    meta = {_CKPT_META_KEY: json.dumps({**state, "param_groups": osd["param_groups"]}, allow_nan=True)}
+    meta = {_CKPT_META_KEY: json.dumps({**state, "param_groups": groups}, allow_nan=True)}
     atomic_write_bytes(path, save(tensors, metadata=meta))
     kill_point("lora")  # test hook (refine_llm.io): a kill -9 right after a checkpoint
 
@@ -391,15 +389,10 @@ def _load_checkpoint(path: Path, model, opt, key: str) -> dict | None:
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])
-    ostate: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, pid, name = k.split(".", 2)
-            ostate.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": ostate, "param_groups": state.pop("param_groups")})
+    load_optimizer(opt, tensors, state.pop("param_groups"))
     torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and _device(model).type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], _device(model))
+    if "rng.cuda" in tensors and device_of(model).type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device_of(model))
     return state
 
 
@@ -417,14 +410,14 @@ def train_reward(model, tokenizer, questions, prompt, cfg: LoraConfig, *, pronou
 
     if not hasattr(model, "disable_adapter"):
         raise UserError("train_reward needs a peft model: wrap it with lora.add_lora(model, cfg) first")
-    ts = _prepare(questions, prompt, tokenizer, pronouns)
+    ts = prepare_train_set(questions, prompt, tokenizer, pronouns)
     if len(ts.tuple_rows) == 0:
         raise UserError("no underspecified tuples to train on: pass the train split of a questions dataset")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("the model has no trainable parameters: wrap it with lora.add_lora(model, cfg)")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    mem = _PeakMemory(_device(model))
+    mem = PeakMemory(device_of(model))
     model.train()
     history, done, seconds_before = [], 0, 0.0
     ckpt = Path(checkpoint_dir) / _CKPT_FILE if checkpoint_dir is not None else None
@@ -433,10 +426,10 @@ def train_reward(model, tokenizer, questions, prompt, cfg: LoraConfig, *, pronou
         history, done, seconds_before = st["history"], int(st["step"]), float(st["seconds"])
     t0 = time.perf_counter()
     # steps before `done` ran before the checkpoint this run resumed from
-    for step, tuples in progress_bar(itertools.islice(_schedule(len(ts.tuple_rows), cfg), done, None), total=cfg.steps,
+    for step, tuples in progress_bar(itertools.islice(schedule(len(ts.tuple_rows), cfg), done, None), total=cfg.steps,
                                      disable=not progress, desc=f"lora[{cfg.objective}]", leave=False, initial=done):
-        g = torch.Generator().manual_seed(_step_seed(cfg.seed, step))
-        loss, logs = _step_loss(model, ts, tuples, cfg, g)
+        g = torch.Generator().manual_seed(step_seed(cfg.seed, step))
+        loss, logs = step_loss(model, ts, tuples, cfg, g)
         opt.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()
@@ -448,7 +441,7 @@ def train_reward(model, tokenizer, questions, prompt, cfg: LoraConfig, *, pronou
                                                 "seconds": seconds_before + time.perf_counter() - t0})
     model.eval()
     return {"history": history, "train_seconds": seconds_before + time.perf_counter() - t0,
-            "peak_memory_mb": mem.sample(), "trainable_params": _trainable(model),
+            "peak_memory_mb": mem.sample(), "trainable_params": trainable_params(model),
             "resumed_from": done or None}
 
 
@@ -457,17 +450,17 @@ def train_lora_reward(model_dir_or_name, questions_train, prompt, cfg: LoraConfi
                       gradient_checkpointing: bool | None = None, progress: bool = False) -> LoraResult:
     """Load the model, add LoRA adapters, train them with the head's reward on ``questions_train`` and save
     them to ``out_dir`` (peft format + refine_llm_lora.json). Score with ``load_adapted`` + ``scoring.score``."""
-    model, tok = _load_base(model_dir_or_name, quant, tokenizer, device)
+    model, tok = load_base(model_dir_or_name, quant, tokenizer, device)
     source = model.refine_llm_source
     peft_model = add_lora(model, cfg, gradient_checkpointing)
     # A kill -9 resumes from <out_dir>.checkpoint when everything that determines the run is the same.
     ckpt_dir = Path(out_dir).with_name(Path(out_dir).name + ".checkpoint")
     key = hashlib.sha256(json.dumps(
         [asdict(cfg), models.fingerprint(source), quant, prompt.fingerprint, train_data_fingerprint(questions_train),
-         bool(pronouns), bool(gradient_checkpointing), str(_device(peft_model))]).encode()).hexdigest()[:16]
+         bool(pronouns), bool(gradient_checkpointing), str(device_of(peft_model))]).encode()).hexdigest()[:16]
     res = train_reward(peft_model, tok, questions_train, prompt, cfg, pronouns=pronouns, progress=progress,
                        checkpoint_dir=ckpt_dir, checkpoint_key=key)
-    info = _info("lora-reward", cfg, source, quant, prompt, res, objective=cfg.objective)
+    info = adapter_info("lora-reward", cfg, source, quant, prompt, res, objective=cfg.objective)
     info.update(train_fingerprint=train_data_fingerprint(questions_train), pronouns=bool(pronouns))
     save_adapter(peft_model, out_dir, info)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -479,138 +472,6 @@ def train_lora_reward(model_dir_or_name, questions_train, prompt, cfg: LoraConfi
 # lora-cda
 
 
-def swap_subjects(text: str, a: str, b: str) -> str:
-    """Exchange every whole-word occurrence of ``a`` and ``b`` in ``text`` (in one pass; longer first)."""
-    if not a or not b or a == b:
-        return text
-    alts = "|".join(re.escape(x) for x in sorted((a, b), key=len, reverse=True))
-    return re.sub(rf"(?<!\w)({alts})(?!\w)", lambda m: b if m[1] == a else a, text)
-
-
-def build_cda_dataset(questions, prompt, tokenizer=None, *, include_underspecified: bool = True,
-                      dedupe: bool = True):
-    """Counterfactually augmented SFT data: a ``datasets.Dataset`` with trl's prompt/completion columns.
-
-    Each example (context, question, answer) is paired with its twin where subj1 and subj2 are exchanged
-    everywhere (context, question, answer). Specified rows answer with their gold. Underspecified rows
-    answer with subj1 and, separately, subj2 (each with its twin): one answer per row would, with its
-    twin, always name the subject in the same position. ``dedupe`` drops repeated (prompt, completion)
-    pairs (our question sets already hold both name orders, so many twins are rows of the set).
-    Extra columns (context, question, answer, subj1, subj2, specified, counterfactual,
-    source_question_id) are for inspection; ``train_lora_cda`` keeps only prompt and completion.
-    """
-    from datasets import Dataset
-
-    cols = {c: _col(questions, c) for c in ("question_id", "context", "question", "subj1", "subj2", "specified", "gold")}
-    out: dict[str, list] = {c: [] for c in ("prompt", "completion", "context", "question", "answer", "subj1", "subj2",
-                                            "specified", "counterfactual", "source_question_id")}
-    seen = set()
-
-    def add(ctx, q, ans, s1, s2, spec, cf, qid):
-        text = prompt.render(ctx, q, tokenizer)
-        completion = ("" if text[-1:].isspace() else " ") + ans
-        if dedupe and (text, completion) in seen:
-            return
-        seen.add((text, completion))
-        for c, v in zip(out, (text, completion, ctx, q, ans, s1, s2, spec, cf, qid)):
-            out[c].append(v)
-
-    for m in range(len(cols["question_id"])):
-        a, b, spec = cols["subj1"][m], cols["subj2"][m], bool(cols["specified"][m])
-        if not spec and not include_underspecified:
-            continue
-        answers = [cols["gold"][m]] if spec else [a, b]
-        ctx, q, qid = cols["context"][m], cols["question"][m], cols["question_id"][m]
-        for ans in answers:
-            add(ctx, q, ans, a, b, spec, False, qid)
-            add(swap_subjects(ctx, a, b), swap_subjects(q, a, b), swap_subjects(ans, a, b), b, a, spec, True, qid)
-    return Dataset.from_dict(out)
-
-
-def train_lora_cda(model_dir_or_name, questions_train, prompt, cfg: LoraConfig, out_dir, quant: str = "nf4",
-                   tokenizer=None, *, device: str | None = None, include_underspecified: bool = True,
-                   monitor_every: int = 1, pronouns: bool = False, gradient_checkpointing: bool | None = None,
-                   progress: bool = False) -> LoraResult:
-    """SFT of LoRA adapters (trl SFTTrainer + peft LoraConfig) on ``build_cda_dataset(questions_train)``:
-    cfg.steps steps of 4 x cfg.batch_size examples (a tuple's worth of prompts per tuple of the reward
-    trainer), constant lr cfg.lr, completion-only loss. ``monitor_every`` > 0 logs mean |C| on a fixed
-    batch of train tuples every that many steps (its forward passes are not counted in train_seconds)."""
-    import torch
-    from peft import prepare_model_for_kbit_training
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    from refine_llm.progress import stderr_is_tty
-
-    model, tok = _load_base(model_dir_or_name, quant, tokenizer, device)
-    source = model.refine_llm_source
-    dev = _device(model)
-    gc = dev.type == "cuda" if gradient_checkpointing is None else gradient_checkpointing
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-        _cpu_fp32_compute(model)
-    data = build_cda_dataset(questions_train, prompt, tok, include_underspecified=include_underspecified)
-    data = data.select_columns(["prompt", "completion"])
-    ts = _prepare(questions_train, prompt, tok, pronouns)
-    mon_tuples = np.arange(min(cfg.batch_size, len(ts.tuple_rows)))
-    mem = _PeakMemory(dev)
-    history: list[dict] = []
-    monitor_seconds = [0.0]
-
-    def abs_c(m) -> float:
-        t = time.perf_counter()
-        was = m.training
-        m.eval()
-        with torch.no_grad():
-            flat = ts.tuple_rows[mon_tuples].reshape(-1).tolist()
-            _, lpk, mask = _policy(m, ts, flat, int(cfg.top_k))
-            c = rewards.tuple_c(rewards.candidate_probs(lpk, mask)).abs().mean().item()
-        m.train(was)
-        monitor_seconds[0] += time.perf_counter() - t
-        return c
-
-    class _Log(TrainerCallback):
-        def on_step_begin(self, args, state, control, model=None, **kw):
-            if monitor_every and state.global_step % monitor_every == 0 and len(mon_tuples):
-                history.append({"step": state.global_step + 1, "abs_c": abs_c(model)})
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            mem.sample()
-            if logs and "loss" in logs:
-                rec = next((h for h in history if h["step"] == state.global_step), None)
-                if rec is None:
-                    rec = {"step": state.global_step}
-                    history.append(rec)
-                rec["loss"] = float(logs["loss"])
-
-    with tempfile.TemporaryDirectory(prefix="refine_llm_cda-") as tmp:
-        args = SFTConfig(
-            output_dir=tmp, max_steps=cfg.steps, per_device_train_batch_size=4 * cfg.batch_size,
-            learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-            logging_steps=1, save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-            use_cpu=dev.type == "cpu", gradient_checkpointing=gc, completion_only_loss=True, max_length=None,
-            # bf16 autocast on a CPU without native bf16 (AVX2 only here) made one step 259 s instead of seconds
-            bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported(), fp16=False,
-            disable_tqdm=not progress or not stderr_is_tty(), dataloader_num_workers=0,
-        )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                             peft_config=peft_lora_config(cfg), callbacks=[_Log()])
-        t0 = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - t0 - monitor_seconds[0]
-    peft_model = trainer.model
-    peft_model.eval()
-    history.sort(key=lambda h: h["step"])
-    res = {"history": history, "train_seconds": seconds, "peak_memory_mb": mem.sample(),
-           "trainable_params": _trainable(peft_model), "examples": len(data)}
-    info = _info("lora-cda", cfg, source, quant, prompt, res, objective=None)
-    info.update(train_fingerprint=train_data_fingerprint(questions_train), pronouns=bool(pronouns))
-    save_adapter(peft_model, out_dir, info)
-    return LoraResult("lora-cda", str(Path(out_dir)), res["trainable_params"], seconds, res["peak_memory_mb"],
-                      history, None, asdict(cfg))
-
-
 # ---------------------------------------------------------------------------------------------
 # artifacts
 
@@ -619,7 +480,7 @@ def train_data_fingerprint(questions) -> str:
     """16 hex digits naming a training set (its question ids and texts), stored with the adapter."""
     h = hashlib.sha256()
     for c in ("question_id", "context", "question"):
-        h.update(json.dumps(_col(questions, c)).encode())
+        h.update(json.dumps(column(questions, c)).encode())
     return h.hexdigest()[:16]
 
 
@@ -643,7 +504,7 @@ def reusable(out_dir, method: str, cfg: LoraConfig, model_dir_or_name, quant: st
                       info.get("history") or [], info.get("objective"), info["config"])
 
 
-def _info(method: str, cfg: LoraConfig, source, quant: str, prompt, res: dict, objective) -> dict:
+def adapter_info(method: str, cfg: LoraConfig, source, quant: str, prompt, res: dict, objective) -> dict:
     return {"method": method, "objective": objective, "config": asdict(cfg),
             "base_model": source.name, "hub_id": source.hub_id, "base_fingerprint": models.fingerprint(source),
             "quant": quant, "prompt": prompt.name, "prompt_fingerprint": prompt.fingerprint,

@@ -11,7 +11,7 @@ Tokens outside the top-k keep their logits, and sum(exp(z[ids])) = exp(m) is unc
 log-softmax over the whole vocabulary the top-k holds the head's distribution times the original
 top-k mass and every other token keeps its probability. The processors therefore take logits and
 return logits (not log-probs): log_softmax of the output is the debiased distribution. Heads are
-shift-invariant (see ``refine_llm.head``), so raw logits are a valid input.
+shift-invariant (see ``refine_llm.methods.heads``), so raw logits are a valid input.
 
 Modes (``refine_llm.config.SERVING_MODES``):
 - ``first``: only the first generated token (the answer slot of an infilling prompt);
@@ -22,7 +22,7 @@ Modes (``refine_llm.config.SERVING_MODES``):
 Per-request options (vLLM ``SamplingParams.extra_args`` / the server's ``vllm_xargs``):
 ``{"refine_head": "<name>", "refine_mode": "first"}``; see ``parse_request_args``.
 
-This package imports only ``refine_llm.head``, ``refine_llm.config`` and ``refine_llm.vocab`` (tokenizer-only
+This package imports only ``refine_llm.methods``, ``refine_llm.config`` and ``refine_llm.vocab`` (tokenizer-only
 word -> token ids, no torch) of ours: a server never pulls in trainers, scorers or datasets. The gate
 vocabulary lives in ``vocab`` so that serving and the pipeline tokenize gate words the same way. ``refine_llm.serving.hf`` needs transformers and
 ``refine_llm.serving.vllm`` needs vllm; neither is imported here.
@@ -40,7 +40,8 @@ import torch
 
 from refine_llm.config import CONTEXT_VARIANTS, SERVING_MODES
 from refine_llm.errors import UserError
-from refine_llm.head import load_head, read_head_config
+from refine_llm.methods.heads import gate_mask, load_head, rewrite_topk
+from refine_llm.methods.hub import read_head_config
 from refine_llm.vocab import gate_token_ids  # the one tokenization of gate words, shared with the pipeline
 
 __all__ = [
@@ -92,7 +93,7 @@ def load_served_head(
     device: str | torch.device | None = None,
 ) -> ServedHead:
     """Load a head for serving from a directory or a hub repo id (resolved offline from the local hub cache
-    when HF_HUB_OFFLINE is set; ``refine_llm.head.resolve_head``). UserError for a missing/corrupt head or
+    when HF_HUB_OFFLINE is set; ``refine_llm.methods.hub.resolve_head``). UserError for a missing/corrupt head or
     one saved for another tokenizer."""
     head, config = load_head(head_dir, expect_tokenizer_fingerprint=expect_tokenizer_fingerprint, device=device)
     for p in head.parameters():
@@ -128,21 +129,12 @@ def discover_heads(heads_dir: str | os.PathLike) -> dict[str, Path | str]:
     return found
 
 
-@torch.no_grad()
 def refine_topk(logits: torch.Tensor, served: ServedHead) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R,V) logits -> (ids (R,k) long, new top-k logits (R,k), dtype of ``logits``).
+    """(R,V) logits -> (ids (R,k) long, new top-k logits (R,k), dtype of ``logits``): the served head applied
+    by ``refine_llm.methods.heads.rewrite_topk`` (the one rule of a head on live logits; see there).
 
-    Write back with ``logits.scatter_(1, ids, new)`` (or an index_put on a row subset). Top-k
-    entries that are -inf (masked by a grammar or a bad-words list) stay -inf: the head never
-    revives a token another stage has removed.
-    """
-    z = logits.float()
-    vals, ids = z.topk(served.k, dim=-1)  # (R,k)
-    lse = torch.logsumexp(vals, dim=-1, keepdim=True)  # (R,1) log top-k mass (+ the vocab normaliser)
-    ctx = z if served.contextual else None
-    out = served.head(vals, ids, None, ctx)  # (R,k) log-probs over the top-k
-    new = torch.where(torch.isfinite(vals), lse + out, vals)
-    return ids, new.to(logits.dtype)
+    Write back with ``logits.scatter_(1, ids, new)`` (or an index_put on a row subset)."""
+    return rewrite_topk(served.head, logits)
 
 
 def gate_rows(ids: torch.Tensor, served: ServedHead) -> torch.Tensor:
@@ -150,11 +142,6 @@ def gate_rows(ids: torch.Tensor, served: ServedHead) -> torch.Tensor:
     if served.gate_ids is None:
         return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     return gate_mask(ids, served.gate_ids)
-
-
-def gate_mask(ids: torch.Tensor, gate_ids: torch.Tensor) -> torch.Tensor:
-    """(R,k) top-k ids, (G,) gate vocabulary -> (R,) bool: the ``gated`` mode's rule (>= 2 gate tokens)."""
-    return torch.isin(ids, gate_ids.to(ids.device)).sum(dim=-1) >= 2
 
 
 def parse_request_args(

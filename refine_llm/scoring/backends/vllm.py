@@ -1,8 +1,10 @@
-"""vLLM scoring backend: prompts (token ids) -> top-k next-token log-probs and candidate probabilities.
+"""The vLLM backend: prompts (token ids) -> top-k next-token log-probs and candidate probabilities.
 
-`refine_llm.scoring` calls `score_token_ids_vllm` for `--backend vllm`; it returns the same arrays as the
-HF backend (docs/CONTRACTS.md, "Scores"). `make_llm` builds the engine (also used by serving and
-benchmarks); `get_llm` caches one engine per process and argument set, `close_llms` shuts them down.
+``VLLMBackend.score_batch(rows)`` is the same call as the HF backend's (``refine_llm.scoring.backends``):
+it renders and tokenizes with the model's tokenizer and scores the same token ids through
+``score_token_ids_vllm``, which returns the HF backend's arrays (docs/CONTRACTS.md, "Scores"). `make_llm`
+builds the engine (also used by serving and benchmarks); `get_llm` caches one engine per process and
+argument set, `close_llms` shuts them down. vLLM is imported inside the functions that use it.
 
 How one prompt is scored (all log-probs are vLLM's *raw* log-probs, `logprobs_mode="raw_logprobs"`: the
 fp32 log-softmax of the model's logits before any logits processor, penalty or temperature, so an
@@ -39,7 +41,8 @@ The LLM runs once per unique prompt and prompts are independent, so scoring is e
   n scores rows `[i*N//n, (i+1)*N//n)` into its own run directory's Arrow score cache), then merge the
   caches: they are keyed by `question_id`, so concatenating the shard tables
   (`pyarrow.concat_tables` / `datasets.concatenate_datasets`) gives the full cache, and a job that dies
-  is simply re-run (existing rows are reused).
+  is simply re-run (existing rows are reused). `refine-llm score --shard i/n` and `merge` do this
+  (refine_llm.scoring).
 - Throughput: keep the shared few-shot prefix first in every prompt (prefix caching computes it once per
   engine), submit a whole shard in one call (vLLM batches continuously), use bf16 on GPU
   (`--quant bf16`), and leave `max_model_len` near the longest prompt so the KV cache holds more sequences.
@@ -54,6 +57,9 @@ from typing import Any
 import numpy as np
 
 from refine_llm.errors import UserError
+
+__all__ = ["VLLM_DTYPES", "vllm_dtype", "make_llm", "get_llm", "close_llms", "shutdown_llm", "score_token_ids_vllm",
+           "shard_ranges", "merge_shards", "score_plan", "VLLMBackend"]
 
 # --quant -> the dtype vLLM runs the checkpoint's weights in. vLLM does not run bitsandbytes NF4/int8 here,
 # so those are refused for --backend vllm (`vllm_dtype`) rather than reported as what did not run.
@@ -157,13 +163,15 @@ def _check_inputs(prompt_ids, cand_ids, k, cand_cont_ids) -> None:
         raise UserError(f"cand_ids has {len(cand_ids)} rows for {m} prompts; pass one [ids_subj1, ids_subj2] per prompt")
     if cand_cont_ids is not None and len(cand_cont_ids) != m:
         raise UserError(f"cand_cont_ids has {len(cand_cont_ids)} rows for {m} prompts; pass one per prompt")
+    S = len(cand_ids[0]) if m else 2  # candidates per prompt: 2 subjects, or a task's own (BBQ: 3 answers)
     for i, p in enumerate(prompt_ids):
         if len(p) == 0:
             raise UserError(f"prompt {i} has no tokens")
-        if len(cand_ids[i]) != 2:
-            raise UserError(f"cand_ids[{i}] has {len(cand_ids[i])} candidate sets; pass exactly 2 (subj1, subj2)")
-        if cand_cont_ids is not None and (len(cand_cont_ids[i]) != 2 or not all(len(c) for c in cand_cont_ids[i])):
-            raise UserError(f"cand_cont_ids[{i}] must be 2 non-empty token-id lists (subj1, subj2)")
+        if len(cand_ids[i]) != S or S < 2:
+            raise UserError(f"cand_ids[{i}] has {len(cand_ids[i])} candidate sets; pass exactly {max(S, 2)} per "
+                            "prompt (subj1, subj2, ...), the same number for every prompt")
+        if cand_cont_ids is not None and (len(cand_cont_ids[i]) != S or not all(len(c) for c in cand_cont_ids[i])):
+            raise UserError(f"cand_cont_ids[{i}] must be {S} non-empty token-id lists (one per candidate)")
 
 
 def _check_engine(llm, k: int, longest: int) -> None:
@@ -258,16 +266,17 @@ def score_token_ids_vllm(model_dir: str, prompt_ids: list[list[int]], cand_ids: 
         topk_lp[m, :n] = [lp for _, lp in items]
         seen.append(pos)
 
-    cand_lp = np.zeros((M, 2), np.float32)
+    S = len(cand_ids[0]) if M else 2
+    cand_lp = np.zeros((M, S), np.float32)
     nonfinite = ~np.isfinite(topk_lp).all(axis=1)
     if cand_cont_ids is None:
         # 2. Exact log-probs of candidate tokens outside the top-k (a cached-prefix step per such prompt).
-        need = {m: sorted({int(t) for s in (0, 1) for t in cand_ids[m][s]} - seen[m].keys()) for m in range(M)}
+        need = {m: sorted({int(t) for s in range(S) for t in cand_ids[m][s]} - seen[m].keys()) for m in range(M)}
         need = {m: ids for m, ids in need.items() if ids}
         for m, tok_lp in _token_logprobs(llm, prompts, need, use_tqdm).items():
             seen[m].update(tok_lp)
         for m in range(M):
-            for s in (0, 1):
+            for s in range(S):
                 vals = [seen[m][int(t)] for t in set(cand_ids[m][s])]
                 nonfinite[m] |= not all(math.isfinite(v) for v in vals)
                 cand_lp[m, s] = _logsumexp(vals)
@@ -275,7 +284,7 @@ def score_token_ids_vllm(model_dir: str, prompt_ids: list[list[int]], cand_ids: 
         # 3. Exact mode: sum of the continuation's log-probs after the prompt (prompt_logprobs=0).
         reqs, where = [], []
         for m in range(M):
-            for s in (0, 1):
+            for s in range(S):
                 cont = [int(t) for t in cand_cont_ids[m][s]]
                 reqs.append(TokensPrompt(prompt_token_ids=prompts[m]["prompt_token_ids"] + cont))
                 where.append((m, s, len(cont)))
@@ -355,7 +364,7 @@ def _replica_devices(rank: int, tp: int, dp: int) -> str | None:
     if len(devices) < tp * dp:
         raise UserError(
             f"data_parallel_size={dp} x tensor_parallel_size={tp} needs {tp * dp} GPUs but {len(devices)} are "
-            "visible: lower one of them, or shard the questions across jobs (see refine_llm.vllm_backend)"
+            "visible: lower one of them, or shard the questions across jobs (see refine_llm.scoring.backends.vllm)"
         )
     return ",".join(devices[rank * tp:(rank + 1) * tp])
 
@@ -383,3 +392,45 @@ def _score_data_parallel(model_dir, prompt_ids, cand_ids, k, cand_cont_ids, dtyp
                             None if cand_cont_ids is None else cand_cont_ids[a:b], dtype, tp, dp, max_model_len,
                             engine_kw) for rank, (a, b) in enumerate(ranges)]
         return merge_shards([f.result() for f in futs])
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+def score_plan(model_dir: str, plan, cfg, dtype: str) -> dict[str, np.ndarray]:
+    """Score every row of a ``scoring.plan.PromptPlan`` with vLLM: the main pass, then the exact pass for the
+    rows that need it; returns the arrays ``scoring.plan.finish`` takes."""
+    if cfg.store_hidden:
+        raise UserError("--store-hidden is not available with --backend vllm: use --backend hf")
+    if cfg.align_to_base:
+        raise UserError("a method's aligned extra pass (log-probs of the base's top-k ids) needs --backend hf for now")
+    kw = dict(dtype=dtype, tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size)
+    n, S = len(plan.qids), plan.n_sides
+    res = score_token_ids_vllm(model_dir, plan.ids, plan.lp_ids, cfg.top_k, **kw)
+    out = {"topk_ids": np.asarray(res["topk_ids"], np.int64), "topk_logprobs": np.asarray(res["topk_logprobs"], np.float32),
+           "main_lp": np.asarray(res["cand_logprobs"], np.float64), "exact_lp": np.full((n, S), -np.inf),
+           "nonfinite": np.asarray(res["nonfinite"], bool).copy()}
+    ex = [j for j in range(n) if plan.cont_ids[j] is not None]
+    if ex:
+        res2 = score_token_ids_vllm(model_dir, [plan.ids[j] for j in ex], [[[] for _ in range(S)] for _ in ex],
+                                    cfg.top_k, cand_cont_ids=[plan.cont_ids[j] for j in ex], **kw)
+        out["exact_lp"][ex] = np.asarray(res2["cand_logprobs"], np.float64)
+        out["nonfinite"][ex] |= np.asarray(res2["nonfinite"], bool)
+    return out
+
+
+class VLLMBackend:
+    """``score_batch(rows) -> table`` with a vLLM engine on ``model_dir`` (one engine per process and
+    settings, ``get_llm``); ``tokenizer`` renders and tokenizes exactly as the HF backend does."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, tokenizer, prompt, cfg, dtype: str = "float32"):
+        self.model_dir, self.tokenizer, self.prompt, self.cfg, self.dtype = model_dir, tokenizer, prompt, cfg, dtype
+
+    def score_batch(self, rows: dict[str, list]):
+        from refine_llm.scoring.cache import to_table
+        from refine_llm.scoring.plan import finish, prompt_plan
+
+        plan = prompt_plan(self.tokenizer, rows, self.prompt, self.cfg)
+        return to_table(finish(plan, score_plan(self.model_dir, plan, self.cfg, self.dtype), False), False)

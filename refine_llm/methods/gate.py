@@ -47,17 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from refine_llm.errors import UserError
-from refine_llm.head import HubHeadMixin
+from refine_llm.methods.topk import NEG as _NEG
+from refine_llm.methods.topk import renormalise
 
-__all__ = ["GateHead", "LogitSpace", "name_groups", "equalise_groups"]
+__all__ = ["GateCore", "LogitSpace", "name_groups", "equalise_groups"]
 
-_NEG = -1e4  # finite stand-in for -inf log-probs (as refine_llm.head)
-
-
-def _renorm(topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """(B,k) -> (B,k) float32 log-probs renormalised over the top-k; -inf/nan clamped to finite."""
-    x = torch.nan_to_num(topk_logprobs.float(), nan=_NEG, neginf=_NEG).clamp_min(_NEG)
-    return torch.log_softmax(x, dim=-1)
 
 
 def name_groups(topk_ids: torch.Tensor, order: torch.Tensor, lookup: torch.Tensor,
@@ -127,17 +121,19 @@ class LogitSpace:
         return (self.W.double() @ x[: self.d] + x[self.d]).float()
 
 
-class GateHead(HubHeadMixin, nn.Module):
-    """Equalise the two names by a linear gate on the hidden state (module docstring).
+class GateCore(nn.Module):
+    """Equalise the two names by a linear gate on the hidden state (module docstring); registered, with
+    save/load, as ``refine_llm.methods.heads.GateHead``.
 
     Parameters: w (d,), b (1,). Buffers (saved): mean, scale (d,) of the train split's hidden states;
     lookup (V,) int and membership (G+1, W) bool, the category vocabulary's token -> words table;
     logit_w (V,), logit_b (1,): the same gate as a function of the logits row (``export_logit_gate``).
     """
 
-    variant = "gate"
+    ARCH_FIELDS = ("n_words", "n_tokens")  # config.json fields that size the vocabulary table's buffers
 
-    def __init__(self, k: int, vocab_size: int, hidden_size: int, n_words: int = 1, n_tokens: int = 0):
+    def __init__(self, k: int, rank: int | None, vocab_size: int, hidden_size: int, lm_head_weight=None,
+                 seed: int = 0, n_words: int = 1, n_tokens: int = 0):
         super().__init__()
         self.k, self.vocab_size, self.hidden_size = k, vocab_size, hidden_size
         self.rank = None
@@ -152,6 +148,18 @@ class GateHead(HubHeadMixin, nn.Module):
         self.register_buffer("exported", torch.zeros((), dtype=torch.bool))
 
     # ----------------------------------------------------------------------- setup
+
+    def attach_lm_head(self, lm_head_weight: torch.Tensor) -> None:
+        """Nothing to keep: the gate reads the hidden state (training) or the logits row (serving,
+        ``export_logit_gate``), never W_out itself."""
+
+    @property
+    def n_words(self) -> int:
+        return int(self.membership.shape[1])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.membership.shape[0]) - 1
 
     @torch.no_grad()
     def set_vocabulary(self, token_ids, membership) -> None:
@@ -231,7 +239,7 @@ class GateHead(HubHeadMixin, nn.Module):
             raise ValueError(f"topk_logprobs must have shape (B, {self.k}), got {tuple(topk_logprobs.shape)}")
         if topk_ids is None:
             raise ValueError("the gate head needs topk_ids (B,k) to find the two names")
-        lp = _renorm(topk_logprobs)  # (B,k)
+        lp = renormalise(topk_logprobs)  # (B,k)
         order = lp.argsort(dim=-1, descending=True)
         A, B, ok = name_groups(topk_ids, order, self.lookup.long(), self.membership)
         g = self.gate(hidden=hidden, logits=logits) * ok.float()  # (B,)

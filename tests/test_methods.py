@@ -1,0 +1,90 @@
+"""The methods protocol: a method plugs in with one class and one registry entry, and the main job's stages
+pick it up: its extra scoring pass is scored up front (the one driver, aligned to the base's top-k), a
+trained method saves its artifacts in the train stage, and the evaluate stage applies it with its own scores,
+KL taken against the base's top-k on the same question. The tiny Mistral (random weights, fp32) keeps it fast."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from refine_llm import pipeline
+from refine_llm.config import BanditConfig, ModelConfig, QuestionsConfig, RunConfig, ScoringConfig
+from refine_llm.methods import METHODS, Base, Method, Output, Scores, ScorePass
+
+TRAINED: list[str] = []
+
+
+@dataclass
+class PrefixedPrompt(Method):
+    """A made-up plug-in: the same questions behind a prefix (an instruction), its own scores."""
+
+    kind: ClassVar[str] = "test-prefix"
+    name: str = "test-prefix"
+    prefix: str = "Answer without stereotypes. "
+
+    @classmethod
+    def for_run(cls, cfg, run_dir):
+        return cls()
+
+    def train(self, cfg, run_dir, scores):
+        assert {"train", "validation"} <= set(scores) and len(scores["train"]) > 0
+        (run_dir / "test-prefix.json").write_text(json.dumps({"trained": True}))
+        TRAINED.append(str(run_dir))
+
+    def passes(self):
+        return [ScorePass("instruct", prefix=self.prefix)]
+
+    def apply(self, base: Scores, own=None) -> Output:
+        out = Base().apply(own["instruct"])
+        return Output(out.p_topk, out.p_full, own["instruct"].aligned_logprobs)  # over the base's top-k ids
+
+
+@dataclass
+class SamePrompt(PrefixedPrompt):
+    """The same pass with no prefix: its scores are the base's, so its KL to base is 0."""
+
+    kind: ClassVar[str] = "test-same"
+    name: str = "test-same"
+    prefix: str = ""
+
+    def train(self, cfg, run_dir, scores):  # nothing to learn
+        pass
+
+
+def test_base_output_is_the_renormalised_topk():
+    lp = np.log(np.array([[0.5, 0.2, 0.1], [0.3, 0.3, 0.2]], np.float32))
+    mask = np.array([[[1, 0, 0], [0, 1, 0]], [[0, 0, 1], [1, 1, 0]]], bool)
+    sc = Scores(lp, np.zeros((2, 3), np.int64), mask, np.log(np.array([[0.5, 0.2], [0.2, 0.6]], np.float32)),
+                np.zeros(2, bool), np.zeros(2, bool))
+    out = Base().apply(sc)
+    np.testing.assert_allclose(out.p_topk, [[0.5 / 0.8, 0.2 / 0.8], [0.2 / 0.8, 0.6 / 0.8]], rtol=1e-6)
+    np.testing.assert_allclose(out.p_full, [[0.5, 0.2], [0.2, 0.6]], rtol=1e-6)
+    np.testing.assert_array_equal(sc.select([1]).cand_mask, mask[[1]])
+
+
+@pytest.mark.model
+def test_a_plug_in_method_runs_through_every_stage(tmp_path, tiny_mistral_dir, monkeypatch):
+    from refine_llm import models
+
+    monkeypatch.setitem(METHODS, PrefixedPrompt.kind, PrefixedPrompt)
+    monkeypatch.setitem(METHODS, SamePrompt.kind, SamePrompt)
+    loaded = models.load_model(tiny_mistral_dir, quant="fp32", device="cpu")
+    cfg = RunConfig(out=str(tmp_path / "run"), method="none", extra_methods="test-prefix, test-same",
+                    model=ModelConfig(name=tiny_mistral_dir, quant="fp32"), questions=QuestionsConfig(max_tuples=2),
+                    scoring=ScoringConfig(prompt="paper", batch_size=8, top_k=20), bandit=BanditConfig(epochs=1))
+    assert pipeline.run(cfg, loaded=loaded) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    m = report["metrics"]
+    assert {"base", "test-prefix", "test-same"} <= set(m)
+    assert m["test-same"]["kl_base"] == pytest.approx(0.0, abs=1e-6)  # the base's own top-k, read off again
+    assert m["test-same"]["mu"] == pytest.approx(m["base"]["mu"], abs=1e-6)
+    assert m["test-prefix"]["kl_base"] > 1e-6  # another prompt: another distribution over the same slots
+    assert TRAINED == [str(tmp_path / "run")] and (tmp_path / "run" / "test-prefix.json").is_file()
+    assert {r["method"] for r in report["methods"]} >= {"test-prefix", "test-same"}
+    caches = {p.name for p in (tmp_path / "run" / "scores").glob("*/*")}
+    assert any(c.endswith("-aligned") for c in caches)  # the passes' own cache entries
