@@ -18,12 +18,16 @@ Per-row commitment also counts a positional habit (always the first name), which
 costs nothing that is measured and is what a per-prompt probe can see. Thresholds come from the train
 split and are applied unchanged to validation (stored in the artifact).
 
-Vector (``mean_difference``). FairSteer's DSV: mean activation of unbiased rows minus mean of biased
-rows, at the chosen layer, unnormalised. A constant vector cannot push "nurse" towards John and
+Vector (``steering_vector``). The direction is FairSteer's DSV: mean activation of unbiased rows minus
+mean of biased rows, at the chosen layer. A constant vector cannot push "nurse" towards John and
 "engineer" towards Mary at once; what it can carry is the shift from a committed state to an undecided
 one, and the difference of class means is the least-squares shift between the two classes (it
 outperforms the probe's weight direction as an intervention in the linear-representation literature,
-e.g. Marks & Tegmark 2023). ``strength`` 1 moves a biased row by the gap between the class means.
+e.g. Marks & Tegmark 2023). Its length is set to the layer's mean activation norm on the train rows, so
+``strength`` is a fraction of the residual stream's size (the coefficient convention of ActAdd-style
+steering), not a multiple of the class-mean gap: on Qwen2.5-Coder-1.5B (layer 11, gender) the gap is
+0.22 against activations of norm 34, and moving by the gap, or by 16 gaps, changed nothing measurable
+(eval/methods_smoke.py); comparable strengths across layers and models need the norm scale.
 
 Positions. The vector is added at the layer's output at each row's answer position only (its last
 prompt token; in generation, each new token's position), where the probe reads: (1) the probe was
@@ -70,7 +74,7 @@ from refine_llm.errors import UserError
 from refine_llm.io import atomic_write_bytes
 
 __all__ = ["SteerConfig", "Steering", "candidate_layers", "commitment", "bias_labels", "train_probe",
-           "balanced_accuracy", "choose_layer", "mean_difference", "choose_strength", "FORMAT"]
+           "balanced_accuracy", "choose_layer", "mean_difference", "steering_vector", "choose_strength", "FORMAT"]
 
 FORMAT = "refine_llm.steer"
 FORMAT_VERSION = 1
@@ -92,8 +96,9 @@ class SteerConfig:
                                                             "activations, class-balanced loss)."})
     probe_iters: int = field(default=100, metadata={"help": "L-BFGS iterations of the probe."})
     threshold: float = field(default=0.5, metadata={"help": "The probe fires where P(biased) > threshold."})
-    strengths: tuple[float, ...] = field(default=(0.5, 1.0, 2.0, 4.0),
-                                         metadata={"help": "Strengths tried on validation (0 is always a candidate)."})
+    strengths: tuple[float, ...] = field(
+        default=(0.5, 1.0, 2.0), metadata={"help": "Strengths tried on validation, as fractions of the layer's mean "
+                                                   "activation norm (0 is always a candidate)."})
     max_kl: float = field(default=0.02, metadata={"help": "Largest mean KL(base || steered) on specified "
                                                           "validation questions a strength may cost."})
     max_gold_drop: float = field(default=0.01, metadata={"help": "Largest drop of the P(gold) share on "
@@ -245,6 +250,17 @@ def mean_difference(x, group) -> np.ndarray:
         raise UserError(f"the steering vector needs balanced and committed underspecified rows, got "
                         f"{int((g == 0).sum())} and {int((g == 1).sum())}: score more train questions")
     return (x[g == 0].mean(0) - x[g == 1].mean(0)).astype(np.float32)
+
+
+def steering_vector(x, group) -> tuple[np.ndarray, dict[str, float]]:
+    """The vector added at strength 1: the DSV's direction (``mean_difference``) scaled to the mean
+    activation norm of the rows ``x`` (N, d). Returns it and {dsv_norm, activation_norm}."""
+    dsv = mean_difference(x, group)
+    n_dsv = float(np.linalg.norm(dsv))
+    scale = float(np.linalg.norm(np.asarray(x, dtype=np.float64), axis=1).mean())
+    if not n_dsv > 0:
+        raise UserError("the balanced and committed rows have the same mean activation: no steering direction")
+    return (dsv / n_dsv * scale).astype(np.float32), {"dsv_norm": n_dsv, "activation_norm": scale}
 
 
 def choose_strength(table: list[dict], max_kl: float, max_gold_drop: float) -> float:
