@@ -243,8 +243,8 @@ def score_steered(model, tokenizer, questions, prompt: PromptTemplate, scfg: Sco
                   cache_dir=None, model_key: str | None = None):
     """``scoring.score`` with ``steering`` active: the steered model's own top-k and candidate log-probs,
     cached under ``<model_key>-steer-<fingerprint>`` (default model key: the base model's). Exact-mode rows
-    (subjects sharing a first token) get the vector at the continuation's last token only: an
-    approximation of generation-time steering, counted in the log."""
+    (subjects sharing a first token; scoring logs how many) get the vector at the continuation's last token
+    only: an approximation of generation-time steering; the same-slot numbers (``steered_logprobs``) are exact."""
     from refine_llm import scoring
 
     if scfg.backend != "hf":

@@ -12,7 +12,7 @@ Each method changes what it should and leaves the base untouched when switched o
   another tokenizer / hidden size / damaged weights; the train-split -> validation pipeline runs.
 - passes.score_at_ids with the base prompt reproduces the cached top-k log-probs bit for bit.
 
-Short prompts and 2 tuples per split keep the whole file to well under a minute of model time.
+Short prompts and 1 tuple (+ its 4 specified questions) per split: one 8-row forward per pass.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from refine_llm.methods.steer import (SteerConfig, Steering, balanced_accuracy, 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = "Answer with a name from the text.\nText: Anna met Tom, who plays chess. Question: Who plays chess? Answer: Tom\n" \
         "Text: [context] Question: [question] Answer:"
-CFG = ScoringConfig(prompt="qa", batch_size=16, top_k=10)  # one forward per 16-row split
+CFG = ScoringConfig(prompt="qa", batch_size=8, top_k=10)  # one forward per 8-row split (1 tuple + 4 specified)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def short_prompt(tmp_path_factory):
 def splits():
     from refine_llm.questions import question_rows
 
-    rows = question_rows(QuestionsConfig(category="gender", max_tuples=2, subjects_per_split=2, attributes_per_split=2))
+    rows = question_rows(QuestionsConfig(category="gender", max_tuples=1, subjects_per_split=2, attributes_per_split=2))
     return {s: [r for r in rows if r["split"] == s] for s in ("train", "validation")}
 
 
@@ -202,7 +202,7 @@ def test_score_at_ids_reproduces_base(smollm2_fp32, short_prompt, splits, base):
     lp = passes.score_at_ids(model, tok, splits["validation"], short_prompt, arr["topk_ids"], CFG)
     assert np.array_equal(lp, arr["topk_logprobs"])
     pt = R.plane_point(splits["validation"], arr["cand_mask"], arr["topk_logprobs"], lp)
-    assert pt["kl_base"] == 0 and pt["n_tuples"] == 2 and pt["mean_abs_c"] is not None
+    assert pt["kl_base"] == 0 and pt["n_tuples"] == 1 and pt["mean_abs_c"] is not None
 
 
 def test_instruct_scores_differ_and_base_cache_untouched(smollm2_fp32, short_prompt, splits, base):
@@ -269,7 +269,7 @@ def test_firing_probe_moves_logits_same_on_both_paths(smollm2_fp32, short_prompt
         lp_pre = passes.score_at_ids(model, tok, val, short_prompt, ids, CFG)
     assert on.stats == {"rows": len(val), "fired": len(val)}
     with on.apply(model):  # left-padded whole prompts: the answer column is the last one
-        lp_whole = passes.score_at_ids(model, tok, val, short_prompt, ids, ScoringConfig(batch_size=16, prefix_cache=False))
+        lp_whole = passes.score_at_ids(model, tok, val, short_prompt, ids, ScoringConfig(batch_size=8, prefix_cache=False))
     base_lp = R.score_arrays(base["validation"])["topk_logprobs"]
     assert np.abs(lp_pre - base_lp).max() > 0.1
     np.testing.assert_allclose(lp_pre, lp_whole, atol=2e-4)
@@ -295,7 +295,7 @@ def test_captured_activations_are_hidden_states(smollm2_fp32, short_prompt, spli
     model, tok = smollm2_fp32
     val = splits["validation"][:3]
     X = passes.collect_activations(model, tok, val, short_prompt, [3, 20], CFG)
-    Xw = passes.collect_activations(model, tok, val, short_prompt, [3, 20], ScoringConfig(batch_size=16, prefix_cache=False))
+    Xw = passes.collect_activations(model, tok, val, short_prompt, [3, 20], ScoringConfig(batch_size=8, prefix_cache=False))
     np.testing.assert_allclose(X, Xw, atol=1e-4)
     text = short_prompt.render(val[1]["context"], val[1]["question"])
     with torch.no_grad():
@@ -357,13 +357,13 @@ def test_steering_save_load(smollm2_fp32, tmp_path):
 
 def test_train_steering_end_to_end(smollm2_fp32, short_prompt, splits, base, tmp_path):
     model, tok = smollm2_fp32
-    cfg = SteerConfig(layers=(6, 14), strengths=(2.0,), strength_tuples=2, max_kl=10.0, max_gold_drop=1.0)
+    cfg = SteerConfig(layers=(6, 14), strengths=(2.0,), strength_tuples=1, max_kl=10.0, max_gold_drop=1.0)
     steer, rep = R.train_steering(model, tok, short_prompt, splits["train"], base["train"], splits["validation"],
                                   base["validation"], CFG, cfg, meta={"category": "gender"})
     assert rep["layer"] in (6, 14) and [r["layer"] for r in rep["layers"]] == [6, 14]
     assert [r["strength"] for r in rep["strengths"]] == [0.0, 2.0] and rep["strengths"][0]["kl_base"] == 0
     assert rep["strength"] in (0.0, 2.0) and steer.strength == rep["strength"]
-    assert rep["labels"]["train_biased"] > 0 and rep["labels"]["train_specified_negatives"] == 8
+    assert rep["labels"]["train_biased"] > 0 and rep["labels"]["train_specified_negatives"] == 4
     steer.save_pretrained(tmp_path / "st")
     back = Steering.from_pretrained(tmp_path / "st", model=model)
     assert back.meta["category"] == "gender" and back.meta["candidate_layers"] == [6, 14]
