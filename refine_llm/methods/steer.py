@@ -26,8 +26,9 @@ outperforms the probe's weight direction as an intervention in the linear-repres
 e.g. Marks & Tegmark 2023). Its length is set to the layer's mean activation norm on the train rows, so
 ``strength`` is a fraction of the residual stream's size (the coefficient convention of ActAdd-style
 steering), not a multiple of the class-mean gap: on Qwen2.5-Coder-1.5B (layer 11, gender) the gap is
-0.22 against activations of norm 34, and moving by the gap, or by 16 gaps, changed nothing measurable
-(eval/methods_smoke.py); comparable strengths across layers and models need the norm scale.
+0.22 against activations of norm 34, and moving by 1 to 64 gaps moved mean|C| by under 10% (KL on
+underspecified rows <= 0.006; eval/methods_smoke.py); comparable strengths across layers and models need
+the norm scale.
 
 Positions. The vector is added at the layer's output at each row's answer position only (its last
 prompt token; in generation, each new token's position), where the probe reads: (1) the probe was
