@@ -28,7 +28,7 @@ from pathlib import Path
 
 from refine_llm.errors import UserError
 
-__all__ = ["PromptTemplate", "BUILTIN_PROMPTS", "PROMPTS_DIR", "PLACEHOLDERS", "load_prompt"]
+__all__ = ["PromptTemplate", "BUILTIN_PROMPTS", "PROMPTS_DIR", "PLACEHOLDERS", "load_prompt", "parse_template"]
 
 # The templates live in the repository's prompts/; a wheel carries them as refine_llm/prompt_templates/
 # (copied there by setup.py's build step), so an installed package finds them without a checkout.
@@ -117,6 +117,14 @@ def load_prompt(name_or_path: str | Path) -> PromptTemplate:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason}): save it as UTF-8") from None
+    return parse_template(text, name=name, source=str(path))
+
+
+def parse_template(text: str, name: str, source: str = "") -> PromptTemplate:
+    """A template from its text (a file's contents, or a variant built in memory, e.g.
+    refine_llm.prompt_variants): the checks and the fingerprint of ``load_prompt``. ``source`` names
+    where it came from in error messages."""
+    path = source or name
     text = text.rstrip("\n")  # an editor's final newline is not part of the prompt
     missing = [p for p in PLACEHOLDERS if p not in text]
     if missing:
