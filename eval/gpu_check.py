@@ -612,7 +612,7 @@ def _parser():
                    help="directory for gpu_check.json and gpu_check.md (default: $OUT)")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU: the same code, in seconds")
     p.add_argument("--budget-s", type=float, default=None,
-                   help=f"seconds for the whole run, from process start (default {d.budget_s:.0f}; --smoke 60)")
+                   help=f"seconds for the whole run, from process start (default {d.budget_s:.0f}; --smoke 180, room for slow imports on busy cores)")
     p.add_argument("--batch-sizes", type=_ints, default=None,
                    help="scoring batch sizes, in order (default 16,32,64,128,256; --smoke 2,4)")
     p.add_argument("--gen-batch-size", type=int, default=None, help="batch of the processor stage and NF4's first (default 32; --smoke 2)")
@@ -649,7 +649,7 @@ def parse(argv: list[str] | None = None) -> CheckArgs:
     # --smoke: the same stages at the smallest sizes that still exercise them (two batch sizes, two
     # timed batches each), so that the CPU check stays well under a minute on a busy 2-core machine.
     smoke, d = a.smoke, CheckArgs()
-    return CheckArgs(out=a.out, smoke=smoke, budget_s=a.budget_s or (60.0 if smoke else d.budget_s),
+    return CheckArgs(out=a.out, smoke=smoke, budget_s=a.budget_s or (180.0 if smoke else d.budget_s),
                      batch_sizes=a.batch_sizes or ([2, 4] if smoke else d.batch_sizes),
                      gen_batch_size=a.gen_batch_size or (2 if smoke else d.gen_batch_size),
                      prompt=a.prompt, max_batches=2 if smoke else a.max_batches,

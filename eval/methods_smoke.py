@@ -98,9 +98,9 @@ def _fmt(v) -> str:
 def run(args, opts: dict) -> dict:
     from refine_llm import method_runs as R, models, prompts, questions as Q, scoring
     from refine_llm.config import QuestionsConfig, ScoringConfig
-    from refine_llm.head import tokenizer_fingerprint
+    from refine_llm.vocab import tokenizer_fingerprint
     from refine_llm.methods.self_debias import SelfDebiasConfig, self_debias
-    from refine_llm.methods.steer import SteerConfig
+    from refine_llm.baselines.steer import SteerConfig
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

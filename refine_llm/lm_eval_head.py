@@ -36,7 +36,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"refine_llm.lm_eval_head needs lm-eval: pip install 'refine_llm[lm-eval]' ({e})") from e
 
 from refine_llm.methods import heads as H
-from refine_llm.methods.hub import tokenizer_fingerprint
+from refine_llm.vocab import tokenizer_fingerprint
 from refine_llm.errors import UserError
 
 __all__ = ["RefineHFLM", "apply_head_to_row", "main"]

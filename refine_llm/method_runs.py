@@ -27,7 +27,7 @@ from refine_llm import metrics
 from refine_llm.config import ScoringConfig
 from refine_llm.errors import UserError
 from refine_llm.methods.self_debias import SelfDebiasConfig, self_debias
-from refine_llm.methods.steer import (SteerConfig, Steering, bias_labels, candidate_layers, choose_layer, commitment,
+from refine_llm.baselines.steer import (SteerConfig, Steering, bias_labels, candidate_layers, choose_layer, commitment,
                                       choose_strength, config_dict, steering_vector)
 from refine_llm.passes import collect_activations, question_rows, score_at_ids
 from refine_llm.prompts import PromptTemplate
@@ -166,7 +166,7 @@ def train_steering(model, tokenizer, prompt: PromptTemplate, train_q, train_scor
     Forward passes: the labelled train and validation rows once each (activations at the candidate
     layers, one pass), then the strength subset once per strength (0 included). Returns the Steering
     (at the chosen strength; its ``meta`` holds labels/layers/strengths for config.json) and a report."""
-    from refine_llm.hooks import decoder_layers
+    from refine_llm.baselines.hooks import decoder_layers
 
     cfg = cfg or SteerConfig()
     n_layers = len(decoder_layers(model))

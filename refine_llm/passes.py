@@ -11,7 +11,7 @@ issue 23 need something else from another forward over the same questions:
 - ``steer`` trains its probe and vector on one layer's activation at the answer position:
   ``collect_activations`` (M, n_layers, d).
 
-Both run ``refine_llm.forward.answer_logits`` (through ``scoring.make_runner``, so the few-shot prefix's
+Both run ``refine_llm.forward.answer_logits`` (through ``scoring.backends.hf.make_runner``, so the few-shot prefix's
 KV is computed once) on the batches ``scoring.batch_ranges`` forms, with prompts rendered and tokenized
 as ``scoring`` does: ``score_at_ids`` with the base prompt at the base ids reproduces the cached
 ``topk_logprobs`` (bit-identical with the same batch size and rows; tests/test_methods.py).
@@ -50,16 +50,17 @@ def _answer_batches(model, tokenizer, questions, prompt: PromptTemplate, cfg: Sc
     """Yield (start, stop, logits (b, V) float32) per fixed batch of the questions, in order."""
     import torch
 
-    from refine_llm import scoring
+    from refine_llm.scoring.backends.hf import make_runner
+    from refine_llm.scoring.plan import batch_ranges
 
     if cfg.backend != "hf":
         raise UserError(f"this pass runs the HF model (hooks, ids): use --backend hf, not {cfg.backend}")
     rows = question_rows(questions)
     texts = [prompt.render(c, q, tokenizer) for c, q in zip(rows["context"], rows["question"])]
     ids = tokenizer(texts, add_special_tokens=prompt.add_special_tokens)["input_ids"] if texts else []
-    runner = scoring.make_runner(model, tokenizer, prompt, cfg)  # the prefix KV, once (unhooked: no mask)
+    runner = make_runner(model, tokenizer, prompt, cfg)  # the prefix KV, once (unhooked: no mask)
     with torch.no_grad():
-        for a, b in scoring.batch_ranges(len(ids), _batch_size(model, cfg)):
+        for a, b in batch_ranges(len(ids), _batch_size(model, cfg)):
             seqs = ids[a:b]
             _, logits = runner.logits_at(seqs, [[len(s) - 1] for s in seqs], cfg.prefix_cache)
             yield a, b, logits
@@ -88,10 +89,10 @@ def score_at_ids(model, tokenizer, questions, prompt: PromptTemplate, ids, cfg: 
 def collect_activations(model, tokenizer, questions, prompt: PromptTemplate, layers: list[int],
                         cfg: ScoringConfig) -> np.ndarray:
     """(M, len(layers), d) float32: the output of each decoder layer in ``layers`` at question i's answer
-    position (its last prompt token), in the same forward pass that scoring runs (refine_llm.hooks)."""
+    position (its last prompt token), in the same forward pass that scoring runs (refine_llm.baselines.hooks)."""
     import torch
 
-    from refine_llm.hooks import capture_answer_activations, hidden_size
+    from refine_llm.baselines.hooks import capture_answer_activations, hidden_size
 
     rows = question_rows(questions)
     M = len(rows.get("question_id", rows.get("context", [])))

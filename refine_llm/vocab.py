@@ -16,10 +16,12 @@ only ``head``, ``config`` and this module, uses it to build gates without pullin
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Iterable
 
 __all__ = ["PRONOUNS", "GATE_PRONOUNS", "first_token_in_context", "surface_forms", "word_token_ids",
-           "candidate_token_ids", "gate_token_ids", "gate_vocabulary"]
+           "candidate_token_ids", "gate_token_ids", "gate_vocabulary", "tokenizer_fingerprint"]
 
 PRONOUNS = {"female": "she", "male": "he"}  # credited to a gender subject with ScoringConfig.pronouns
 GATE_PRONOUNS = ("he", "she", "him", "her", "his")  # always part of a gate vocabulary
@@ -85,3 +87,27 @@ def gate_vocabulary(tokenizer: Any, subjects: Iterable[str | Iterable[str]],
                 of.setdefault(t, set()).add(g)
     ids = sorted(of)
     return ids, [[g in of[t] for g in range(len(groups))] for t in ids]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the vocabulary (sorted token -> id items) and the special tokens, as 'sha256:<hex>'.
+
+    Works with any object that has ``get_vocab()`` (transformers tokenizers); special tokens come
+    from ``all_special_tokens`` / ``all_special_ids`` when present.
+    """
+    try:
+        vocab = tokenizer.get_vocab()
+    except AttributeError as e:
+        raise TypeError(f"cannot fingerprint {type(tokenizer).__name__}: it has no get_vocab()") from e
+    specials = sorted(
+        zip(
+            [str(t) for t in getattr(tokenizer, "all_special_tokens", [])],
+            [int(i) for i in getattr(tokenizer, "all_special_ids", [])],
+        )
+    )
+    payload = json.dumps(
+        {"vocab": sorted((str(t), int(i)) for t, i in vocab.items()), "special": specials},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()

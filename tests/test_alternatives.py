@@ -31,7 +31,7 @@ from refine_llm import passes, prompt_variants as V, prompts, scoring
 from refine_llm.config import QuestionsConfig, ScoringConfig
 from refine_llm.errors import UserError
 from refine_llm.methods.self_debias import self_debias
-from refine_llm.methods.steer import (SteerConfig, Steering, balanced_accuracy, bias_labels, candidate_layers,
+from refine_llm.baselines.steer import (SteerConfig, Steering, balanced_accuracy, bias_labels, candidate_layers,
                                       choose_strength, mean_difference, steering_vector, train_probe)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,7 +323,7 @@ def test_steering_in_generate(smollm2_fp32, short_prompt, splits):
 
 
 def test_steering_save_load(smollm2_fp32, tmp_path):
-    from refine_llm.head import tokenizer_fingerprint
+    from refine_llm.vocab import tokenizer_fingerprint
 
     model, tok = smollm2_fp32
     s = _steer(model, strength=1.5, threshold=0.4)

@@ -20,7 +20,7 @@ def load_heads(paths: dict[str, str], tokenizer, top_k: int, lm_head_weight=None
     """{name: head directory or hub id} -> {name: HeadMethod}, checked against this tokenizer and top-k
     (``lm_head_weight``: the model's output embedding, for a contextual head)."""
     from refine_llm.methods import HeadMethod
-    from refine_llm.methods.hub import tokenizer_fingerprint
+    from refine_llm.vocab import tokenizer_fingerprint
 
     fp = tokenizer_fingerprint(tokenizer)
     w = lm_head_weight

@@ -78,15 +78,16 @@ from torch import nn
 from refine_llm.config import HeadConfig
 from refine_llm.errors import UserError
 from refine_llm.methods.hub import (CONFIG_NAME, WEIGHTS_NAME, push_to_hub, read_head_config, read_weights,
-                                    resolve_head, save_head_files, tokenizer_fingerprint)
+                                    resolve_head, save_head_files)
 from refine_llm.methods.gate import GateCore
 from refine_llm.methods.protocol import Method, Output, Scores
 from refine_llm.methods.topk import NEG as _NEG
 from refine_llm.methods.topk import renormalise
+from refine_llm.vocab import tokenizer_fingerprint
 
 __all__ = ["HEADS", "renormalise", "HubHeadMixin", "IdentityHead", "UniformHead", "PaperHead", "LogitHead",
            "ContextualHead", "SlotHead", "GateHead", "RankBiasHead", "build_head", "head_config", "save_head", "load_head",
-           "flatness", "num_parameters", "rewrite_topk", "gate_mask", "HeadMethod", "tokenizer_fingerprint"]
+           "flatness", "num_parameters", "rewrite_topk", "gate_mask", "HeadMethod"]
 
 
 

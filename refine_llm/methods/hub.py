@@ -23,8 +23,7 @@ from refine_llm.errors import UserError
 from refine_llm.io import atomic_write_bytes
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "SavedHeadConfig",
-           "save_head_files", "model_card", "resolve_head", "push_to_hub", "read_head_config", "read_weights",
-           "tokenizer_fingerprint"]
+           "save_head_files", "model_card", "resolve_head", "push_to_hub", "read_head_config", "read_weights"]
 
 FORMAT = "refine_llm.head"
 FORMAT_VERSION = 1
@@ -227,27 +226,4 @@ def read_weights(head_dir: Path, config: dict[str, Any]) -> dict:
     except Exception as e:  # safetensors raises several types on a truncated/garbled file
         raise UserError(f"{wpath} is corrupt ({e}): retrain or re-copy the head") from e
 
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the vocabulary (sorted token -> id items) and the special tokens, as 'sha256:<hex>'.
-
-    Works with any object that has ``get_vocab()`` (transformers tokenizers); special tokens come
-    from ``all_special_tokens`` / ``all_special_ids`` when present.
-    """
-    try:
-        vocab = tokenizer.get_vocab()
-    except AttributeError as e:
-        raise UserError(f"cannot fingerprint {type(tokenizer).__name__}: it has no get_vocab()") from e
-    specials = sorted(
-        zip(
-            [str(t) for t in getattr(tokenizer, "all_special_tokens", [])],
-            [int(i) for i in getattr(tokenizer, "all_special_ids", [])],
-        )
-    )
-    payload = json.dumps(
-        {"vocab": sorted((str(t), int(i)) for t, i in vocab.items()), "special": specials},
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-    return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
 

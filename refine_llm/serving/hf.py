@@ -22,7 +22,7 @@ import torch
 from transformers import LogitsProcessor
 
 from refine_llm.config import SERVING_MODES
-from refine_llm.methods.hub import tokenizer_fingerprint
+from refine_llm.vocab import tokenizer_fingerprint
 from refine_llm.serving import ServedHead, gate_rows, load_served_head, refine_topk
 
 __all__ = ["RefineHeadProcessor"]

@@ -64,7 +64,7 @@ def _has_cuda() -> bool:
 
 def check_heads(heads_dir: str | os.PathLike, model_dir: str) -> list[str]:
     """Load every head under `heads_dir` (config, weights) for `model_dir`'s tokenizer; return their names."""
-    from refine_llm.methods.hub import tokenizer_fingerprint
+    from refine_llm.vocab import tokenizer_fingerprint
     from refine_llm.serving import discover_heads, load_served_head
 
     heads = Path(heads_dir)

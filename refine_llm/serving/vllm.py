@@ -47,7 +47,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor
 
 from refine_llm.config import SERVING_MODES
 from refine_llm.errors import UserError
-from refine_llm.methods.hub import tokenizer_fingerprint
+from refine_llm.vocab import tokenizer_fingerprint
 from refine_llm.serving import (
     HEADS_DIR_ENV,
     ServedHead,

@@ -1,7 +1,7 @@
 """Forward hooks at the answer position: read (activation capture) or rewrite (steering) one decoder
 layer's output at each row's last real token.
 
-Used by activation steering (refine_llm.methods.steer) to collect the probe's training activations and
+Used by activation steering (refine_llm.baselines.steer) to collect the probe's training activations and
 to add the debiasing vector at inference. The hooks ride on the normal HF forward, so everything that
 runs the model goes through them unchanged: ``refine_llm.forward.answer_logits`` (scoring, both its
 prefix-cached right-padded suffix batches and its left-padded whole-sequence batches), and

@@ -35,7 +35,7 @@ prompt token; in generation, each new token's position), where the probe reads: 
 trained on that position's activation; (2) the context's positions are how the model reads who did
 what, and changing them would harm specified questions; (3) the shared few-shot prefix keeps the base
 model's KV, so the prefix cache stays exact and steering costs no extra forward pass (the probe and
-the add run inside the one forward). Mechanics: refine_llm.hooks.
+the add run inside the one forward). Mechanics: refine_llm.baselines.hooks.
 
 Layer and strength (validation). The layer is the candidate whose probe has the highest balanced
 accuracy on cached validation activations (``choose_layer``); the strength is the one with the lowest
@@ -346,7 +346,7 @@ class Steering(nn.Module):
         counts the answer positions seen and fired on (also at strength 0, which changes nothing), and
         ``fired`` holds each call's (n,) fire mask: for scoring passes, ``torch.cat(fired)`` lines up with
         the rows."""
-        from refine_llm.hooks import answer_hooks, decoder_layers
+        from refine_llm.baselines.hooks import answer_hooks, decoder_layers
 
         n = len(decoder_layers(model))
         if self.num_layers is not None and n != self.num_layers:
@@ -419,7 +419,7 @@ class Steering(nn.Module):
         if config.get("format_version", 0) > FORMAT_VERSION:
             raise UserError(f"{cpath} has format_version {config['format_version']}: upgrade refine_llm to load it")
         if tokenizer is not None:
-            from refine_llm.head import tokenizer_fingerprint
+            from refine_llm.vocab import tokenizer_fingerprint
 
             fp = tokenizer_fingerprint(tokenizer)
             if config.get("tokenizer_fingerprint") != fp:
@@ -427,7 +427,7 @@ class Steering(nn.Module):
                                 f"{config.get('tokenizer_fingerprint')} != {fp}): use one learned on this model "
                                 f"({config.get('base_model')})")
         if model is not None:
-            from refine_llm.hooks import decoder_layers, hidden_size
+            from refine_llm.baselines.hooks import decoder_layers, hidden_size
 
             d, n = hidden_size(model), len(decoder_layers(model))
             if config.get("hidden_size") != d or (config.get("num_layers") not in (None, n)):
