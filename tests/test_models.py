@@ -136,3 +136,62 @@ def test_cli_help_explains_every_flag():
     for flag in ("--model", "--category", "--quant", "--top-k", "--method", "--backend", "--max-tuples",
                  "--out", "--seed"):
         assert flag in proc.stdout
+
+
+def _parted_spec(payloads: list[bytes], **over) -> models.PartedGGUF:
+    import hashlib
+
+    whole = b"".join(payloads)
+    fields = dict(alias="tiny-parted", hub_id="x/tiny", filename="tiny.gguf", package="tiny-model-part",
+                  version="0.1.0", parts=len(payloads), size=len(whole), sha256=hashlib.sha256(whole).hexdigest(),
+                  licence="test")
+    fields.update(over)
+    return models.PartedGGUF(**fields)
+
+
+def _write_part_wheels(spec: models.PartedGGUF, payloads: list[bytes], wheels: Path) -> None:
+    import zipfile
+
+    wheels.mkdir(parents=True, exist_ok=True)
+    for i, data in enumerate(payloads, 1):
+        name = f"{spec.package.replace('-', '_')}{i}-{spec.version}-py3-none-any.whl"
+        with zipfile.ZipFile(wheels / name, "w") as z:
+            z.writestr(spec.member(i), data)
+
+
+def test_parted_gguf_reassembles_in_order_and_checks_its_hash(tmp_path):
+    """The embedded default's path (22 wheels -> one GGUF): order matters, and a wrong, missing or truncated
+    part is one UserError naming the wheel or the hash, with no output file and no temp file left behind."""
+    payloads = [b"GGUF" + bytes(range(7)) * 3, b"middle" * 5, b"tail"]
+    spec = _parted_spec(payloads)
+    wheels, out = tmp_path / "wheels", tmp_path / "gguf" / "tiny.gguf"
+    _write_part_wheels(spec, payloads, wheels)
+    assert models.reassemble_parted(spec, wheels, out).read_bytes() == b"".join(payloads)
+
+    swapped = tmp_path / "swapped"
+    _write_part_wheels(spec, [payloads[1], payloads[0], payloads[2]], swapped)  # same bytes, wrong order
+    out2 = tmp_path / "gguf2" / "tiny.gguf"
+    with pytest.raises(UserError, match="sha256") as e:
+        models.reassemble_parted(spec, swapped, out2)
+    assert "\n" not in str(e.value) and str(swapped) in str(e.value)
+    assert not out2.exists() and list(out2.parent.iterdir()) == []
+
+    (swapped / f"tiny_model_part2-{spec.version}-py3-none-any.whl").unlink()
+    with pytest.raises(UserError, match="part 2 of 3 .* missing"):
+        models.reassemble_parted(spec, swapped, out2)
+    (swapped / f"tiny_model_part3-{spec.version}-py3-none-any.whl").write_bytes(b"PK\x03\x04 cut")
+    _write_part_wheels(spec, payloads[:2], swapped)
+    with pytest.raises(UserError, match="not a whole part wheel"):
+        models.reassemble_parted(spec, swapped, out2)
+    assert list(out2.parent.iterdir()) == []
+
+
+def test_embedded_default_is_the_parted_qwen():
+    from refine_llm.config import DEFAULT_MODEL, resolve_quant
+
+    spec = models.PARTED[DEFAULT_MODEL]
+    assert spec.parts == 22 and spec.size == 1_117_320_768 and spec.sha256.startswith("cc324af070c2")
+    assert models.resolve(DEFAULT_MODEL).kind == "parted"
+    assert resolve_quant("auto", DEFAULT_MODEL, "cuda") == "nf4"
+    assert [resolve_quant("auto", DEFAULT_MODEL, "cpu", native_bf16=b) for b in (True, False)] == ["bf16", "fp32"]
+    assert resolve_quant("auto", "testbed", "cuda") == "fp32" and resolve_quant("nf4", DEFAULT_MODEL, "cpu") == "nf4"

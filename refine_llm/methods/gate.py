@@ -50,7 +50,7 @@ from refine_llm.errors import UserError
 from refine_llm.methods.topk import NEG as _NEG
 from refine_llm.methods.topk import renormalise
 
-__all__ = ["GateCore", "LogitSpace", "name_groups", "equalise_groups"]
+__all__ = ["GateCore", "LogitSpace", "name_groups", "equalise_groups", "fit_gate"]
 
 
 
@@ -146,6 +146,8 @@ class GateCore(nn.Module):
         self.register_buffer("logit_w", torch.zeros(vocab_size))
         self.register_buffer("logit_b", torch.zeros(1))
         self.register_buffer("exported", torch.zeros((), dtype=torch.bool))
+        # hard: g = 1[s > 0], equalise fully where the probe says open (the ``probe`` baseline's rule)
+        self.register_buffer("hard", torch.zeros((), dtype=torch.bool))
 
     # ----------------------------------------------------------------------- setup
 
@@ -232,7 +234,14 @@ class GateCore(nn.Module):
             s = z @ self.logit_w + self.logit_b
         else:
             raise ValueError("the gate head needs hidden= (B,d) or logits= (B,V)")
-        return torch.sigmoid(s)
+        return (s > 0).float() if bool(self.hard) else torch.sigmoid(s)
+
+    @torch.no_grad()
+    def sharpen(self, factor: float) -> None:
+        """Multiply the gate's logit by ``factor`` (before ``export_logit_gate``): a sharper gate."""
+        self.w.mul_(factor)
+        self.b.mul_(factor)
+        self.exported.fill_(False)
 
     def forward(self, topk_logprobs, topk_ids=None, hidden=None, logits=None):
         if topk_logprobs.ndim != 2 or topk_logprobs.shape[-1] != self.k:
@@ -245,3 +254,24 @@ class GateCore(nn.Module):
         g = self.gate(hidden=hidden, logits=logits) * ok.float()  # (B,)
         return equalise_groups(lp, A, B, g)
 
+
+def fit_gate(head: GateCore, train: tuple[torch.Tensor, torch.Tensor], val_mu, l2_grid: list[float], *,
+             refit: tuple[torch.Tensor, torch.Tensor] | None = None, sharpness: float = 1.0) -> dict:
+    """The gate head's training (``refine_llm.stages.train``): fit the probe on ``train`` = (hidden (N,d),
+    is_open (N,) bool) for each ridge penalty of ``l2_grid``, keep the one with the lowest ``val_mu(head)``
+    (μ on validation, with ``sharpness`` applied), then, when ``refit`` = (hidden, is_open) of train +
+    validation is given, fit again on it with that penalty; finally sharpen. Returns a JSON-able summary.
+
+    Why refit: the probe must generalise to unseen subjects, and validation adds subjects that train lacks
+    (religion's train split holds 7); validation has then only chosen the penalty (README, "Choosing the gate")."""
+    tried = []
+    for l2 in l2_grid:
+        info = head.fit_probe(*train, l2=l2)
+        head.sharpen(sharpness)
+        tried.append({"l2": l2, "train_accuracy": info["train_accuracy"], "val_mu": float(val_mu(head))})
+    best = min(tried, key=lambda t: t["val_mu"])
+    data = refit if refit is not None else train
+    info = head.fit_probe(*data, l2=best["l2"])
+    head.sharpen(sharpness)
+    return {"l2_grid": tried, "l2": best["l2"], "refit_on_validation": refit is not None, "n": info["n"],
+            "fit_accuracy": info["train_accuracy"], "sharpness": sharpness}

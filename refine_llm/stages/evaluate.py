@@ -35,11 +35,12 @@ def load_heads(cfg: RunConfig, out_s: Path, lm_w) -> dict:
     from refine_llm.methods import HeadMethod
 
     heads = {}
-    for variant in (["rank-bias"] if cfg.head_variants else []) + cfg.head_variants:
+    probe = ["probe"] if "gate" in cfg.head_variants else []  # the gate head's baseline (stages.train.train_gate)
+    for variant in (["rank-bias"] if cfg.head_variants else []) + probe + cfg.head_variants:
         d = out_s / "heads" / variant
         if not (d / "config.json").is_file():
             raise UserError(f"{d}: no trained head yet: run `refine-llm train --out {out_s}` first")
-        name = "rank-bias" if variant == "rank-bias" else condition_name(variant, cfg.head.variant)
+        name = variant if variant in ("rank-bias", "probe") else condition_name(variant, cfg.head.variant)
         heads[name] = HeadMethod.from_pretrained(d, name, lm_head_weight=lm_w if variant in CONTEXT_VARIANTS else None)
     return heads
 
@@ -72,7 +73,7 @@ def evaluate_seed(cfg_s: RunConfig, out_s: Path, parts: dict, base, unrelated, l
             results[name]["flatness"] = flatness(method.head, torch.as_tensor(base.topk_logprobs),
                                                  torch.as_tensor(base.topk_ids), hidden=hidden)
         rows.append(method_row(name, results[name], method.trainable_params, seconds, None))
-    trained = [n for n in results if n.startswith("refine")]
+    trained = [n for n in results if n.startswith("refine") or n == "probe"]
     report = {"metrics": results, "methods": [method_row(n, results[n], 0, 0.0, None)
                                               for n in ("base", "uniform", "top2-equal")] + rows,
               "heads": {n: str(out_s / "heads" / v) for v in cfg_s.head_variants

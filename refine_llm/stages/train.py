@@ -22,7 +22,10 @@ from refine_llm.errors import UserError
 from refine_llm.stages.common import (ANCHOR, TRAIN_INFO, cached_scores, condition_name, config_hash, log,
                                       load_output_embedding, score_info, seed_dirs, splits, write_json)
 
-__all__ = ["bandit_data", "gate_token_ids", "lora_runs", "train_heads", "train_bbq", "train_lora", "run"]
+# The probe baseline's ridge penalty: fixed (no validation), as a user would fit a linear probe.
+PROBE_L2 = 1.0
+
+__all__ = ["bandit_data", "gate_token_ids", "gate_subjects", "train_gate", "lora_runs", "train_heads", "train_bbq", "train_lora", "run"]
 
 
 def bandit_data(questions, scores, with_hidden: bool = False, anchors=None):
@@ -88,7 +91,7 @@ def train_heads(cfg: RunConfig, out: Path, parts: dict, scores: dict, tokenizer,
 
     from refine_llm import bandit
     from refine_llm.methods import heads as H
-    from refine_llm.methods.hub import tokenizer_fingerprint
+    from refine_llm.vocab import tokenizer_fingerprint
 
     needs_hidden = bool(set(CONTEXT_VARIANTS) & set(cfg.head_variants))
     t = time.time()
@@ -110,6 +113,9 @@ def train_heads(cfg: RunConfig, out: Path, parts: dict, scores: dict, tokenizer,
     timing["train_rank_bias"] = time.time() - t
     for variant in cfg.head_variants:
         t = time.time()
+        if variant == "gate":  # fitted, not bandit-trained (refine_llm.methods.gate: why), plus its probe baseline
+            train_gate(cfg, out, parts, train, val, tokenizer, lm_w, meta, training_data, timing)
+            continue
         torch.manual_seed(cfg.bandit.seed)
         head = H.build_head(replace(cfg.head, variant=variant), lm_head_weight=lm_w, seed=cfg.bandit.seed)
         if hasattr(head, "set_category_vocabulary"):  # the slot head reads which slots hold a candidate
@@ -129,12 +135,71 @@ def train_heads(cfg: RunConfig, out: Path, parts: dict, scores: dict, tokenizer,
         H.save_head(head, out / "heads" / variant, {**meta, "training": res.summary(), "bandit": asdict(bcfg)}, card)
 
 
+def gate_subjects(qcfg: QuestionsConfig) -> list[list[str]]:
+    """Every subject of the run's categories with its surface forms: who the gate head tells apart."""
+    from refine_llm import questions as Q
+
+    return [forms for c in qcfg.categories for forms in Q.category_subjects(c, qcfg.wordlists)]
+
+
+def train_gate(cfg: RunConfig, out: Path, parts: dict, train, val, tokenizer, lm_w, meta: dict, training_data: dict,
+               timing: dict) -> None:
+    """The ``gate`` head (ridge penalty chosen on validation, refit on train + validation, sharpened) and the
+    ``probe`` baseline (the same gate fit on the train split alone with penalty 1, opening fully where it says
+    open: the real-model finding the gate must beat). Open = an underspecified question. Both are exported to
+    the logit space (served from the logits row) and saved like every head."""
+    import torch
+
+    from refine_llm import bandit, vocab
+    from refine_llm.methods import heads as H
+    from refine_llm.methods.gate import LogitSpace, fit_gate
+
+    t = time.time()
+    space = LogitSpace(lm_w)  # one (d+1)^2 Gram solve per run: h from the logits row
+    timing["gate_logit_space"] = time.time() - t
+    ids, membership = vocab.gate_vocabulary(tokenizer, gate_subjects(cfg.questions))
+    is_open = lambda q: torch.tensor([not s for s in q["specified"]])
+    tr, va = (train.hidden, is_open(parts["train"])), (val.hidden, is_open(parts["validation"]))
+
+    def fresh():
+        head = H.build_head(replace(cfg.head, variant="gate"), lm_head_weight=lm_w,
+                            arch={"n_words": len(membership[0]), "n_tokens": len(ids)})
+        head.set_vocabulary(ids, torch.tensor(membership, dtype=torch.bool))
+        return head
+
+    t = time.time()
+    head = fresh()
+    refit = (torch.cat([tr[0], va[0]]), torch.cat([tr[1], va[1]])) if cfg.head.gate_refit else None
+    summary = fit_gate(head, tr, lambda h: bandit.evaluate_head(h, val)["val_mu"], cfg.head.gate_l2_grid,
+                       refit=refit, sharpness=cfg.head.gate_sharpness)
+    head.export_logit_gate(space)
+    head.eval()
+    summary["seconds"] = round(time.time() - t + timing["gate_logit_space"], 2)
+    timing["train_gate"] = time.time() - t
+    data = {**training_data, "validation": "penalty choice" + (" and refit" if cfg.head.gate_refit else "")}
+    H.save_head(head, out / "heads" / "gate", {**meta, "training": summary},
+                {"training_data": data, "metrics": {"condition": condition_name("gate", cfg.head.variant),
+                                                    "chosen ridge penalty": summary["l2"]}})
+    tried = ", ".join(f"{x['l2']:g}: {x['val_mu']:.4f}" for x in summary["l2_grid"])
+    log(f"gate head: ridge penalty {summary['l2']:g} chosen by validation μ ({tried})")
+    t = time.time()
+    probe = fresh()
+    info = probe.fit_probe(*tr, l2=PROBE_L2)
+    probe.hard.fill_(True)
+    probe.export_logit_gate(space)
+    probe.eval()
+    info["seconds"] = round(time.time() - t, 2)
+    H.save_head(probe, out / "heads" / "probe", {**meta, "training": info},
+                {"training_data": training_data, "metrics": {"condition": "probe"}})
+    timing["train_probe"] = time.time() - t
+
+
 def train_bbq(cfg: RunConfig, out: Path, scores_dir: Path, key: str, tokenizer, timing: dict) -> None:
     """--bbq: a logit head on BBQ's train templates, from the cached cloze scores -> heads/bbq/head."""
     from refine_llm.bbq.run import items_of
     from refine_llm.bbq.task import score_cloze, train_bbq_head
     from refine_llm.methods import heads as H
-    from refine_llm.methods.hub import tokenizer_fingerprint
+    from refine_llm.vocab import tokenizer_fingerprint
     from refine_llm.stages.score import bbq_scoring
 
     t = time.time()
