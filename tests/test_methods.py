@@ -88,3 +88,51 @@ def test_a_plug_in_method_runs_through_every_stage(tmp_path, tiny_mistral_dir, m
     assert {r["method"] for r in report["methods"]} >= {"test-prefix", "test-same"}
     caches = {p.name for p in (tmp_path / "run" / "scores").glob("*/*")}
     assert any(c.endswith("-aligned") for c in caches)  # the passes' own cache entries
+
+
+@pytest.mark.model
+def test_prompt_instruct_and_self_debias_run_in_the_main_job(tmp_path, tiny_mistral_dir):
+    """Issue 23's two prompt-level methods as plug-ins: their passes are scored by the score stage (Self-Debias
+    once per category, with that category's prefix, put back in the questions' order), they move the answer
+    distribution, and switching them off leaves every base number as it was (same cache, same metrics)."""
+    from refine_llm import models
+
+    loaded = models.load_model(tiny_mistral_dir, quant="fp32", device="cpu")
+    common = dict(method="none", model=ModelConfig(name=tiny_mistral_dir, quant="fp32"),
+                  questions=QuestionsConfig(category="all", max_tuples=2),
+                  scoring=ScoringConfig(prompt="qa", batch_size=8, top_k=20))
+    on = RunConfig(out=str(tmp_path / "on"), extra_methods="prompt-instruct,self-debias", **common)
+    assert pipeline.run(on, loaded=loaded) == 0
+    m = json.loads((tmp_path / "on" / "report.json").read_text())["metrics"]
+    assert {"base", "prompt-instruct", "self-debias"} <= set(m)
+    # Another distribution over the base's top-k slots (random weights: a prefix moves p only a little, and
+    # Self-Debias down-weights only what the prefix makes more likely; identical passes would give exactly 0).
+    assert m["prompt-instruct"]["kl_base"] > 1e-6 and m["self-debias"]["kl_base"] > 1e-9
+    assert np.isfinite([m[k]["mu"] for k in ("prompt-instruct", "self-debias")]).all()  # every row got its pass
+    caches = {p.name for p in (tmp_path / "on" / "scores").glob("*/*")}
+    assert sum(c.endswith("-aligned") for c in caches) == 1 + 4, caches  # the instruct pass, one Self-Debias
+    # pass per category (its own prefix: another prompt, another cache)
+    off = RunConfig(out=str(tmp_path / "off"), **common)
+    assert pipeline.run(off, loaded=loaded) == 0
+    m_off = json.loads((tmp_path / "off" / "report.json").read_text())["metrics"]
+    assert set(m_off) & {"prompt-instruct", "self-debias"} == set()
+    for key in ("mu", "eta", "mean_abs_c", "gold_share"):
+        assert m_off["base"][key] == pytest.approx(m["base"][key], abs=1e-9), key
+
+
+def test_self_debias_with_no_decay_is_the_renormalised_base():
+    from refine_llm.methods import SelfDebias
+    from refine_llm.methods.self_debias import SelfDebiasConfig
+
+    rng = np.random.default_rng(0)
+    lp = np.log(rng.dirichlet(np.ones(4), size=3).astype(np.float32) * 0.9)
+    mask = np.zeros((3, 2, 4), bool)
+    mask[:, 0, 0] = mask[:, 1, 1] = True
+    base = Scores(lp, np.tile(np.arange(4), (3, 1)), mask, lp[:, :2].copy(), np.zeros(3, bool), np.zeros(3, bool))
+    biased = Scores(lp, base.topk_ids, mask, lp[:, :2].copy(), np.zeros(3, bool), np.zeros(3, bool),
+                    aligned_logprobs=np.concatenate([np.full((3, 1), np.log(0.95), np.float32), lp[:, 1:]], 1))
+    # the prefix makes the first candidate's slot more likely, nothing else: it is the one down-weighted
+    off = SelfDebias(config=SelfDebiasConfig(decay=0.0)).apply(base, {"self-debias#0": biased})
+    np.testing.assert_allclose(off.p_topk, Base().apply(base).p_topk, rtol=1e-5)
+    on = SelfDebias().apply(base, {"self-debias#0": biased})
+    assert (on.p_topk[:, 0] < off.p_topk[:, 0] - 1e-3).all()

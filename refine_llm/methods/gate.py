@@ -26,11 +26,13 @@ that name's words (and not the other's). So " Margaret" and "Marg" are one name,
 against each other, and rows without two names in the top-k are left alone (g = 0 there): unrelated
 prompts pass through untouched.
 
-Training (``refine_llm.pipeline``): ``fit_probe`` fits w, b by L2-regularised logistic regression of
-open (underspecified) vs decided (specified) train questions on standardised h, then the bandit trainer
-(``refine_llm.bandit``) fine-tunes w, b on the main job's objective (``refine_llm.rewards``: -C^2,
-P(gold) and KL(base || head) on specified questions, KL on the anchor prompts), keeping the best
-validation step. Without the fine-tuning this is the ``probe`` baseline of the report.
+Training (``refine_llm.stages.train.train_gate``, ``fit_gate``): ``fit_probe`` fits w, b by L2-regularised
+logistic regression of open (underspecified) vs decided (specified) train questions on standardised h, for
+each ridge penalty of a small grid; validation μ picks the penalty, the gate is refit on train + validation
+(more subjects) and sharpened. It is fitted, not bandit-trained: fine-tuning w, b with the bandit trainer
+on the main job's objective (``refine_llm.rewards``) lowered validation μ but not test μ on the 1.5B default
+(it fits the validation names), so the closed-form fit is the head. The ``probe`` baseline is the same
+gate fit on the train split alone with one penalty, opened fully (hard) where it says open.
 
 Serving from logits. vLLM's logits processors see the logits row z = W_out h (+ any constant shift),
 not h. h is recovered exactly by least squares on [W_out, 1] (V >> d), so the gate is a linear function

@@ -121,13 +121,19 @@ class ScorePass:
     get question ids ``<name>|<question id>``); ``model``: "base" (scored by the score stage, up front), or
     "adapter" (a model that training produces: scored by the evaluate stage once it exists); ``align``:
     also record this pass's log-probs of the base's top-k ids (``Scores.aligned_logprobs``), so that the
-    method's KL is taken against the base model's top-k on the same question."""
+    method's KL is taken against the base model's top-k on the same question. ``instruct``: the run's prompt
+    with a bias-avoiding instruction (``prompt_variants.instruct_prompt``); ``bias_prefixes``: Self-Debias's
+    passes, one per bias-inducing prefix of each row's category, read from that prefixes file ("" = the
+    shipped one): the stage expands it into passes ``<name>#<i>`` (prefix i of each category; a row whose
+    category has fewer prefixes gets -inf aligned log-probs there, no evidence)."""
 
     name: str
     prompt: str | None = None
     prefix: str = ""
     model: str = "base"
     align: bool = True
+    instruct: bool = False
+    bias_prefixes: str | None = None
 
 
 class Method(ABC):

@@ -23,10 +23,13 @@ Cost: one extra forward per prompt and prefix (1 per category with the shipped p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
-__all__ = ["SelfDebiasConfig", "self_debias", "DECAY", "EPSILON"]
+from refine_llm.methods.protocol import Method, Output, Scores, ScorePass
+
+__all__ = ["SelfDebiasConfig", "self_debias", "SelfDebias", "DECAY", "EPSILON"]
 
 DECAY = 50.0  # λ, the paper's default
 EPSILON = 0.01  # the authors' code's floor on α
@@ -72,3 +75,36 @@ def self_debias(base_logprobs, biased_logprobs, decay: float = DECAY, epsilon: f
     with np.errstate(divide="ignore", invalid="ignore"):
         out = x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
     return out.astype(np.float32)
+
+
+@dataclass
+class SelfDebias(Method):
+    """Self-Debias as a condition of the main job (``--extra-methods self-debias``): its passes
+    (``ScorePass(bias_prefixes=...)``, one per prefix of each row's category, aligned to the base top-k ids)
+    are scored by the score stage; ``apply`` is ``self_debias`` over the base's top-k slots."""
+
+    kind: ClassVar[str] = "self-debias"
+    name: str = "self-debias"
+    config: SelfDebiasConfig = field(default_factory=SelfDebiasConfig)
+
+    @classmethod
+    def for_run(cls, cfg, run_dir) -> "SelfDebias":
+        return cls()
+
+    def passes(self) -> list[ScorePass]:
+        return [ScorePass(self.kind, bias_prefixes=self.config.prefixes or "")]
+
+    def apply(self, base: Scores, own: dict[str, Scores] | None = None) -> Output:
+        import torch
+
+        own = own or {}
+        names = sorted((n for n in own if n.startswith(f"{self.kind}#")), key=lambda n: int(n.split("#")[1]))
+        if not names:
+            raise ValueError(f"{self.kind}: no scored prefix passes ({self.kind}#<i>) among {sorted(own)}")
+        biased = np.stack([own[n].aligned_logprobs for n in names], axis=1)  # (M, P, k) at the base top-k ids
+        lp = self_debias(base.topk_logprobs, biased, self.config.decay, self.config.epsilon)  # (M, k)
+        return Output.from_topk(torch.as_tensor(lp), base)
+
+    def info(self) -> dict:
+        return {**super().info(), "decay": self.config.decay, "epsilon": self.config.epsilon, "training": "none",
+                "extra_forward_per_prompt": "one per prefix", "served_by_vllm": "no (a second forward per step)"}

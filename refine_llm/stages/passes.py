@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from refine_llm.config import RunConfig
 from refine_llm.scoring.plan import QUESTION_COLUMNS
 
-__all__ = ["plugins", "pass_rows", "pass_scoring", "pass_columns", "score_passes", "read_passes"]
+__all__ = ["plugins", "concrete_passes", "pass_rows", "pass_scoring", "pass_columns", "score_passes", "read_passes"]
 
 
 def plugins(cfg: RunConfig, run_dir: Path) -> dict:
@@ -26,14 +28,35 @@ def plugins(cfg: RunConfig, run_dir: Path) -> dict:
     return {kind: METHODS[kind].for_run(cfg, run_dir) for kind in cfg.plugin_methods}
 
 
-def pass_rows(sp, questions, base) -> dict[str, list]:
-    """The pass's question rows (dict of columns) for the test split ``questions`` and its base ``Scores``."""
-    rows = {c: list(questions[c]) for c in QUESTION_COLUMNS}
+def concrete_passes(sp, questions, prompt_name: str) -> list[tuple[str, object, np.ndarray]]:
+    """What one ``ScorePass`` scores: [(pass name, PromptTemplate, row indices of ``questions``)]. A plain pass
+    is one entry over every row; ``instruct`` swaps in the run's prompt with the instruction; ``bias_prefixes``
+    expands into ``<name>#<i>`` per prefix i, one entry per category (its rows, its i-th prefix)."""
+    from refine_llm import prompt_variants as V
+    from refine_llm import prompts
+
+    name = sp.prompt or prompt_name
+    template = V.instruct_prompt(name)[0] if sp.instruct else prompts.load_prompt(name)
+    n = len(questions["question_id"])
+    if sp.bias_prefixes is None:
+        return [(sp.name, template, np.arange(n))]
+    cats = np.asarray(questions["category"], dtype=object)
+    table = {c: V.prefixes_for(c, sp.bias_prefixes or None) for c in dict.fromkeys(cats.tolist())}
+    return [(f"{sp.name}#{i}", V.with_prefix(template, table[c][i]), np.flatnonzero(cats == c))
+            for i in range(max((len(p) for p in table.values()), default=0)) for c in table if i < len(table[c])]
+
+
+def pass_rows(sp, questions, base, idx: np.ndarray | None = None) -> dict[str, list]:
+    """The pass's question rows (dict of columns) for the rows ``idx`` (default: all) of the test split
+    ``questions`` and its base ``Scores``."""
+    idx = np.arange(len(questions["question_id"])) if idx is None else idx
+    rows = {c: [questions[c][i] for i in idx] if len(idx) != len(questions["question_id"]) else list(questions[c])
+            for c in QUESTION_COLUMNS}
     if sp.prefix:
         rows["context"] = [sp.prefix + c for c in rows["context"]]
         rows["question_id"] = [f"{sp.name}|{q}" for q in rows["question_id"]]
     if sp.align:
-        rows["base_topk_ids"] = [list(map(int, r)) for r in base.topk_ids]
+        rows["base_topk_ids"] = [list(map(int, base.topk_ids[i])) for i in idx]
     return rows
 
 
@@ -47,26 +70,51 @@ def pass_columns(sp) -> tuple[str, ...]:
 
 def score_passes(cfg: RunConfig, out: Path, model, tokenizer, key: str, prompt_name: str, questions, base) -> None:
     """Score stage: every base-model pass of every plug-in method, on the test split."""
-    from refine_llm import prompts, scoring
+    from refine_llm import scoring
 
     for method in plugins(cfg, out).values():
         for sp in method.passes():
             if sp.model != "base":
                 continue
-            scoring.score(model, tokenizer, pass_rows(sp, questions, base), prompts.load_prompt(sp.prompt or prompt_name),
-                          pass_scoring(cfg, sp), cache_dir=out / "scores", model_key=key, columns=pass_columns(sp))
+            for _, template, idx in concrete_passes(sp, questions, prompt_name):
+                scoring.score(model, tokenizer, pass_rows(sp, questions, base, idx), template, pass_scoring(cfg, sp),
+                              cache_dir=out / "scores", model_key=key, columns=pass_columns(sp))
+
+
+def _placed(parts: list[tuple[np.ndarray, object]], n: int):
+    """One Scores of ``n`` rows from (row indices, Scores) parts; rows no part covers: zeros, and -inf
+    aligned log-probs (no evidence)."""
+    from refine_llm.methods import Scores
+
+    first = parts[0][1]
+
+    def put(attr, fill):
+        arrays = [getattr(sc, attr) for _, sc in parts]
+        if any(a is None for a in arrays):
+            return None
+        full = np.full((n, *arrays[0].shape[1:]), fill, dtype=arrays[0].dtype)
+        for (idx, _), a in zip(parts, arrays):
+            full[idx] = a
+        return full
+
+    if len(parts) == 1 and len(first) == n:
+        return first
+    return Scores(put("topk_logprobs", 0), put("topk_ids", 0), put("cand_mask", False), put("cand_logprobs", 0),
+                  put("collision", False), put("nonfinite", False), put("hidden", 0), put("aligned_logprobs", -np.inf))
 
 
 def read_passes(cfg: RunConfig, out: Path, method, key: str, prompt_name: str, questions, base) -> dict:
-    """Evaluate stage: {pass name: Scores} of a method's base-model passes, read from the cache (no model)."""
-    from refine_llm import prompts
+    """Evaluate stage: {pass name: Scores} of a method's base-model passes, read from the cache (no model);
+    a pass scored in parts (one per category) is put back together in the questions' order."""
     from refine_llm.methods import Scores
     from refine_llm.scoring.driver import read_cached
 
-    own = {}
+    parts: dict[str, list] = {}
     for sp in method.passes():
         if sp.model == "base":
-            ds = read_cached(pass_rows(sp, questions, base), prompts.load_prompt(sp.prompt or prompt_name),
-                             pass_scoring(cfg, sp), out / "scores", key, columns=pass_columns(sp))
-            own[sp.name] = Scores.from_table(ds)
-    return own
+            for name, template, idx in concrete_passes(sp, questions, prompt_name):
+                ds = read_cached(pass_rows(sp, questions, base, idx), template, pass_scoring(cfg, sp), out / "scores",
+                                 key, columns=pass_columns(sp))
+                parts.setdefault(name, []).append((idx, Scores.from_table(ds)))
+    n = len(questions["question_id"])
+    return {name: _placed(p, n) for name, p in parts.items()}
