@@ -308,6 +308,7 @@ def _busy_port():
     return s
 
 
+SERVE_MODEL = ["--model", "smollm2-135m"]  # the heads' model (serve's default is the 1.5B Qwen since issue 22)
 SERVE_CASES = [
     ("heads-missing", lambda p, t: ["--heads", str(t / "no_heads")], "no such directory"),
     ("heads-empty", lambda p, t: ["--heads", str(p["heads_empty"])], "no head directories"),
@@ -342,6 +343,8 @@ def test_serve_bad_input(case, bad, tmp_path, capsys, monkeypatch):
         argv = ["--heads", str(bad["heads_ok"]), "--port", str(busy.getsockname()[1])]
     else:
         argv = argv_of(bad, tmp_path)
+    if "--model" not in argv:
+        argv += SERVE_MODEL
     try:
         rc, err = _run("serve", argv + ["--print-command"], capsys)
     finally:
@@ -357,7 +360,7 @@ def test_serve_good_input_passes_checks(bad, capsys, monkeypatch):
     """The same checks accept a good heads directory (the command has the CPU KV bound)."""
     import vllm  # noqa: F401  (required: a missing vllm fails, never skips)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    rc, err = _run("serve", ["--heads", str(bad["heads_ok"]), "--port", "0", "--print-command"], capsys)
+    rc, err = _run("serve", ["--heads", str(bad["heads_ok"]), "--port", "0", "--print-command", *SERVE_MODEL], capsys)
     assert rc == 0, err
     if not __import__("torch").cuda.is_available():
         assert "--kv-cache-memory-bytes 2147483648" in err
@@ -369,7 +372,7 @@ def test_vllm_kvcache_env_bad(bad, capsys, monkeypatch):
     from refine_llm.serving import launch
 
     monkeypatch.setattr(launch, "_has_cuda", lambda: False)  # the CPU KV bound is what is checked, on any machine
-    rc, err = _run("serve", ["--heads", str(bad["heads_ok"]), "--port", "0", "--print-command"], capsys)
+    rc, err = _run("serve", ["--heads", str(bad["heads_ok"]), "--port", "0", "--print-command", *SERVE_MODEL], capsys)
     assert rc == 2 and "VLLM_CPU_KVCACHE_SPACE" in err and len(err.strip().splitlines()) == 1, err
 
 
