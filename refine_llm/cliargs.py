@@ -74,6 +74,19 @@ def _scalar_type(t: type, optional: bool):
     return parse
 
 
+def _checked_type(check, t: type, flag: str):
+    """The flag's value as ``t``, after ``check(value)`` (which raises ValueError with the one-line message;
+    argparse names the flag itself, so a message that starts with it loses that prefix)."""
+    def parse(s: str):
+        try:
+            check(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag} ")) from None
+        return t(s)
+    parse.__name__ = t.__name__
+    return parse
+
+
 def _unwrap(t) -> tuple[Any, bool]:
     """(the type inside ``X | None``, whether None is allowed)."""
     if get_origin(t) in (Union, types.UnionType) and type(None) in get_args(t):
@@ -107,6 +120,9 @@ def _add_field(group, f, t, prefix: str, dest: str, default: Any, seen: dict[str
         group.add_argument(flag, type=_literal_type(flag, choices), metavar="{" + ",".join(choices) + "}", **kw)
     elif get_origin(t) is list:  # a repeatable flag: --head A --head B
         group.add_argument(flag, action="append", type=_scalar_type(get_args(t)[0], False),
+                           metavar=meta.get("metavar", flag.lstrip("-").upper().replace("-", "_")), **kw)
+    elif "check" in meta:  # a value checked as it is parsed: its error comes before "the following arguments are required"
+        group.add_argument(flag, type=_checked_type(meta["check"], t, flag),
                            metavar=meta.get("metavar", flag.lstrip("-").upper().replace("-", "_")), **kw)
     else:
         group.add_argument(flag, type=_scalar_type(t, optional),

@@ -14,22 +14,59 @@ from pathlib import Path
 from refine_llm.errors import UserError
 
 
-def check_model(name: str) -> None:
-    """The model resolves, a .gguf file is whole, a model directory has a readable config.json."""
+def check_model(name: str, trust_remote_code: bool = False) -> None:
+    """The model resolves, a .gguf file is whole, a model directory (or a cached hub model) has a readable
+    config.json whose architecture transformers knows (or --trust-remote-code is given)."""
     from refine_llm import models
 
     source = models.resolve(name)
+    cfg = None
     if source.kind == "hub" and not Path(source.location).exists():
         models.ensure_hub_reachable(source.location, name)  # cached, or the hub answers (5 s at most)
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(source.location, "config.json")
+        except Exception:  # a malformed id: the hub's own error names it later
+            cached = None
+        cfg = Path(cached) if isinstance(cached, str) else None
     if source.kind == "gguf":
         models.check_gguf(source.location)
     elif source.kind == "dir":
         cfg = Path(source.location) / "config.json"
-        try:
-            json.loads(cfg.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise UserError(f"--model {name}: {cfg} is not valid JSON ({' '.join(str(e).split())[:120]}); "
-                            "re-save the model with save_pretrained") from None
+    if cfg is None:
+        return
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"--model {name}: {cfg} is not valid JSON ({' '.join(str(e).split())[:120]}); "
+                        "re-save the model with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--model {name}: {cfg} is not a JSON object; re-save the model with save_pretrained")
+    if not trust_remote_code:
+        check_remote_code(name, cfg, config)
+
+
+def check_remote_code(name: str, path: Path, config: dict) -> None:
+    """A config.json that needs code transformers does not have (an ``auto_map`` to the checkpoint's own code
+    without a ``model_type`` transformers knows, or an unknown ``model_type``) is refused in one line naming
+    --trust-remote-code, instead of transformers' traceback after the tokenizer loads. A known model_type with
+    an auto_map loads transformers' own class (as transformers does without trust_remote_code)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return
+    if "auto_map" in config:
+        code = ", ".join(sorted(config["auto_map"])) if isinstance(config["auto_map"], dict) else "auto_map"
+        raise UserError(f"--model {name}: {path} needs the model's own code ({code}); pass --trust-remote-code "
+                        "if you trust it (it runs on this machine)")
+    if model_type is not None:  # none: transformers guesses the architecture from the path
+        import transformers
+
+        raise UserError(f"--model {name}: {path}: model_type {model_type!r} is unknown to transformers "
+                        f"{transformers.__version__} and the model ships no code (no auto_map); upgrade transformers "
+                        "(--trust-remote-code only helps a model that ships its code)")
 
 
 def check_wordlists(category: str, wordlists: str | None) -> None:
@@ -56,7 +93,7 @@ def check_run(cfg) -> None:
         from refine_llm.scoring.backends.vllm import vllm_dtype
 
         vllm_dtype(cfg.model.quant)
-    check_model(cfg.model.name)
+    check_model(cfg.model.name, cfg.model.trust_remote_code)
     check_wordlists(cfg.questions.category, cfg.questions.wordlists)
     check_prompt(cfg.scoring.prompt)
     if cfg.plugin_methods:
@@ -71,6 +108,15 @@ def check_run(cfg) -> None:
                 raise UserError(f"--extra-methods {m}: not a method of refine_llm.methods.METHODS.{hint} "
                                 f"Known: {', '.join(METHODS)}")
     if cfg.bbq.bbq_dir:
-        from refine_llm.bbq.data import bbq_files
+        check_bbq(cfg.bbq.bbq_dir)
 
-        bbq_files(cfg.bbq.bbq_dir)  # --bbq: the BBQ stage runs last, so a wrong path would cost the whole job
+
+def check_bbq(path: str) -> None:
+    """--bbq: every line of every .jsonl parses as a BBQ item (fields, types, labels), the file and line named
+    on a mistake. The BBQ stage runs last, so a bad line would otherwise cost the whole job (all of the
+    release's 58k items read in about a second)."""
+    from refine_llm.bbq.data import bbq_files, read_jsonl
+
+    for f in bbq_files(path):
+        if not read_jsonl(f):
+            raise UserError(f"--bbq {path}: {f} holds no items: remove it or pass the data/ directory of nyu-mll/BBQ")

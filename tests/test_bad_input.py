@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BBQ_DATA = ROOT.parent / "shared" / "bbq" / "data"  # nyu-mll/BBQ data/ (a few categories), shared by the worktrees
 SHORT_PROMPT = "Text: [context] Question: [question] Answer:"  # short prompts: seconds of scoring on 2 cores
 
 
@@ -89,6 +90,38 @@ def bad(tmp_path_factory, smollm2_dir):
     make_served_head(d / "heads_bad_weights" / "gender", tok)
     (d / "heads_bad_weights" / "gender" / "model.safetensors").write_bytes(b"\x10\x00garbage")
     (d / "heads_empty").mkdir()
+
+    # model directories whose config.json needs code transformers does not have
+    (d / "remote_code").mkdir()
+    (d / "remote_code" / "config.json").write_text(json.dumps({
+        "model_type": "refine_custom_lm", "auto_map": {"AutoConfig": "configuration_x.XConfig",
+                                                       "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}))
+    (d / "unknown_arch").mkdir()
+    (d / "unknown_arch" / "config.json").write_text(json.dumps({"model_type": "refine_not_an_architecture"}))
+
+    # BBQ directories: the release's first lines, then one mistake each
+    good = [json.loads(ln) for ln in (BBQ_DATA / "Age.jsonl").read_text().splitlines()[:4]]
+
+    def bbq_dir(name: str, lines: list[str], extra: dict[str, str] | None = None) -> None:
+        (d / name).mkdir()
+        (d / name / "Age.jsonl").write_text("\n".join(lines) + "\n")
+        for fname, text in (extra or {}).items():
+            (d / name / fname).write_text(text)
+
+    ok = [json.dumps(x) for x in good]
+    bbq_dir("bbq_not_json", ok[:2] + ['{"example_id": 2, "question_index": "1",'] + ok[3:])
+    bbq_dir("bbq_no_label", ok[:1] + [json.dumps({k: v for k, v in good[1].items() if k != "label"})] + ok[2:])
+    bbq_dir("bbq_label_range", ok[:3] + [json.dumps({**good[3], "label": 3})])
+    bbq_dir("bbq_label_text", ok[:1] + [json.dumps({**good[1], "label": "2"})])
+    bbq_dir("bbq_answer_info_text", [json.dumps({**good[0], "answer_info": "grandfather"})] + ok[1:])
+    bbq_dir("bbq_not_object", ok[:1] + ["[1, 2, 3]"] + ok[2:])
+    bbq_dir("bbq_empty_file", ok, {"Empty.jsonl": "\n"})
+
+    # --config files
+    (d / "cfg_wrong_type.yaml").write_text("questions:\n  seed: abc\n")
+    (d / "cfg_bool_text.yaml").write_text("model:\n  trust_remote_code: 'yes'\n")
+    (d / "cfg_model_number.yaml").write_text("model:\n  name: 5\n")
+    (d / "cfg_latin1.yaml").write_bytes("# caf\xe9\nseeds: 0,1\n".encode("latin-1"))
     for f in d.iterdir():
         p[f.name] = f
     return p
@@ -151,6 +184,25 @@ MAIN_CASES = [
     ("prompt-empty", lambda p, t: ["--prompt", str(p["empty_prompt.txt"])], "empty_prompt.txt"),
     # output
     ("out-is-a-file", lambda p, t: ["--out", str(p["a_file"])], "--out"),
+    # model directories that need remote code (issue 25)
+    ("model-auto-map", lambda p, t: ["--model", str(p["remote_code"])], "--trust-remote-code"),
+    ("model-unknown-type", lambda p, t: ["--model", str(p["unknown_arch"])], "'refine_not_an_architecture'"),
+    # --bbq: every line of every file read before the model loads (file:line named)
+    ("bbq-not-json", lambda p, t: ["--bbq", str(p["bbq_not_json"])], "Age.jsonl:3: not JSON"),
+    ("bbq-missing-field", lambda p, t: ["--bbq", str(p["bbq_no_label"])], "Age.jsonl:2: missing field(s) label"),
+    ("bbq-label-out-of-range", lambda p, t: ["--bbq", str(p["bbq_label_range"])], "Age.jsonl:4: label must be 0, 1 or 2"),
+    ("bbq-label-text", lambda p, t: ["--bbq", str(p["bbq_label_text"])], "Age.jsonl:2: label must be 0, 1 or 2"),
+    ("bbq-answer-info-text", lambda p, t: ["--bbq", str(p["bbq_answer_info_text"])],
+     "Age.jsonl:1: answer_info must be a JSON object"),
+    ("bbq-line-not-object", lambda p, t: ["--bbq", str(p["bbq_not_object"])], "Age.jsonl:2: expected a JSON object"),
+    ("bbq-empty-file", lambda p, t: ["--bbq", str(p["bbq_empty_file"])], "Empty.jsonl holds no items"),
+    # --config files: a value of the wrong type names its key
+    ("config-wrong-type", lambda p, t: ["--config", str(p["cfg_wrong_type.yaml"])],
+     "questions.seed must be a whole number"),
+    ("config-bool-text", lambda p, t: ["--config", str(p["cfg_bool_text.yaml"])],
+     "model.trust_remote_code must be true or false"),
+    ("config-model-number", lambda p, t: ["--config", str(p["cfg_model_number.yaml"])], "--model 5: unknown model alias"),
+    ("config-not-utf8", lambda p, t: ["--config", str(p["cfg_latin1.yaml"])], "not UTF-8"),
 ]
 
 
@@ -177,6 +229,78 @@ def test_main_job_bad_input(case, bad, tmp_path, capsys, monkeypatch):
         assert lines[0].endswith("(see --help)")
 
 
+# `refine-llm` subcommands, in-process (refine_llm.cli.main): (id, argv builder, substring of the one line)
+CLI_CASES = [
+    ("score-shard-out-of-range", lambda p, t: ["score", "--shard", "3/2"], "shard 3 is out of range for 2"),
+    ("score-shard-not-i-n", lambda p, t: ["score", "--shard", "half", "--out", str(t / "s")], "--shard: half"),
+    ("score-shard-zero-shards", lambda p, t: ["score", "--shard", "0/0"], "out of range for 0 shard(s)"),
+    ("score-ray-actors-zero", lambda p, t: ["score", "--questions", str(t), "--out", str(t / "s"), "--prompt", "qa",
+                                            "--ray-actors", "0"], "--ray-actors must be > 0"),
+    ("score-ray-gpus-negative", lambda p, t: ["score", "--questions", str(t), "--out", str(t / "s"), "--prompt", "qa",
+                                              "--ray-gpus-per-actor", "-1"], "--ray-gpus-per-actor must be >= 0"),
+    ("run-remote-code", lambda p, t: ["run", "--model", str(p["remote_code"]), "--out", str(t / "r")],
+     "--trust-remote-code"),
+    ("questions-config-type", lambda p, t: ["questions", "--config", str(p["cfg_wrong_type.yaml"]), "--out",
+                                              str(t / "r")], "questions.seed must be a whole number"),
+    ("bbq-evaluate-bad-line", lambda p, t: ["bbq", "evaluate", str(p["bbq_label_range"])], "Age.jsonl:4: label"),
+    ("bbq-evaluate-remote-code", lambda p, t: ["bbq", "evaluate", str(BBQ_DATA), "--model", str(p["remote_code"])],
+     "--trust-remote-code"),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input(case, bad, tmp_path, capsys, monkeypatch):
+    from refine_llm import models
+    from refine_llm.cli import main
+    from refine_llm.stages import questions
+
+    def tripwire(*a, **k):
+        raise AssertionError("the command got past the input checks (a stage or a model load started)")
+
+    for mod, fn in ((questions, "run"), (models, "load_model"), (models, "load_tokenizer")):
+        monkeypatch.setattr(mod, fn, tripwire)  # every case must fail before any work
+    name, argv_of, expect = case
+    capsys.readouterr()
+    try:
+        rc = main(argv_of(bad, tmp_path))
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and expect in lines[0], lines[0]
+    assert not list(tmp_path.rglob("*.arrow")) and not list(tmp_path.rglob("config.json"))
+
+
+def test_model_checks_pass_good_configs(tmp_path, smollm2_dir):
+    """The remote-code check refuses nothing transformers loads by itself: a known model_type with an auto_map
+    (transformers uses its own class without --trust-remote-code), no model_type, or --trust-remote-code given."""
+    from refine_llm.errors import UserError
+    from refine_llm.preflight import check_model
+
+    check_model(smollm2_dir)
+    for name, cfg in (("known_with_auto_map", {"model_type": "llama", "auto_map": {"AutoConfig": "c.C"}}),
+                      ("no_type", {"architectures": ["LlamaForCausalLM"]})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        check_model(str(tmp_path / name))
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "config.json").write_text(json.dumps({"model_type": "x_lm", "auto_map": {"AutoConfig": "c.C"}}))
+    check_model(str(tmp_path / "remote"), trust_remote_code=True)
+    with pytest.raises(UserError, match="--trust-remote-code"):
+        check_model(str(tmp_path / "remote"))
+
+
+def test_good_bbq_directory_passes_preflight():
+    """The real release's files (../shared/bbq/data) pass the --bbq checks."""
+    from refine_llm.bbq.data import read_jsonl
+    from refine_llm.preflight import check_bbq
+
+    check_bbq(str(BBQ_DATA))
+    assert len(read_jsonl(BBQ_DATA / "Age.jsonl")) > 1000
+
+
 def _busy_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -184,6 +308,7 @@ def _busy_port():
     return s
 
 
+SERVE_MODEL = ["--model", "smollm2-135m"]  # the heads' model (serve's default is the 1.5B Qwen since issue 22)
 SERVE_CASES = [
     ("heads-missing", lambda p, t: ["--heads", str(t / "no_heads")], "no such directory"),
     ("heads-empty", lambda p, t: ["--heads", str(p["heads_empty"])], "no head directories"),
@@ -218,6 +343,8 @@ def test_serve_bad_input(case, bad, tmp_path, capsys, monkeypatch):
         argv = ["--heads", str(bad["heads_ok"]), "--port", str(busy.getsockname()[1])]
     else:
         argv = argv_of(bad, tmp_path)
+    if "--model" not in argv:
+        argv += SERVE_MODEL
     try:
         rc, err = _run("serve", argv + ["--print-command"], capsys)
     finally:
@@ -233,7 +360,7 @@ def test_serve_good_input_passes_checks(bad, capsys, monkeypatch):
     """The same checks accept a good heads directory (the command has the CPU KV bound)."""
     import vllm  # noqa: F401  (required: a missing vllm fails, never skips)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    rc, err = _run("serve", ["--heads", str(bad["heads_ok"]), "--port", "0", "--print-command"], capsys)
+    rc, err = _run("serve", ["--heads", str(bad["heads_ok"]), "--port", "0", "--print-command", *SERVE_MODEL], capsys)
     assert rc == 0, err
     if not __import__("torch").cuda.is_available():
         assert "--kv-cache-memory-bytes 2147483648" in err
@@ -245,7 +372,7 @@ def test_vllm_kvcache_env_bad(bad, capsys, monkeypatch):
     from refine_llm.serving import launch
 
     monkeypatch.setattr(launch, "_has_cuda", lambda: False)  # the CPU KV bound is what is checked, on any machine
-    rc, err = _run("serve", ["--heads", str(bad["heads_ok"]), "--port", "0", "--print-command"], capsys)
+    rc, err = _run("serve", ["--heads", str(bad["heads_ok"]), "--port", "0", "--print-command", *SERVE_MODEL], capsys)
     assert rc == 2 and "VLLM_CPU_KVCACHE_SPACE" in err and len(err.strip().splitlines()) == 1, err
 
 

@@ -45,6 +45,7 @@ def evaluate_main(argv: list[str] | None, prog: str = "refine-llm bbq evaluate",
     from refine_llm import models
     from refine_llm.cliargs import parse_config
     from refine_llm.methods import hub
+    from refine_llm.preflight import check_model
     from refine_llm.bbq.data import bbq_files
     from refine_llm.bbq.report import markdown
     from refine_llm.bbq.run import evaluate_model, head_name, items_of, load_heads, save_result, scoring_config
@@ -57,6 +58,7 @@ def evaluate_main(argv: list[str] | None, prog: str = "refine-llm bbq evaluate",
     for p in head_paths.values():  # a missing or corrupt head fails here, before the model loads
         hub.read_head_config(p)
     mcfg = a.model
+    check_model(mcfg.name)  # a damaged config.json or one that needs remote code: one line, before the model loads
     model, tok = models.load_model(mcfg.name, quant=mcfg.quant, device=mcfg.device)
     heads = load_heads(head_paths, tok, a.scoring.top_k, model.get_output_embeddings().weight.detach().float().cpu())
     need_hidden = any(getattr(h.head, "variant", "") == "contextual" for h in heads.values())

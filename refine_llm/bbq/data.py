@@ -60,16 +60,25 @@ def parse_item(d: dict, where: str) -> BBQItem:
     missing = [f for f in _FIELDS if f not in d]
     if missing:
         raise UserError(f"{where}: missing field(s) {', '.join(missing)}: not a BBQ item (see nyu-mll/BBQ data/*.jsonl)")
+    for f, kind in (("answer_info", dict), ("additional_metadata", dict), ("context", str), ("question", str),
+                    ("ans0", str), ("ans1", str), ("ans2", str)):
+        if not isinstance(d[f], kind):
+            raise UserError(f"{where}: {f} must be a JSON {'object' if kind is dict else 'string'}, got "
+                            f"{type(d[f]).__name__}: not a BBQ item (see nyu-mll/BBQ data/*.jsonl)")
+    if isinstance(d["example_id"], bool) or not str(d["example_id"]).isdigit():
+        raise UserError(f"{where}: example_id must be a whole number, got {d['example_id']!r}")
     info = []
     for a in ("ans0", "ans1", "ans2"):
         v = d["answer_info"].get(a) or ["", ""]
+        if not isinstance(v, list):
+            raise UserError(f"{where}: answer_info.{a} must be a [text, code] list, got {v!r}")
         info.append((str(v[0]) if len(v) > 0 else "", str(v[1]) if len(v) > 1 else ""))
     if sum(code.lower() == UNKNOWN_CODE for _, code in info) != 1:
         raise UserError(f"{where}: answer_info must mark exactly one answer 'unknown', got {info}")
     if d["question_polarity"] not in ("neg", "nonneg") or d["context_condition"] not in ("ambig", "disambig"):
         raise UserError(f"{where}: question_polarity must be neg/nonneg and context_condition ambig/disambig, got "
                         f"{d['question_polarity']!r}/{d['context_condition']!r}")
-    if d["label"] not in (0, 1, 2):
+    if isinstance(d["label"], bool) or d["label"] not in (0, 1, 2):
         raise UserError(f"{where}: label must be 0, 1 or 2, got {d['label']!r}")
     extra = {k: v for k, v in d.items() if k not in _FIELDS}
     return BBQItem(

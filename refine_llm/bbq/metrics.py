@@ -221,8 +221,8 @@ def verdict(tables: dict[str, dict], base: str = "base") -> list[dict]:
     accuracy by more than 1 point? (argmax numbers, the pooled "all" row or the only category)."""
     out = []
     for cond, tab in tables.items():
-        if cond == base or base not in tables:
-            continue
+        if cond == base or base not in tables or not tab or not tables[base]:
+            continue  # an empty table: e.g. no held-out templates (a --bbq set with one template)
         cat = "all" if "all" in tab else next(iter(tab))
         b, h = tables[base][cat], tab[cat]
         if None in (b["s_amb"], h["s_amb"], b["acc_disambig"], h["acc_disambig"]):

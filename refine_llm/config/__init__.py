@@ -14,7 +14,8 @@ from refine_llm.config.choices import (Category, Quant, TESTBED_NAME, TESTBED_QU
     HeadVariant, HeadObjective, LoraObjective, ScoringMode, CATEGORIES, QUANTS, BACKENDS, METHODS, HEAD_VARIANTS,
     OBJECTIVES, LORA_OBJECTIVES, CONTEXT_VARIANTS, SERVING_MODES, RENAMED_OBJECTIVES, AUTO_SCORING_BATCH_SIZE,
     SCHEMA_VERSION, NULL_RESAMPLES, BOOT_RESAMPLES, BBQ_RESAMPLES, BBQ_MAX_BATCH_SIZE, FLUSH_ROWS, MERGE_FILE_ROWS,
-    DEFAULT_CPU_KV_CACHE_GIB, TESTBED_VERSION, DEFAULT_MODEL, cpu_native_bf16, resolve_quant, check_choice, check_literals, check_positive, parse_seeds)
+    DEFAULT_CPU_KV_CACHE_GIB, TESTBED_VERSION, DEFAULT_MODEL, cpu_native_bf16, resolve_quant, check_choice, check_literals, check_positive, parse_seeds,
+    parse_shard)
 from refine_llm.config.run import (ModelConfig, QuestionsConfig, ScoringConfig, HeadConfig, BanditConfig, LoraConfig,
     BBQConfig, RunConfig, load_config_file, help_of)
 from refine_llm.config.commands import (TestbedRecipe, EvalSpec, QuestionsArgs, RayConfig, ScoreArgs, MergeArgs,
@@ -25,7 +26,8 @@ __all__ = ["Category", "Quant", "TESTBED_NAME", "TESTBED_QUANT", "QUANT_CHOICES"
            "HEAD_VARIANTS", "OBJECTIVES", "LORA_OBJECTIVES", "CONTEXT_VARIANTS", "SERVING_MODES",
            "RENAMED_OBJECTIVES", "AUTO_SCORING_BATCH_SIZE", "SCHEMA_VERSION", "NULL_RESAMPLES", "BOOT_RESAMPLES",
            "BBQ_RESAMPLES", "BBQ_MAX_BATCH_SIZE", "FLUSH_ROWS", "MERGE_FILE_ROWS", "DEFAULT_CPU_KV_CACHE_GIB",
-           "TESTBED_VERSION", "DEFAULT_MODEL", "cpu_native_bf16", "resolve_quant", "check_choice", "check_literals", "check_positive", "parse_seeds", "ModelConfig",
+           "TESTBED_VERSION", "DEFAULT_MODEL", "cpu_native_bf16", "resolve_quant", "check_choice", "check_literals", "check_positive", "parse_seeds", "parse_shard",
+           "ModelConfig",
            "QuestionsConfig", "ScoringConfig", "HeadConfig", "BanditConfig", "LoraConfig", "BBQConfig", "RunConfig",
            "load_config_file", "help_of", "TestbedRecipe", "EvalSpec", "QuestionsArgs", "RayConfig", "ScoreArgs",
            "MergeArgs", "CacheMetricsArgs", "BBQPredictionsArgs", "BBQEvaluateArgs", "ServeArgs", "MakeTestbedArgs",

@@ -3,6 +3,7 @@ checks every config's ``__post_init__`` runs. Imports nothing of ours."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -11,7 +12,8 @@ __all__ = ["Category", "Quant", "TESTBED_NAME", "TESTBED_QUANT", "QUANT_CHOICES"
            "HEAD_VARIANTS", "OBJECTIVES", "LORA_OBJECTIVES", "CONTEXT_VARIANTS", "SERVING_MODES",
            "RENAMED_OBJECTIVES", "AUTO_SCORING_BATCH_SIZE", "SCHEMA_VERSION", "NULL_RESAMPLES", "BOOT_RESAMPLES",
            "BBQ_RESAMPLES", "BBQ_MAX_BATCH_SIZE", "FLUSH_ROWS", "MERGE_FILE_ROWS", "DEFAULT_CPU_KV_CACHE_GIB",
-           "TESTBED_VERSION", "DEFAULT_MODEL", "cpu_native_bf16", "resolve_quant", "check_choice", "check_literals", "check_positive", "parse_seeds"]
+           "TESTBED_VERSION", "DEFAULT_MODEL", "cpu_native_bf16", "resolve_quant", "check_choice", "check_literals", "check_positive", "parse_seeds",
+           "parse_shard"]
 
 # Choices are typed as Literal; the tuples below are derived from them (one home per list).
 Category = Literal["gender", "nationality", "ethnicity", "religion"]
@@ -124,3 +126,15 @@ def parse_seeds(value: Any) -> str:
                          "e.g. 0,1,2")
     return ",".join(str(s) for s in seeds)
 
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"i/n" (``--shard``) -> (i, n) with 0 <= i < n: the i-th (from 0) of n shards."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text or ""))
+    if not m:
+        raise ValueError(f"--shard {text}: expected I/N with 0 <= I < N (e.g. --shard 0/4 is the first of 4)")
+    i, n = int(m[1]), int(m[2])
+    if n < 1 or i >= n:
+        raise ValueError(f"--shard {text}: shard {i} is out of range for {n} shard(s): I runs from 0 to N-1 "
+                         f"(e.g. --shard 0/4 is the first of 4)")
+    return i, n

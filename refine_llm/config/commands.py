@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from refine_llm.config.choices import (BBQ_RESAMPLES, DEFAULT_CPU_KV_CACHE_GIB, FLUSH_ROWS, NULL_RESAMPLES,
-                                       TESTBED_VERSION, check_literals, check_positive)
+                                       TESTBED_VERSION, check_literals, check_positive, parse_shard)
 from refine_llm.config.run import ModelConfig, QuestionsConfig, ScoringConfig
 
 __all__ = ["TestbedRecipe", "EvalSpec", "QuestionsArgs", "RayConfig", "ScoreArgs", "MergeArgs", "CacheMetricsArgs",
@@ -100,6 +100,12 @@ class RayConfig:
         "help": "GPUs per actor; > 0 runs one vLLM engine per actor (tensor parallel = this many GPUs). UNTESTED."})
     local_cpus: int | None = field(default=None, metadata={"help": "CPUs of the local cluster (default: all)."})
 
+    def __post_init__(self) -> None:
+        for name in ("actors", "cpus_per_actor", "local_cpus"):
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name))
+        check_positive("gpus_per_actor", self.gpus_per_actor, allow_zero=True)
+
 
 @dataclass
 class ScoreArgs:
@@ -110,7 +116,7 @@ class ScoreArgs:
                                      "metavar": "DIR"})
     out: str = field(metadata={"help": "Run directory; the cache goes to RUN/scores.", "metavar": "RUN"})
     shard: str = field(default="0/1", metadata={"help": "Score only the I-th (from 0) of N contiguous runs of batches.",
-                                                "metavar": "I/N"})
+                                                "metavar": "I/N", "check": parse_shard})
     flush_rows: int = field(default=FLUSH_ROWS, metadata={"help": "Rows per cache file written while scoring."})
     vllm_dtype: str = field(default="float32", metadata={"help": "vLLM dtype (--backend vllm, or Ray actors with GPUs)."})
     quiet: bool = field(default=False, metadata={"help": "No progress bar."})
@@ -120,6 +126,7 @@ class ScoreArgs:
 
     def __post_init__(self) -> None:
         check_positive("flush_rows", self.flush_rows)
+        parse_shard(self.shard)
 
 
 @dataclass

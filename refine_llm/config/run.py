@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from refine_llm.config.choices import (AUTO_SCORING_BATCH_SIZE, CATEGORIES, CONTEXT_VARIANTS, DEFAULT_MODEL,
                                        QUANT_CHOICES, SCHEMA_VERSION, TESTBED_NAME, Backend, HeadObjective,
@@ -358,7 +358,7 @@ class RunConfig:
     )
     seeds: str | None = field(
         default=None,
-        metadata={"help": "Training seeds, comma-separated (e.g. 0,1,2): the questions, splits and scores stay fixed "
+        metadata={"list_ok": True, "help": "Training seeds, comma-separated (e.g. 0,1,2): the questions, splits and scores stay fixed "
                           "(scored once), each seed trains the heads again (--head-seed and --lora-seed set to it) "
                           "into <out>/seeds/seed-<s>/, and the report gives each seed, mean ± sd and whether any "
                           "seed reverses a conclusion. LoRA baselines train with the first seed only. None: one "
@@ -469,13 +469,38 @@ def _build(cls: type, d: dict[str, Any], source: str, path: str = "") -> Any:
     kw = {}
     for k, v in d.items():
         t = hints[k]
-        kw[k] = _build(t, v, source, f"{path}{k}.") if is_dataclass(t) else v
+        kw[k] = _build(t, v, source, f"{path}{k}.") if is_dataclass(t) else _typed(v, t, names[k], source, f"{path}{k}")
     try:
         return cls(**kw)
     except ValueError as e:
         raise ValueError(f"{source}: {path}{e}") from None
     except TypeError as e:
         raise ValueError(f"{source}: {path.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def _typed(v: Any, t: Any, f, source: str, where: str) -> Any:
+    """A file's value for a field annotated ``t``: the type the flag's parser would give (a YAML number for a
+    text field becomes its text; --seeds takes a YAML list), or a ValueError naming the key."""
+    args = get_args(t)
+    if type(None) in args and (v is None or isinstance(v, str) and v.lower() == "none"):  # as the flags read it
+        return None
+    base = next((a for a in args if a is not type(None)), t) if type(None) in args else t
+    if get_origin(base) is Literal or get_origin(base) is list:
+        return v  # the dataclass's own checks name the choices
+    want = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(base)
+    if want is None:
+        return v
+    if base is str and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    if base is str:
+        ok = isinstance(v, str) or bool(f.metadata.get("list_ok")) and isinstance(v, list)  # seeds: [0, 1, 2]
+    elif base is bool:
+        ok = isinstance(v, bool)
+    else:
+        ok = isinstance(v, int if base is int else (int, float)) and not isinstance(v, bool)
+    if not ok:
+        raise ValueError(f"{source}: {where} must be {want}{' or none' if type(None) in args else ''}, got {v!r}")
+    return v
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -486,7 +511,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--config {p}: no such file (a run's config.json or a YAML file)")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config {p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if p.suffix in (".yaml", ".yml"):
         import yaml
 

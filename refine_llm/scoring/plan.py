@@ -25,12 +25,11 @@ pronouns credited to it). Candidate tokens come from ``refine_llm.vocab``.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from refine_llm.config import ScoringConfig
+from refine_llm.config import ScoringConfig, parse_shard
 from refine_llm.errors import UserError
 from refine_llm.prompts import PromptTemplate
 from refine_llm.vocab import candidate_token_ids
@@ -64,10 +63,10 @@ class Shard:
 
     @classmethod
     def parse(cls, text: str) -> "Shard":
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
-        if not m or int(m[2]) < 1 or int(m[1]) >= int(m[2]):
-            raise UserError(f"--shard {text}: expected i/n with 0 <= i < n (e.g. --shard 0/4 is the first of 4)")
-        return cls(int(m[1]), int(m[2]))
+        try:
+            return cls(*parse_shard(text))
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     def batches(self, n_batches: int) -> tuple[int, int]:
         """[first, stop) batch indices of this shard."""
