@@ -30,6 +30,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"  # a saved artifact's files
+
+
+def write_artifact(out_dir: str | os.PathLike, tensors: dict, config: dict, card, what: str,
+                   finish=None) -> Path:
+    """Save a learned artifact (a head, a steering vector) as ``model.safetensors`` + ``README.md`` +
+    ``config.json``: each file temp + rename, weights first and config.json last. config.json records the
+    weights' sha256 (``weights_sha256``), so a kill between the files (an old config next to new weights) is
+    detected at load. ``finish(config) -> config`` normalises it once the hash is in; ``card(config) -> str``
+    writes the model card; ``what`` names the artifact in the one-line error for metadata that is not JSON."""
+    import hashlib
+
+    from safetensors.torch import save as save_safetensors
+
+    from refine_llm.errors import UserError
+
+    out = Path(out_dir)
+    weights = save_safetensors({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, metadata={"format": "pt"})
+    config = {**config, "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    config = finish(config) if finish is not None else config
+    try:
+        text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{what} metadata is not JSON-serialisable ({e}): pass plain numbers, strings, lists, "
+                        "dicts") from e
+    atomic_write_bytes(out / WEIGHTS_NAME, weights)
+    atomic_write_bytes(out / CARD_NAME, card(config).encode())
+    atomic_write_bytes(out / CONFIG_NAME, (text + "\n").encode())
+    return out
+
+
 def jsonable(x):
     """Plain JSON types: numpy scalars/arrays to Python, NaN/inf to None, other objects to str."""
     if isinstance(x, dict):

@@ -72,14 +72,13 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from refine_llm.errors import UserError
-from refine_llm.io import atomic_write_bytes
+from refine_llm.io import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, write_artifact
 
 __all__ = ["SteerConfig", "Steering", "candidate_layers", "commitment", "bias_labels", "train_probe",
            "balanced_accuracy", "choose_layer", "mean_difference", "steering_vector", "choose_strength", "FORMAT"]
 
 FORMAT = "refine_llm.steer"
 FORMAT_VERSION = 1
-CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 
 
 @dataclass
@@ -389,17 +388,8 @@ class Steering(nn.Module):
         clash = sorted(set(self.arch()) & set(meta))
         if clash:
             raise ValueError(f"meta must not set architecture keys {clash}: they come from the steering object")
-        weights = save_safetensors(self._tensors(), metadata={"format": "pt"})
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.arch(), **meta,
-                  "weights_sha256": hashlib.sha256(weights).hexdigest()}
-        try:
-            text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"steering metadata is not JSON-serialisable ({e}): pass plain numbers, strings, lists") from e
-        atomic_write_bytes(out / WEIGHTS_NAME, weights)
-        atomic_write_bytes(out / CARD_NAME, model_card(config, card).encode())
-        atomic_write_bytes(out / CONFIG_NAME, (text + "\n").encode())
-        return out
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.arch(), **meta}
+        return write_artifact(out, self._tensors(), config, lambda c: model_card(c, card), "steering")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, tokenizer=None, model=None) -> "Steering":

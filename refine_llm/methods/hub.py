@@ -17,19 +17,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save as save_safetensors
 
 from refine_llm.errors import UserError
-from refine_llm.io import atomic_write_bytes
+from refine_llm.io import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, write_artifact
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "SavedHeadConfig",
            "save_head_files", "model_card", "resolve_head", "push_to_hub", "read_head_config", "read_weights"]
 
 FORMAT = "refine_llm.head"
 FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CARD_NAME = "README.md"
 
 
 @dataclass
@@ -93,17 +89,8 @@ def save_head_files(out_dir: str | os.PathLike, tensors: dict, arch: dict[str, A
         raise ValueError(f"meta must not set architecture keys {clash}: they come from the head")
     if "gate_token_ids" in meta and meta["gate_token_ids"] is not None:
         meta["gate_token_ids"] = [int(t) for t in meta["gate_token_ids"]]
-    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    weights = save_safetensors(tensors, metadata={"format": "pt"})
-    config = SavedHeadConfig.from_dict({**arch, **meta, "weights_sha256": hashlib.sha256(weights).hexdigest()}).to_dict()
-    try:
-        text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"head metadata is not JSON-serialisable ({e}): pass plain numbers, strings, lists, dicts") from e
-    atomic_write_bytes(out_dir / WEIGHTS_NAME, weights)
-    atomic_write_bytes(out_dir / CARD_NAME, model_card(config, card).encode())
-    atomic_write_bytes(out_dir / CONFIG_NAME, (text + "\n").encode())
-    return out_dir
+    return write_artifact(out_dir, tensors, {**arch, **meta}, lambda config: model_card(config, card), "head",
+                          finish=lambda config: SavedHeadConfig.from_dict(config).to_dict())
 
 
 def model_card(config: dict[str, Any], card: dict[str, Any] | None = None) -> str:
