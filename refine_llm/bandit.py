@@ -472,9 +472,10 @@ class HeadTrainer:
             raise UserError("resume=True needs checkpoint_dir")
         cfg, st = self.cfg, self.state
         self.head.train()
-        total = full = self.objective.num_steps(cfg)
-        if max_steps is not None:
-            total = min(total, max_steps)
+        full = self.objective.num_steps(cfg)  # the schedule: epochs x batches, capped by cfg.max_steps
+        if cfg.max_steps is not None:
+            full = min(full, cfg.max_steps)
+        total = full if max_steps is None else min(full, max_steps)  # max_steps: stop early (resume goes on)
         if resume:
             self.load_checkpoint()
             st = self.state

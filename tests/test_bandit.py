@@ -276,3 +276,14 @@ def test_slot_head_debiases_where_candidates_compete_and_stays_out_elsewhere():
     msg = f"mean|C| {before:.3f} -> {after:.3f}, KL spec {kl_spec:.4f}, KL anchor {kl_anchor:.4f}, best step {res.best_step}"
     assert after <= 0.4 * before, msg  # issue 14: mean |C| -60%
     assert kl_spec <= 0.02 and kl_anchor <= 0.01, msg
+
+
+def test_max_steps_of_the_config_caps_the_schedule_and_still_ends_with_an_evaluation():
+    """BanditConfig.max_steps (the main job's 150 on a large train split) is the schedule's length: training
+    stops there and the closing validation evaluation runs, as at the end of the last epoch."""
+    train, val = synth(24, n_spec=16, seed=0), synth(8, seed=1)
+    cfg = BanditConfig.paper(objective="direct", lr=0.05, batch_size=16, minibatch_size=8, epochs=3,
+                             utility_weight=0.5, eval_every=100, max_steps=4)
+    assert num_steps(train.num_tuples, cfg) == 9
+    res = train_head(build_head(HeadConfig(variant="logit", k=K)), train, cfg, val=val, progress=False)
+    assert res.steps == 4 and res.history[-1]["step"] == 4 and "val_mu" in res.history[-1]
