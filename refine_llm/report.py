@@ -62,13 +62,16 @@ def _header(keys) -> list[str]:
 
 
 def methods_table(report: dict) -> list[str]:
-    """The report's method rows (trainable params, train time, peak memory, then the registry's bias and
+    """The report's method rows (trainable params, train time, peak memory, extra forward passes per answered
+    prompt at inference, whether vLLM serves it, then the registry's bias and
     utility columns) as Markdown lines: the "Methods" section of report.md, also printed by
     eval/compare_methods.py."""
     keys = BIAS_KEYS + UTILITY_KEYS
-    rows = [[m.get("method"), m.get("trainable_params"), m.get("train_seconds"), m.get("peak_memory_mb")]
+    rows = [[m.get("method"), m.get("trainable_params"), m.get("train_seconds"), m.get("peak_memory_mb"),
+             m.get("extra_forwards", "–"), m.get("vllm", "–")]
             + [metric(k).format(m.get(k)) for k in keys] for m in report.get("methods") or []]
-    return table(["method", "trainable params", "train s", "peak MB"] + _header(keys), rows)
+    return table(["method", "trainable params", "train s", "peak MB", "extra forwards / prompt", "vLLM serves it"]
+                 + _header(keys), rows)
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -103,8 +103,11 @@ def test_prompt_instruct_and_self_debias_run_in_the_main_job(tmp_path, tiny_mist
                   scoring=ScoringConfig(prompt="qa", batch_size=8, top_k=20))
     on = RunConfig(out=str(tmp_path / "on"), extra_methods="prompt-instruct,self-debias", **common)
     assert pipeline.run(on, loaded=loaded) == 0
-    m = json.loads((tmp_path / "on" / "report.json").read_text())["metrics"]
+    rep = json.loads((tmp_path / "on" / "report.json").read_text())
+    m = rep["metrics"]
     assert {"base", "prompt-instruct", "self-debias"} <= set(m)
+    cost = {r["method"]: (r["extra_forwards"], r["vllm"]) for r in rep["methods"]}  # the table's cost columns
+    assert cost["prompt-instruct"][0] == 0 and cost["self-debias"][1].startswith("no") and cost["base"] == (0, "yes")
     # Another distribution over the base's top-k slots (random weights: a prefix moves p only a little, and
     # Self-Debias down-weights only what the prefix makes more likely; identical passes would give exactly 0).
     assert m["prompt-instruct"]["kl_base"] > 1e-6 and m["self-debias"]["kl_base"] > 1e-9

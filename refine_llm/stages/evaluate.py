@@ -23,11 +23,13 @@ from refine_llm.stages.common import (EVALUATION, TRAIN_INFO, cached_scores, con
 __all__ = ["method_row", "load_heads", "evaluate_seed", "evaluate_lora", "evaluate_bbq", "quant_shift", "run"]
 
 
-def method_row(name, res, params, secs, peak_mb) -> dict:
+def method_row(name, res, params, secs, peak_mb, extra_forwards=0, vllm: str = "yes") -> dict:
+    """A row of the methods table: cost (trainable parameters, training seconds, peak memory, extra forward
+    passes per answered prompt at inference, whether vLLM can serve it) and the bias and utility columns."""
     from refine_llm.metrics import BIAS_KEYS, UTILITY_KEYS
 
     return {"method": name, "trainable_params": params, "train_seconds": round(secs, 2), "peak_memory_mb": peak_mb,
-            **{k: res.get(k) for k in BIAS_KEYS + UTILITY_KEYS}}
+            "extra_forwards": extra_forwards, "vllm": vllm, **{k: res.get(k) for k in BIAS_KEYS + UTILITY_KEYS}}
 
 
 def load_heads(cfg: RunConfig, out_s: Path, lm_w) -> dict:
@@ -72,7 +74,8 @@ def evaluate_seed(cfg_s: RunConfig, out_s: Path, parts: dict, base, unrelated, l
         if name != "rank-bias":
             results[name]["flatness"] = flatness(method.head, torch.as_tensor(base.topk_logprobs),
                                                  torch.as_tensor(base.topk_ids), hidden=hidden)
-        rows.append(method_row(name, results[name], method.trainable_params, seconds, None))
+        rows.append(method_row(name, results[name], method.trainable_params, seconds, None,
+                               vllm="yes (logits processor)"))
     trained = [n for n in results if n.startswith("refine") or n == "probe"]
     report = {"metrics": results, "methods": [method_row(n, results[n], 0, 0.0, None)
                                               for n in ("base", "uniform", "top2-equal")] + rows,
@@ -112,7 +115,8 @@ def evaluate_lora(cfg: RunConfig, out: Path, out_s: Path, parts: dict, base, pro
         _free_memory()
         o = Adapter(m, res.adapter_dir, res.trainable_params).apply(base, {"adapter": own})
         r = ev.add(m, o.p_topk, o.p_full)  # its own top-k tokens: no KL to base over the same slots
-        report["methods"].append(method_row(m, r, res.trainable_params, res.train_seconds, res.peak_memory_mb))
+        report["methods"].append(method_row(m, r, res.trainable_params, res.train_seconds, res.peak_memory_mb,
+                                            vllm="yes (LoRA adapter, not on NF4 weights)"))
     # the adapters on the heads' bias-utility plane (against the same temperature curve and baselines)
     report["plane"] = plane_verdicts(ev.results, report["temperature_curve"],
                                      [n for n in ev.results if n.startswith(("refine", "lora"))])
@@ -129,7 +133,9 @@ def evaluate_plugins(cfg: RunConfig, out: Path, out_s: Path, test_q, base, key: 
         own = read_passes(cfg, out, method, key, prompt_name, test_q, base)
         o = method.apply(base, own)
         r = ev.add(method.name or kind, o.p_topk, o.p_full, topk_logprobs=o.topk_logprobs)
-        report["methods"].append(method_row(method.name or kind, r, method.trainable_params, 0.0, None))
+        info = method.info()
+        report["methods"].append(method_row(method.name or kind, r, method.trainable_params, 0.0, None,
+                                            info.get("extra_forward_per_prompt", 0), info.get("served_by_vllm", "?")))
     names = [m.name or k for k, m in plugins(cfg, out_s).items()]
     report["plane"] = plane_verdicts(ev.results, report["temperature_curve"],
                                      [n for n in ev.results if n.startswith(("refine", "lora")) or n in names])
