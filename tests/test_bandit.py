@@ -79,7 +79,7 @@ def test_converges_to_equal_mass_and_every_parameter_moves(variant):
     base = evaluate_head(head, val)
     # 90 epochs: the unbiased -C^2 reward (product of two samples' C) is noisier than -|C| of one sample
     cfg = BanditConfig.paper(objective="reinforce", lr=0.1, batch_size=48, minibatch_size=24, epochs=90,
-                             utility_weight=1.0, eval_every=10, answer_mass_weight=1.0)
+                             utility_weight=1.0, eval_every=10, answer_mass_weight=1.0, max_steps=None)
     res = train_head(head, train, cfg, val=val, progress=False)
     after = evaluate_head(head, val)
     mass = _rank_mass(head, val)

@@ -16,7 +16,8 @@ from refine_llm.config import BanditConfig, LoraConfig, ModelConfig, QuestionsCo
 
 
 def _cfg(out, model_dir, **kw) -> RunConfig:
-    return RunConfig(out=str(out), model=ModelConfig(name=model_dir), questions=QuestionsConfig(max_tuples=3),
+    # quant nf4: the model these tests pass in (smollm2_nf4); "auto" would record the CPU's own choice
+    return RunConfig(out=str(out), model=ModelConfig(name=model_dir, quant="nf4"), questions=QuestionsConfig(max_tuples=3),
                      scoring=ScoringConfig(prompt="qa"), **kw)
 
 

@@ -24,8 +24,9 @@ import pytest
 from refine_llm import evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["--max-tuples", "4", "--prompt", "paper", "--batch-size", "8", "--quant", "fp32"]
-REFINE = ["--method", "refine", "--head-epochs", "12"]
+COMMON = ["--max-tuples", "4", "--prompt", "paper", "--batch-size", "8", "--quant", "fp32", "--category", "gender",
+          "--train-tuples", "none"]  # the small split design this test's shard and step counts are written for
+REFINE = ["--method", "refine", "--head-epochs", "12", "--head", "logit"]  # logit first: its checkpoints are killed
 LORA = ["--method", "lora-reward", "--lora-steps", "6", "--lora-batch-size", "2"]
 
 
@@ -98,7 +99,7 @@ def test_kill9_during_scoring_and_head_training_resumes_bit_identical(uninterrup
 
     assert _metrics(out) == _metrics(ref)
     heads, ref_heads = _files(out, "heads/*/model.safetensors"), _files(ref, "heads/*/model.safetensors")
-    assert len(ref_heads) == 5 and heads.keys() == ref_heads.keys()  # rank-bias, logit, paper, contextual, slot
+    assert len(ref_heads) == 7 and heads.keys() == ref_heads.keys()  # rank-bias, logit, gate, probe, paper, contextual, slot
     assert all(heads[k] == ref_heads[k] for k in heads), [k for k in heads if heads[k] != ref_heads[k]]
 
 

@@ -265,7 +265,8 @@ def fit_gate(head: GateCore, train: tuple[torch.Tensor, torch.Tensor], val_mu, l
     validation is given, fit again on it with that penalty; finally sharpen. Returns a JSON-able summary.
 
     Why refit: the probe must generalise to unseen subjects, and validation adds subjects that train lacks
-    (religion's train split holds 7); validation has then only chosen the penalty (README, "Choosing the gate")."""
+    (religion's train split holds 7); validation has then only chosen the penalty (README, "Results on the
+    embedded default")."""
     tried = []
     for l2 in l2_grid:
         info = head.fit_probe(*train, l2=l2)
