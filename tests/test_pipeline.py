@@ -109,7 +109,7 @@ def test_compare_methods_all(tmp_path, smollm2_dir, smollm2_nf4, capsys):
     with pytest.raises(SystemExit) as e:  # the flag is fixed to all: one line, exit 2, before any model loads
         cm.main(["--method", "refine", "--out", str(out)])
     assert e.value.code == 2 and "always runs with all" in capsys.readouterr().err
-    cfg = RunConfig(out=str(out), model=ModelConfig(name=smollm2_dir), questions=QuestionsConfig(max_tuples=2),
+    cfg = RunConfig(out=str(out), model=ModelConfig(name=smollm2_dir, quant="nf4"), questions=QuestionsConfig(max_tuples=2),
                     scoring=ScoringConfig(prompt=str(prompt)), bandit=BanditConfig(epochs=2),
                     lora=LoraConfig(steps=1, batch_size=1))
     table = cm.compare(cfg, loaded=smollm2_nf4)
