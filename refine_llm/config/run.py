@@ -30,8 +30,8 @@ class ModelConfig:
     quant: Literal[QUANT_CHOICES] = field(
         default="auto",
         metadata={"help": "Weights: nf4 (paper: 4-bit NF4, double quant, bf16 compute), int8, bf16 or fp32; auto "
-                          "(default) = fp32 for --model testbed, nf4 on CUDA (the paper's setting), bf16 on CPU "
-                          "(NF4 costs 5-7 s per forward of the 1.5B default on 2 CPU cores)."},
+                          "(default) = fp32 for --model testbed, nf4 on CUDA (the paper's setting), bf16 on a CPU "
+                          "with native bf16 (AVX512-BF16/AMX), fp32 on one without (config.resolve_quant)."},
     )
     device: str | None = field(
         default=None, metadata={"help": "torch device (default: cuda if available, else cpu)."}
@@ -153,9 +153,9 @@ class HeadConfig:
     )
     k: int = field(default=10, metadata={"help": "Top-k size; must equal the scoring top_k.", "cli": False})
     rank: int = field(default=8, metadata={"help": "Rank of the contextual head's bilinear correction and of the slot head's codes."})
-    # Measured on Qwen2.5-Coder-1.5B (README, "Choosing the gate"): fitting on train+validation after choosing
-    # the ridge penalty on validation moved religion's test Δμ from -36% to -72% (its train split holds 7
-    # subjects, and the missed ones were an unseen subject); sharpness 4 from -80% to -82% pooled.
+    # The gate's fit (refine_llm.methods.gate.fit_gate): a penalty grid chosen by validation μ, a refit on
+    # train + validation (more subjects: religion's train split holds 7) and a sharpened logit. Chosen in an
+    # exploration on Qwen2.5-Coder-1.5B's hidden states; the README's results table is the measured outcome.
     gate_l2: str = field(default="0.1,0.3,1,3", metadata={
         "help": "gate head: ridge penalties tried for its probe (fit on train, chosen by validation μ)."})
     gate_refit: bool = field(default=True, metadata={
@@ -171,7 +171,7 @@ class HeadConfig:
         check_positive("rank", self.rank)
         check_positive("gate_sharpness", self.gate_sharpness)
         try:
-            values = [float(x) for x in str(self.gate_l2).split(",") if x.strip()]
+            values = self.gate_l2_grid
         except ValueError:
             values = []
         if not values or min(values) <= 0:

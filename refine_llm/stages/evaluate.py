@@ -129,14 +129,15 @@ def evaluate_plugins(cfg: RunConfig, out: Path, out_s: Path, test_q, base, key: 
     from refine_llm.methods.notrain import plane_verdicts
     from refine_llm.stages.passes import plugins, read_passes
 
-    for kind, method in plugins(cfg, out_s).items():
+    methods = plugins(cfg, out_s)
+    for kind, method in methods.items():
         own = read_passes(cfg, out, method, key, prompt_name, test_q, base)
         o = method.apply(base, own)
         r = ev.add(method.name or kind, o.p_topk, o.p_full, topk_logprobs=o.topk_logprobs)
         info = method.info()
         report["methods"].append(method_row(method.name or kind, r, method.trainable_params, 0.0, None,
                                             info.get("extra_forward_per_prompt", 0), info.get("served_by_vllm", "?")))
-    names = [m.name or k for k, m in plugins(cfg, out_s).items()]
+    names = [m.name or k for k, m in methods.items()]
     report["plane"] = plane_verdicts(ev.results, report["temperature_curve"],
                                      [n for n in ev.results if n.startswith(("refine", "lora")) or n in names])
 

@@ -49,9 +49,9 @@ def concrete_passes(sp, questions, prompt_name: str) -> list[tuple[str, object, 
 def pass_rows(sp, questions, base, idx: np.ndarray | None = None) -> dict[str, list]:
     """The pass's question rows (dict of columns) for the rows ``idx`` (default: all) of the test split
     ``questions`` and its base ``Scores``."""
-    idx = np.arange(len(questions["question_id"])) if idx is None else idx
-    rows = {c: [questions[c][i] for i in idx] if len(idx) != len(questions["question_id"]) else list(questions[c])
-            for c in QUESTION_COLUMNS}
+    cols = {c: list(questions[c]) for c in QUESTION_COLUMNS}  # each column read once (a Dataset column is a copy)
+    idx = np.arange(len(cols["question_id"])) if idx is None else idx
+    rows = {c: [v[i] for i in idx] for c, v in cols.items()}
     if sp.prefix:
         rows["context"] = [sp.prefix + c for c in rows["context"]]
         rows["question_id"] = [f"{sp.name}|{q}" for q in rows["question_id"]]
