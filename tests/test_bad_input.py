@@ -245,6 +245,10 @@ CLI_CASES = [
     ("bbq-evaluate-bad-line", lambda p, t: ["bbq", "evaluate", str(p["bbq_label_range"])], "Age.jsonl:4: label"),
     ("bbq-evaluate-remote-code", lambda p, t: ["bbq", "evaluate", str(BBQ_DATA), "--model", str(p["remote_code"])],
      "--trust-remote-code"),
+    ("score-remote-code", lambda p, t: ["score", "--questions", str(t), "--out", str(t / "s"), "--prompt", "qa",
+                                        "--model", str(p["remote_code"])], "--trust-remote-code"),
+    ("serve-remote-code", lambda p, t: ["serve", "--model", str(p["remote_code"]), "--heads", str(t)],
+     "--trust-remote-code"),
 ]
 
 
@@ -277,7 +281,7 @@ def test_model_checks_pass_good_configs(tmp_path, smollm2_dir):
     """The remote-code check refuses nothing transformers loads by itself: a known model_type with an auto_map
     (transformers uses its own class without --trust-remote-code), no model_type, or --trust-remote-code given."""
     from refine_llm.errors import UserError
-    from refine_llm.preflight import check_model
+    from refine_llm.model_check import check_model
 
     check_model(smollm2_dir)
     for name, cfg in (("known_with_auto_map", {"model_type": "llama", "auto_map": {"AutoConfig": "c.C"}}),

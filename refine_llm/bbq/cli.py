@@ -45,7 +45,7 @@ def evaluate_main(argv: list[str] | None, prog: str = "refine-llm bbq evaluate",
     from refine_llm import models
     from refine_llm.cliargs import parse_config
     from refine_llm.methods import hub
-    from refine_llm.preflight import check_model
+    from refine_llm.model_check import check_model
     from refine_llm.bbq.data import bbq_files
     from refine_llm.bbq.report import markdown
     from refine_llm.bbq.run import evaluate_model, head_name, items_of, load_heads, save_result, scoring_config

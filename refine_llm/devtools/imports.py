@@ -51,13 +51,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "methods": LEAVES + ("metrics",),
     "bandit": LEAVES + ("methods", "rewards", "training", "metrics"),
     "baselines": LEAVES + ("models", "forward", "scoring", "rewards", "metrics", "training"),
-    "scoring": LEAVES + ("forward", "prompts", "models", "questions", "metrics", "cliargs"),
+    "scoring": LEAVES + ("forward", "prompts", "models", "model_check", "questions", "metrics", "cliargs"),
     "serving": ("methods", "config", "errors", "vocab"),  # the processors: no trainer, scorer or dataset
-    "serving.launch": ("methods", "config", "errors", "vocab", "models"),  # the launcher resolves the model
+    "serving.launch": ("methods", "config", "errors", "vocab", "models", "model_check"),  # it resolves the model
     "seeds": LEAVES + ("metrics",),
     "report": LEAVES + ("metrics", "seeds", "bbq.report"),
     "evaluation": LEAVES + ("methods", "metrics"),
     "models": LEAVES,
+    "model_check": LEAVES + ("models",),
     "devtools": (),
 }
 # The heavy optional libraries, imported only inside the modules that need them.

@@ -25,6 +25,7 @@ def run_score(args: ScoreArgs) -> dict:
     """Score per ``args``; returns the run's manifest plus counts."""
     from refine_llm import models, prompts
     from refine_llm.io import check_writable
+    from refine_llm.model_check import check_model
     from refine_llm.scoring import cache
     from refine_llm.scoring.driver import LocalPool, fill_cache
     from refine_llm.scoring.plan import Shard, questions_table
@@ -40,6 +41,7 @@ def run_score(args: ScoreArgs) -> dict:
     if cfg.prompt == "auto":
         raise UserError("--prompt auto: choose one here (paper, qa, chat or a file); the main job picks it on validation")
     prompt = prompts.load_prompt(cfg.prompt)
+    check_model(mcfg.name, mcfg.trust_remote_code)  # a model that needs remote code: one line, before it loads
     q = questions_table(args.questions)
     run = Path(args.out)
     check_writable(run)

