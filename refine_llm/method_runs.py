@@ -19,13 +19,16 @@ inside ``steering.apply(model)`` (``score_steered``: the model key names the ste
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
 from refine_llm import metrics
 from refine_llm.config import ScoringConfig
 from refine_llm.errors import UserError
+from refine_llm.methods.protocol import Base, Method, Output, Scores, ScorePass, TrainInputs
 from refine_llm.methods.self_debias import SelfDebiasConfig, self_debias
 from refine_llm.baselines.steer import (SteerConfig, Steering, bias_labels, candidate_layers, choose_layer, commitment,
                                       choose_strength, config_dict, steering_vector)
@@ -33,7 +36,7 @@ from refine_llm.passes import collect_activations, question_rows, score_at_ids
 from refine_llm.prompts import PromptTemplate
 
 __all__ = ["score_arrays", "slot_probs", "plane_point", "instruct_logprobs", "self_debias_biased", "self_debias_logprobs",
-           "train_steering", "steered_logprobs", "score_steered", "tuple_subset"]
+           "train_steering", "steered_logprobs", "score_steered", "tuple_subset", "STEER_DIR", "Steer"]
 
 
 def score_arrays(scores) -> dict[str, np.ndarray]:
@@ -255,3 +258,78 @@ def score_steered(model, tokenizer, questions, prompt: PromptTemplate, scfg: Sco
     with steering.apply(model):
         return scoring.score(model, tokenizer, questions, prompt, scfg, cache_dir=cache_dir, model_key=key,
                              progress=False)
+
+
+STEER_DIR = "steer"  # where a run keeps its steering artifact: <run or seed dir>/steer/
+
+
+@dataclass
+class Steer(Method):
+    """``steer`` as a plug-in of the main job (``--extra-methods steer``): trained on the run's model
+    (``train_steering``: probe and vector on the train split, layer and strength on validation, saved under
+    ``<run>/steer/`` in safetensors + JSON), then scored by the evaluate stage as a "hooked" pass: the test
+    split with the steering's forward hooks active (cache key ``<model key>-steer-<fingerprint>``), aligned to
+    the base top-k ids. Its candidate probabilities are the steered model's own top-k, renormalised; its KL is
+    taken against the base model's top-k on the same question (its log-probs of the base's top-k ids), as for
+    ``prompt-instruct``. The probe and the add run inside the one forward: no extra pass at inference."""
+
+    kind: ClassVar[str] = "steer"
+    name: str = "steer"
+    artifact: Path | None = None
+    config: SteerConfig = field(default_factory=SteerConfig)
+    _steering: Steering | None = field(default=None, repr=False)
+
+    @classmethod
+    def for_run(cls, cfg, run_dir) -> "Steer":
+        return cls(artifact=Path(run_dir) / STEER_DIR)
+
+    def train(self, cfg, run_dir, inputs: TrainInputs) -> None:
+        import time
+
+        from refine_llm import prompts
+        from refine_llm.vocab import tokenizer_fingerprint
+
+        t = time.time()
+        model, tok = inputs.load_model()
+        scfg = replace(cfg.scoring, store_hidden=False, align_to_base=False)
+        steer, rep = train_steering(model, tok, prompts.load_prompt(inputs.prompt), inputs.questions["train"],
+                                    inputs.scores["train"], inputs.questions["validation"],
+                                    inputs.scores["validation"], scfg, replace(self.config, seed=cfg.bandit.seed),
+                                    meta={"base_model": cfg.model.name, "prompt": inputs.prompt,
+                                          "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+                                          "category": ",".join(cfg.questions.categories)}, log=inputs.log)
+        steer.meta["report"] = {k: rep[k] for k in ("layer", "strength", "forward_passes")}
+        steer.meta["train_seconds"] = time.time() - t
+        steer.save_pretrained(Path(run_dir) / STEER_DIR, card={"metrics": {"validation": rep["strengths"]}})
+        self._steering = None
+
+    @property
+    def steering(self) -> Steering:
+        if self._steering is None:
+            self._steering = Steering.from_pretrained(self.artifact)
+        return self._steering
+
+    @property
+    def fingerprint(self) -> str:
+        return self.steering.fingerprint
+
+    def hooks(self, model):
+        return self.steering.apply(model)
+
+    def passes(self) -> list[ScorePass]:
+        return [ScorePass(self.kind, model="hooked")]
+
+    def apply(self, base: Scores, own: dict[str, Scores] | None = None) -> Output:
+        mine = (own or {})[self.kind]
+        out = Base().apply(mine)  # the steered model's own top-k, renormalised: what a user of it gets
+        return Output(out.p_topk, out.p_full, mine.aligned_logprobs)  # KL: over the base's top-k ids
+
+    @property
+    def trainable_params(self) -> int:
+        return 2 * self.steering.hidden_size + 1  # probe weight and bias, vector
+
+    def info(self) -> dict:
+        s = self.steering
+        return {**super().info(), "layer": s.layer, "strength": s.strength, "training": "probe + mean difference",
+                "extra_forward_per_prompt": 0, "train_seconds": s.meta.get("train_seconds", 0.0),
+                "served_by_vllm": "no (inside the model: forward hooks)"}

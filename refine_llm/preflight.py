@@ -41,18 +41,29 @@ def check_run(cfg) -> None:
     check_wordlists(cfg.questions.category, cfg.questions.wordlists)
     check_prompt(cfg.scoring.prompt)
     if cfg.plugin_methods:
-        import difflib
-
-        from refine_llm.methods import METHODS
-
-        for m in cfg.plugin_methods:
-            if m not in METHODS:
-                near = difflib.get_close_matches(m, list(METHODS), n=1)
-                hint = f" Did you mean {near[0]!r}?" if near else ""
-                raise UserError(f"--extra-methods {m}: not a method of refine_llm.methods.METHODS.{hint} "
-                                f"Known: {', '.join(METHODS)}")
+        check_plugins(cfg)
     if cfg.bbq.bbq_dir:
         check_bbq(cfg.bbq.bbq_dir)
+
+
+def check_plugins(cfg) -> None:
+    """--extra-methods: each a plug-in of refine_llm.plugins (a method with ``for_run``); one that runs inside
+    the HF model (a "hooked" pass: steer) refused with another backend."""
+    import difflib
+
+    from refine_llm.methods import Method
+    from refine_llm.plugins import registry
+
+    known = {k: c for k, c in registry().items() if c.for_run.__func__ is not Method.for_run.__func__}
+    for m in cfg.plugin_methods:
+        if m not in known:
+            near = difflib.get_close_matches(m, list(known), n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise UserError(f"--extra-methods {m}: not a plug-in method.{hint} Known: {', '.join(known)}")
+        hooked = any(sp.model == "hooked" for sp in known[m].for_run(cfg, ".").passes())
+        if hooked and cfg.scoring.backend != "hf":
+            raise UserError(f"--extra-methods {m}: it runs inside the HF model (forward hooks): use --backend hf, "
+                            f"not {cfg.scoring.backend}")
 
 
 def check_bbq(path: str) -> None:

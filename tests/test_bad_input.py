@@ -249,6 +249,10 @@ CLI_CASES = [
                                         "--model", str(p["remote_code"])], "--trust-remote-code"),
     ("serve-remote-code", lambda p, t: ["serve", "--model", str(p["remote_code"]), "--heads", str(t)],
      "--trust-remote-code"),
+    ("run-extra-method-unknown", lambda p, t: ["run", "--extra-methods", "steering", "--out", str(t / "r")],
+     "Did you mean 'steer'"),
+    ("run-steer-on-vllm", lambda p, t: ["run", "--extra-methods", "steer", "--backend", "vllm", "--quant", "bf16",
+                                        "--out", str(t / "r")], "use --backend hf"),
 ]
 
 

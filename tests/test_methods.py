@@ -6,7 +6,7 @@ KL taken against the base's top-k on the same question. The tiny Mistral (random
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -31,8 +31,9 @@ class PrefixedPrompt(Method):
     def for_run(cls, cfg, run_dir):
         return cls()
 
-    def train(self, cfg, run_dir, scores):
-        assert {"train", "validation"} <= set(scores) and len(scores["train"]) > 0
+    def train(self, cfg, run_dir, inputs):
+        assert {"train", "validation"} <= set(inputs.scores) and len(inputs.scores["train"]) > 0
+        assert len(inputs.questions["train"]) == len(inputs.scores["train"]) and inputs.prompt
         (run_dir / "test-prefix.json").write_text(json.dumps({"trained": True}))
         TRAINED.append(str(run_dir))
 
@@ -52,7 +53,7 @@ class SamePrompt(PrefixedPrompt):
     name: str = "test-same"
     prefix: str = ""
 
-    def train(self, cfg, run_dir, scores):  # nothing to learn
+    def train(self, cfg, run_dir, inputs):  # nothing to learn
         pass
 
 
@@ -121,6 +122,57 @@ def test_prompt_instruct_and_self_debias_run_in_the_main_job(tmp_path, tiny_mist
     assert set(m_off) & {"prompt-instruct", "self-debias"} == set()
     for key in ("mu", "eta", "mean_abs_c", "gold_share"):
         assert m_off["base"][key] == pytest.approx(m["base"][key], abs=1e-9), key
+
+
+@pytest.mark.model
+def test_steer_runs_in_the_main_job(tmp_path, tiny_mistral_dir, monkeypatch):
+    """``steer`` as a plug-in: trained on the run's model (probe, vector, layer and strength saved in safetensors
+    + JSON), its hooked pass scored by the evaluate stage under the steering's own cache key, placed in the
+    table with its cost columns. Forced to fire at a fixed strength (random weights: no strength would pass the
+    validation budget), it moves the distribution; at strength 0 (the default config's fallback) it is the base."""
+    from refine_llm import models
+    from refine_llm.baselines.steer import SteerConfig, Steering
+    from refine_llm.method_runs import Steer
+
+    @dataclass
+    class ForcedSteer(Steer):
+        kind: ClassVar[str] = "test-steer"
+        name: str = "test-steer"
+        config: SteerConfig = field(default_factory=lambda: SteerConfig(
+            strengths=(1.0,), threshold=0.0, max_kl=1e9, max_gold_drop=1.0, strength_tuples=2))
+
+    monkeypatch.setitem(METHODS, ForcedSteer.kind, ForcedSteer)
+    loaded = models.load_model(tiny_mistral_dir, quant="fp32", device="cpu")
+    common = dict(method="none", model=ModelConfig(name=tiny_mistral_dir, quant="fp32"),
+                  questions=QuestionsConfig(max_tuples=2), scoring=ScoringConfig(prompt="paper", batch_size=8, top_k=200))
+    cfg = RunConfig(out=str(tmp_path / "on"), extra_methods="test-steer", **common)
+    assert pipeline.run(cfg, loaded=loaded) == 0
+    rep = json.loads((tmp_path / "on" / "report.json").read_text())
+    m = rep["metrics"]
+    assert m["test-steer"]["kl_base"] > 1e-4  # the vector, added where the probe fires (everywhere), moves p
+    row = next(r for r in rep["methods"] if r["method"] == "test-steer")
+    assert row["extra_forwards"] == 0 and row["vllm"].startswith("no") and row["trainable_params"] > 0
+    steer = Steering.from_pretrained(tmp_path / "on" / "steer", tokenizer=loaded[1], model=loaded[0])
+    assert steer.strength == 1.0 and steer.meta["train_seconds"] > 0
+    keys = {p.name for p in (tmp_path / "on" / "scores").iterdir() if p.is_dir()}
+    assert any(k.endswith(f"-test-steer-{steer.fingerprint}") for k in keys), keys  # its own cache key
+    off = RunConfig(out=str(tmp_path / "off"), **common)
+    assert pipeline.run(off, loaded=loaded) == 0
+    m_off = json.loads((tmp_path / "off" / "report.json").read_text())["metrics"]
+    assert "test-steer" not in m_off
+    for key in ("mu", "eta", "mean_abs_c", "gold_share"):  # switched off: the base as it was
+        assert m_off["base"][key] == pytest.approx(m["base"][key], abs=1e-9), key
+    from refine_llm.questions import load_questions
+    from refine_llm.stages.common import cached_scores, splits
+    from refine_llm.stages.passes import score_hooked
+
+    zero = Steer(artifact=tmp_path / "zero")
+    steer.with_strength(0.0).save_pretrained(zero.artifact)
+    test_q = splits(load_questions(tmp_path / "on" / "questions"))["test"]
+    base = Scores.from_table(cached_scores(cfg, tmp_path / "on", test_q, "paper"))
+    own = score_hooked(cfg, tmp_path / "zero-run", zero, *loaded, "k", "paper", test_q, base)["steer"]
+    np.testing.assert_array_equal(own.topk_ids, base.topk_ids)  # strength 0: the base model, untouched
+    np.testing.assert_allclose(own.topk_logprobs, base.topk_logprobs, atol=1e-5)
 
 
 def test_self_debias_with_no_decay_is_the_renormalised_base():

@@ -8,7 +8,7 @@ from dataclasses import fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 __all__ = ["Category", "Quant", "TESTBED_NAME", "TESTBED_QUANT", "QUANT_CHOICES", "Backend", "Method", "HeadVariant",
-           "HeadObjective", "LoraObjective", "ScoringMode", "CATEGORIES", "QUANTS", "BACKENDS", "METHODS",
+           "HeadObjective", "LoraObjective", "ScoringMode", "CATEGORIES", "QUANTS", "BACKENDS", "METHODS", "ALL_PLUGINS",
            "HEAD_VARIANTS", "OBJECTIVES", "LORA_OBJECTIVES", "CONTEXT_VARIANTS", "SERVING_MODES",
            "RENAMED_OBJECTIVES", "AUTO_SCORING_BATCH_SIZE", "SCHEMA_VERSION", "NULL_RESAMPLES", "BOOT_RESAMPLES",
            "BBQ_RESAMPLES", "BBQ_MAX_BATCH_SIZE", "FLUSH_ROWS", "MERGE_FILE_ROWS", "DEFAULT_CPU_KV_CACHE_GIB",
@@ -57,6 +57,7 @@ def resolve_quant(quant: str, model: str, device: str, native_bf16: bool | None 
 
 Backend = Literal["hf", "vllm", "ray"]
 Method = Literal["none", "refine", "lora-reward", "lora-cda", "all"]
+ALL_PLUGINS = ("prompt-instruct", "self-debias", "steer")  # the plug-ins --method all adds (refine_llm.plugins)
 HeadVariant = Literal["logit", "paper", "contextual", "slot", "gate", "uniform", "identity", "rank-bias"]  # methods.heads.HEADS
 HeadObjective = Literal["reinforce", "direct", "paper"]
 LoraObjective = Literal["reinforce", "direct"]

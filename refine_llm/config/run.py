@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from refine_llm.config.choices import (AUTO_SCORING_BATCH_SIZE, CATEGORIES, CONTEXT_VARIANTS, DEFAULT_MODEL,
-                                       QUANT_CHOICES, SCHEMA_VERSION, TESTBED_NAME, Backend, HeadObjective,
+from refine_llm.config.choices import (ALL_PLUGINS, AUTO_SCORING_BATCH_SIZE, CATEGORIES, CONTEXT_VARIANTS,
+                                       DEFAULT_MODEL, QUANT_CHOICES, SCHEMA_VERSION, TESTBED_NAME, Backend, HeadObjective,
                                        HeadVariant, LoraObjective, Method, ScoringMode, check_literals,
                                        check_positive, parse_seeds, resolve_quant)
 
@@ -341,7 +341,8 @@ class RunConfig:
     method: Method = field(
         default="refine",
         metadata={"help": "none: measure only; refine: train REFINE heads; lora-reward / lora-cda: LoRA baselines; "
-                          "all: refine, lora-reward with both objectives (reinforce, direct) and lora-cda, in one table."},
+                          "all: refine, lora-reward with both objectives (reinforce, direct), lora-cda and the "
+                          "plug-ins prompt-instruct, self-debias and steer, in one table."},
     )
     out: str | None = field(default=None, metadata={"help": "Run directory (default: runs/<model>-<category>-<method>)."})
     compare_quant: bool = field(
@@ -353,8 +354,9 @@ class RunConfig:
     )
     extra_methods: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated methods of refine_llm.methods.METHODS (plug-ins with a for_run) that the "
-                          "run also evaluates next to --method's conditions, through the same stages."},
+        metadata={"help": "Comma-separated plug-in methods (refine_llm.plugins: prompt-instruct, self-debias, steer) "
+                          "that the run also evaluates next to --method's conditions, through the same stages. "
+                          "Default: none, or all three with --method all; 'none': none."},
     )
     seeds: str | None = field(
         default=None,
@@ -408,8 +410,13 @@ class RunConfig:
 
     @property
     def plugin_methods(self) -> list[str]:
-        """``extra_methods`` as a list (methods.METHODS kinds the stages build with ``Method.for_run``)."""
-        return [m.strip() for m in (self.extra_methods or "").split(",") if m.strip()]
+        """``extra_methods`` as a list (refine_llm.plugins kinds the stages build with ``Method.for_run``), and with
+        ``--method all`` and no ``--extra-methods`` the alternatives a user would pick (``ALL_PLUGINS``; steer, which
+        runs inside the HF model, only with --backend hf); "none": no plug-in."""
+        if self.extra_methods is None and self.method == "all":
+            return [m for m in ALL_PLUGINS if m != "steer" or self.scoring.backend == "hf"]
+        extra = [m.strip() for m in (self.extra_methods or "").split(",") if m.strip() and m.strip() != "none"]
+        return list(dict.fromkeys(extra))
 
     @property
     def head_variants(self) -> list[str]:

@@ -16,12 +16,12 @@ from refine_llm.methods.adapter import Adapter
 from refine_llm.methods.heads import HEADS, HeadMethod
 from refine_llm.methods.notrain import Temperature, Top2Equal, Uniform
 from refine_llm.methods.prompt_instruct import PromptInstruct
-from refine_llm.methods.protocol import Base, Method, Output, Scores, ScorePass
+from refine_llm.methods.protocol import Base, Method, Output, Scores, ScorePass, TrainInputs
 from refine_llm.methods.self_debias import SelfDebias
 
 # kind -> class: every condition the evaluator, BBQ, generation, lm-eval and serving know
 METHODS: dict[str, type[Method]] = {cls.kind: cls for cls in (Base, Uniform, Top2Equal, Temperature, HeadMethod,
                                                                Adapter, PromptInstruct, SelfDebias)}
 
-__all__ = ["Method", "Scores", "Output", "ScorePass", "Base", "Uniform", "Top2Equal", "Temperature", "HeadMethod",
+__all__ = ["Method", "Scores", "Output", "ScorePass", "TrainInputs", "Base", "Uniform", "Top2Equal", "Temperature", "HeadMethod",
            "Adapter", "PromptInstruct", "SelfDebias", "HEADS", "METHODS"]

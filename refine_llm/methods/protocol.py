@@ -16,6 +16,10 @@ turns a question set's cached scores into candidate probabilities:
   brings its own scores reports its log-probs over the *base's* top-k slots in ``Output.topk_logprobs``
   (or None: then no KL, as for a LoRA adapter's own top-k).
 
+A method that acts inside the model (activation steering) trains on the run's model (``TrainInputs.load_model``)
+and asks for a ``ScorePass(model="hooked")``: the evaluate stage scores it with ``Method.hooks(model)`` active,
+under the cache key ``<model key>-<kind>-<Method.fingerprint>``, once training saved what the hooks need.
+
 The evaluator, BBQ, generation, lm-eval and serving call ``apply`` (or, on a live logits row, the head
 module itself through ``refine_llm.methods.heads``); nothing else maps a method to probabilities.
 ``candidate_probs`` (refine_llm.metrics) is the one formula from a distribution over the top-k to the
@@ -26,13 +30,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
 from refine_llm.metrics import candidate_probs, candidate_probs_full
 
-__all__ = ["Scores", "Output", "ScorePass", "Method", "Base"]
+__all__ = ["Scores", "Output", "ScorePass", "TrainInputs", "Method", "Base"]
 
 
 @dataclass
@@ -121,7 +125,8 @@ class ScorePass:
     get question ids ``<name>|<question id>``); ``model``: "base" (scored by the score stage, up front), or
     "adapter" (a model that training produces: scored by the evaluate stage once it exists); ``align``:
     also record this pass's log-probs of the base's top-k ids (``Scores.aligned_logprobs``), so that the
-    method's KL is taken against the base model's top-k on the same question. ``instruct``: the run's prompt
+    method's KL is taken against the base model's top-k on the same question; "hooked": the base model with
+the method's ``hooks`` active, scored by the evaluate stage. ``instruct``: the run's prompt
     with a bias-avoiding instruction (``prompt_variants.instruct_prompt``); ``bias_prefixes``: Self-Debias's
     passes, one per bias-inducing prefix of each row's category, read from that prefixes file ("" = the
     shipped one): the stage expands it into passes ``<name>#<i>`` (prefix i of each category; a row whose
@@ -134,6 +139,19 @@ class ScorePass:
     align: bool = True
     instruct: bool = False
     bias_prefixes: str | None = None
+
+
+@dataclass
+class TrainInputs:
+    """What the train stage hands ``Method.train``: the cached ``scores`` and the ``questions`` of the train and
+    validation splits (split -> Dataset), the run's ``prompt`` name, and ``load_model()`` -> (model, tokenizer),
+    the run's model, loaded on the first call and shared by every method and seed; ``log``: the stage's log."""
+
+    scores: dict
+    questions: dict
+    prompt: str
+    load_model: Callable[[], tuple]
+    log: Callable[[str], None] = print
 
 
 class Method(ABC):
@@ -153,9 +171,18 @@ class Method(ABC):
         ``run_dir`` (``from_pretrained``). The built-in conditions are built by the evaluate stage itself."""
         raise NotImplementedError(f"{cls.__name__} is not a plug-in of the main job (no for_run)")
 
-    def train(self, cfg, run_dir, scores: dict) -> None:
-        """Train and save what the method learns (steering vectors, ...) under ``run_dir``; ``scores``: the
-        cached train/validation scores. Default: nothing to train."""
+    def train(self, cfg, run_dir, inputs: TrainInputs) -> None:
+        """Train and save what the method learns (steering vectors, ...) under ``run_dir``, from ``inputs``
+        (the cached train/validation scores, their questions, the prompt, the model). Default: nothing to train."""
+
+    @property
+    def fingerprint(self) -> str:
+        """Names what a "hooked" pass runs with (its cache key); "" for a method without hooks."""
+        return ""
+
+    def hooks(self, model):
+        """A context manager under which ``model`` runs the method (a "hooked" pass; steering's forward hooks)."""
+        raise NotImplementedError(f"{type(self).__name__} has no hooks (it asked for no hooked pass)")
 
     def passes(self) -> list[ScorePass]:
         """The extra scoring passes this method reads (default: none, it acts on the base top-k)."""

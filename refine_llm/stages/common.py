@@ -13,7 +13,7 @@ from refine_llm.errors import UserError
 
 __all__ = ["log", "config_hash", "run_dir_for", "seed_dirs", "check_schema", "split", "splits", "load_questions",
            "read_json", "write_json", "score_info", "condition_name", "cached_scores", "load_output_embedding",
-           "UNRELATED", "ANCHOR"]
+           "UNRELATED", "ANCHOR", "model_loader"]
 
 SCORE_INFO = "scores/score.json"  # what the score stage did: prompt, sweep, model, cache key, timing
 TRAIN_INFO = "train.json"
@@ -23,6 +23,22 @@ UNRELATED, ANCHOR = "unrelated", "anchor"  # the prompt sets with nothing to deb
 
 def log(msg: str) -> None:
     print(f"[refine_llm] {msg}", file=sys.stderr, flush=True)
+
+
+def model_loader(cfg: RunConfig, loaded=None):
+    """() -> (model, tokenizer): ``loaded``, or the run's model, loaded on the first call and kept (the train and
+    evaluate stages hand it to the plug-in methods that run inside the model)."""
+    box: list = [loaded] if loaded is not None else []
+
+    def load():
+        if not box:
+            from refine_llm import models
+
+            m = cfg.model
+            box.append(models.load_model(m.name, quant=m.quant, device=m.device, trust_remote_code=m.trust_remote_code))
+        return box[0]
+
+    return load
 
 
 def config_hash(obj) -> str:

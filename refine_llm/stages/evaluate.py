@@ -18,7 +18,7 @@ from pathlib import Path
 from refine_llm.config import CONTEXT_VARIANTS, RunConfig
 from refine_llm.errors import UserError
 from refine_llm.stages.common import (EVALUATION, TRAIN_INFO, cached_scores, condition_name, load_output_embedding,
-                                      log, read_json, score_info, seed_dirs, splits, write_json)
+                                      log, model_loader, read_json, score_info, seed_dirs, splits, write_json)
 
 __all__ = ["method_row", "load_heads", "evaluate_seed", "evaluate_lora", "evaluate_bbq", "quant_shift", "run"]
 
@@ -123,19 +123,23 @@ def evaluate_lora(cfg: RunConfig, out: Path, out_s: Path, parts: dict, base, pro
 
 
 def evaluate_plugins(cfg: RunConfig, out: Path, out_s: Path, test_q, base, key: str, prompt_name: str, report: dict,
-                     ev) -> None:
+                     ev, run_model) -> None:
     """The run's plug-in methods (``RunConfig.extra_methods``): built with ``Method.for_run`` (artifacts from the
-    seed's directory), given their extra passes' cached scores, evaluated like every other condition."""
+    seed's directory), given their extra passes' cached scores (a "hooked" pass: scored here, with the run's
+    model from ``run_model()``), evaluated like every other condition."""
     from refine_llm.methods.notrain import plane_verdicts
-    from refine_llm.stages.passes import plugins, read_passes
+    from refine_llm.stages.passes import plugins, read_passes, score_hooked
 
     methods = plugins(cfg, out_s)
     for kind, method in methods.items():
         own = read_passes(cfg, out, method, key, prompt_name, test_q, base)
+        if any(sp.model == "hooked" for sp in method.passes()):
+            own.update(score_hooked(cfg, out, method, *run_model(), key, prompt_name, test_q, base))
         o = method.apply(base, own)
         r = ev.add(method.name or kind, o.p_topk, o.p_full, topk_logprobs=o.topk_logprobs)
         info = method.info()
-        report["methods"].append(method_row(method.name or kind, r, method.trainable_params, 0.0, None,
+        report["methods"].append(method_row(method.name or kind, r, method.trainable_params,
+                                            info.get("train_seconds", 0.0), None,
                                             info.get("extra_forward_per_prompt", 0), info.get("served_by_vllm", "?")))
     names = [m.name or k for k, m in methods.items()]
     report["plane"] = plane_verdicts(ev.results, report["temperature_curve"],
@@ -207,6 +211,8 @@ def run(cfg: RunConfig, out: Path, questions, loaded=None) -> dict:
     base = Scores.from_table(cached_scores(cfg, out, parts["test"], prompt_name))
     unrelated = Scores.from_table(cached_scores(cfg, out, evaluation.unrelated_questions(part="test"), prompt_name))
     lm_w = load_output_embedding(cfg, loaded) if "contextual" in cfg.head_variants else None
+    run_model = model_loader(cfg, loaded)  # the run's model, loaded once if a plug-in method needs it
+
     done = []
     for i, (cfg_s, out_s) in enumerate(seed_dirs(cfg, out)):
         t = time.time()
@@ -229,7 +235,8 @@ def run(cfg: RunConfig, out: Path, questions, loaded=None) -> dict:
             if lora_runs(cfg):
                 evaluate_lora(cfg, out, out_s, parts, base, prompt_name, report, ev)
         if cfg.plugin_methods:
-            evaluate_plugins(cfg_s, out, out_s, parts["test"], base, info["model_key"], prompt_name, report, ev)
+            evaluate_plugins(cfg_s, out, out_s, parts["test"], base, info["model_key"], prompt_name, report, ev,
+                             run_model)
         report["significance"] = evaluation.significance(report["metrics"], seed=cfg.seed)
         ev.write_predictions(out_s / "predictions.parquet")
         timing["evaluate"] = time.time() - t

@@ -18,14 +18,16 @@ import numpy as np
 from refine_llm.config import RunConfig
 from refine_llm.scoring.plan import QUESTION_COLUMNS
 
-__all__ = ["plugins", "concrete_passes", "pass_rows", "pass_scoring", "pass_columns", "score_passes", "read_passes"]
+__all__ = ["plugins", "concrete_passes", "pass_rows", "pass_scoring", "pass_columns", "score_passes", "read_passes",
+           "score_hooked"]
 
 
 def plugins(cfg: RunConfig, run_dir: Path) -> dict:
-    """{kind: Method} of the run's plug-in methods, built with ``Method.for_run``."""
-    from refine_llm.methods import METHODS
+    """{kind: Method} of the run's plug-in methods (refine_llm.plugins), built with ``Method.for_run``."""
+    from refine_llm.plugins import registry
 
-    return {kind: METHODS[kind].for_run(cfg, run_dir) for kind in cfg.plugin_methods}
+    methods = registry()
+    return {kind: methods[kind].for_run(cfg, run_dir) for kind in cfg.plugin_methods}
 
 
 def concrete_passes(sp, questions, prompt_name: str) -> list[tuple[str, object, np.ndarray]]:
@@ -118,3 +120,24 @@ def read_passes(cfg: RunConfig, out: Path, method, key: str, prompt_name: str, q
                 parts.setdefault(name, []).append((idx, Scores.from_table(ds)))
     n = len(questions["question_id"])
     return {name: _placed(p, n) for name, p in parts.items()}
+
+
+def score_hooked(cfg: RunConfig, out: Path, method, model, tokenizer, key: str, prompt_name: str, questions,
+                 base) -> dict:
+    """Evaluate stage: {pass name: Scores} of a method's "hooked" passes: the test split scored with
+    ``method.hooks(model)`` active, through the one driver and cache (key ``<key>-<kind>-<fingerprint>``),
+    aligned to the base top-k ids like every other pass."""
+    from refine_llm import prompts, scoring
+    from refine_llm.methods import Scores
+
+    got = {}
+    for sp in method.passes():
+        if sp.model != "hooked":
+            continue
+        template = prompts.load_prompt(sp.prompt or prompt_name)
+        with method.hooks(model):
+            ds = scoring.score(model, tokenizer, pass_rows(sp, questions, base), template, pass_scoring(cfg, sp),
+                               cache_dir=out / "scores", model_key=f"{key}-{method.kind}-{method.fingerprint}",
+                               columns=pass_columns(sp), progress=False)
+        got[sp.name] = Scores.from_table(ds)
+    return got

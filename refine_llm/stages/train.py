@@ -20,7 +20,7 @@ import numpy as np
 from refine_llm.config import CONTEXT_VARIANTS, LoraConfig, QuestionsConfig, RunConfig
 from refine_llm.errors import UserError
 from refine_llm.stages.common import (ANCHOR, TRAIN_INFO, cached_scores, condition_name, config_hash, log,
-                                      load_output_embedding, score_info, seed_dirs, splits, write_json)
+                                      load_output_embedding, model_loader, score_info, seed_dirs, splits, write_json)
 
 # The probe baseline's ridge penalty: fixed (no validation), as a user would fit a linear probe.
 PROBE_L2 = 1.0
@@ -243,6 +243,8 @@ def run(cfg: RunConfig, out: Path, questions, loaded=None) -> dict:
     prompt_name, parts = info["prompt"], splits(questions)
     timings = {}
     variants = cfg.head_variants
+    run_model = model_loader(cfg, loaded)  # the run's model, loaded once if a plug-in method needs it
+
     if variants:
         scores = {s: cached_scores(cfg, out, parts[s], prompt_name) for s in ("train", "validation")}
         if cfg.bandit.anchor_weight > 0:
@@ -262,12 +264,14 @@ def run(cfg: RunConfig, out: Path, questions, loaded=None) -> dict:
         if i == 0 and lora_runs(cfg):
             train_lora(cfg_s, out_s, parts["train"], prompt_name, timing)
         if cfg.plugin_methods:  # a plug-in method that learns something saves it here (Method.train)
+            from refine_llm.methods import TrainInputs
             from refine_llm.stages.passes import plugins
 
             t = time.time()
+            inputs = TrainInputs({s: cached_scores(cfg, out, parts[s], prompt_name) for s in ("train", "validation")},
+                                 {s: parts[s] for s in ("train", "validation")}, prompt_name, run_model, log)
             for method in plugins(cfg_s, out_s).values():
-                method.train(cfg_s, out_s, {s: cached_scores(cfg, out, parts[s], prompt_name)
-                                            for s in ("train", "validation")})
+                method.train(cfg_s, out_s, inputs)
             timing["train_plugins"] = time.time() - t
         write_json(out_s / TRAIN_INFO, {"timing": timing})
         timings[str(out_s)] = timing
