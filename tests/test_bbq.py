@@ -334,3 +334,41 @@ def test_bbq_evaluate_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, says)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and sub(says) in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_bbq_table_script_scores_every_method_on_bbq(tmp_path, smollm2_dir):
+    """eval/bbq_table.py (issue 23's BBQ table) on a small slice with SmolLM2: the instruction, Self-Debias (the
+    BBQ category's prefix), a saved steering (hooks while scoring) and the BBQ-trained head each give their own
+    answer probabilities; the table, the held-out table and the halving verdicts are written."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    from refine_llm import models
+    from refine_llm.baselines.hooks import decoder_layers, hidden_size
+
+    spec = importlib.util.spec_from_file_location("bbq_table", Path(__file__).resolve().parents[1] / "eval" / "bbq_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from refine_llm.baselines.steer import Steering
+
+    model, _ = models.load_model(smollm2_dir, quant="fp32", device="cpu")
+    d, n = hidden_size(model), len(decoder_layers(model))
+    vec = torch.randn(d, generator=torch.Generator().manual_seed(0)).numpy() * 20
+    Steering.from_arrays(np.zeros(d), 5.0, vec, n // 2, 1.0, 0.5, n).save_pretrained(tmp_path / "run" / "steer")
+    (tmp_path / "run" / "heads").mkdir()
+    out = tmp_path / "out"
+    argv = ["--run", str(tmp_path / "run"), "--out", str(out), "--data", str(DATA), "--model", smollm2_dir, "--quant", "fp32",
+            "--max-items", "8", "--categories", "Age,Nationality", "--n-resamples", "50", "--batch-size", "8"]
+    assert mod.main(argv) == 0
+    res = json.loads((out / "bbq_table.json").read_text())
+    cloze = res["tables"]["cloze"]
+    assert set(cloze) == {"base", "prompt-instruct", "self-debias", "steer"} and res["n_items"] == 16
+    probs = {c: cloze[c]["all"]["prob"]["s_amb"] for c in cloze}
+    assert len({round(v, 9) for v in probs.values()}) == 4, probs  # each method moves the answer probabilities
+    assert "bbq-trained" in res["tables"]["cloze_heldout"]
+    assert {v for per in res["halves"]["cloze"].values() for v in per.values()} <= {"yes", "no", "cannot tell"}
+    assert res["steer"]["fire_rate"] == 1.0  # bias 5, zero weights: the probe fires on every row
+    assert "Does it halve" in (out / "bbq_table.md").read_text()
+    assert mod.main(argv + ["--methods", "base,nope"]) == 2  # one line, exit 2

@@ -83,19 +83,26 @@ def _score(model, tokenizer, rows: dict[str, list], prompt, cfg: ScoringConfig, 
     from refine_llm import scoring
     from refine_llm.scoring.driver import read_cached
 
+    columns = REQUEST_COLUMNS + (("base_topk_ids",) if "base_topk_ids" in rows else ())
     if read_only:
-        return Scores.from_table(read_cached(rows, prompt, cfg, cache_dir, model_key, columns=REQUEST_COLUMNS))
+        return Scores.from_table(read_cached(rows, prompt, cfg, cache_dir, model_key, columns=columns))
     order = _longest_first(tokenizer, prompt, rows)
     ds = scoring.score(model, tokenizer, {c: [v[i] for i in order] for c, v in rows.items()}, prompt, cfg, cache_dir,
-                       model_key, progress=progress, columns=REQUEST_COLUMNS)
+                       model_key, progress=progress, columns=columns)
     return Scores.from_table(ds).select(np.argsort(order))
 
 
 def score_cloze(model, tokenizer, items: list[BBQItem], cfg: ScoringConfig, cache_dir=None, model_key=None,
-                progress: bool = False, read_only: bool = False) -> Scores:
+                progress: bool = False, read_only: bool = False, prompt=None, align_ids=None) -> Scores:
     """The cloze scores of ``items`` (n rows, 3 candidates). On rows whose answers share a first token
-    (``collision``) the candidate masks are cleared: a head cannot tell those answers apart."""
-    sc = _score(model, tokenizer, cloze_rows(items), cloze_prompt(), cfg, cache_dir, model_key, progress, read_only)
+    (``collision``) the candidate masks are cleared: a head cannot tell those answers apart. ``prompt``: another
+    cloze template (an instruction, a Self-Debias prefix; default ``cloze_prompt()``); ``align_ids`` (n, k): the
+    base pass's top-k ids, whose log-probs under this pass go to ``Scores.aligned_logprobs``."""
+    rows = cloze_rows(items)
+    if align_ids is not None:
+        rows["base_topk_ids"] = [list(map(int, r)) for r in np.asarray(align_ids)]
+        cfg = replace(cfg, align_to_base=True)
+    sc = _score(model, tokenizer, rows, prompt or cloze_prompt(), cfg, cache_dir, model_key, progress, read_only)
     sc.cand_mask[sc.collision] = False
     return sc
 
