@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Soak the REFINE server: many short completions from many threads, mixed, then check every answer.
 
-    python eval/soak_serving.py                    # starts scripts/serve.py itself (SmolLM2, float32)
-    python eval/soak_serving.py --requests 2000 --threads 32
+    python eval/soak_serving.py                    # starts scripts/serve.py itself (the default model, float32)
+    python eval/soak_serving.py --heads heads --head gender --json runs/soak.json   # trained heads
+    python eval/soak_serving.py --model smollm2-135m --requests 2000 --threads 32
     python eval/soak_serving.py --url http://127.0.0.1:8000 --model smollm2-135m --head gender
 
 The mix (`soak_jobs`): plain requests, requests with a head in each mode (first, gated, all), plain
@@ -191,12 +192,13 @@ def throughput(client: SoakClient, n: int, threads: int, xargs: dict | None) -> 
     return n / dt
 
 
-def start_server(heads: Path, port: int, log: Path) -> subprocess.Popen:
+def start_server(heads: Path, port: int, log: Path, model: str = "smollm2-135m", dtype: str = "float32",
+                 kv_cache_gib: float | None = None) -> subprocess.Popen:
     import requests
 
-    cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", "smollm2-135m", "--heads", str(heads),
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "16",
-           "--enforce-eager"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", model, "--heads", str(heads),
+           "--port", str(port), "--dtype", dtype, "--max-model-len", "1024", "--max-num-seqs", "16",
+           "--enforce-eager"] + (["--kv-cache-gib", str(kv_cache_gib)] if kv_cache_gib else [])
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
@@ -212,23 +214,29 @@ def start_server(heads: Path, port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError(f"server not healthy after 600 s; log: {log}")
 
 
-def make_heads(root: Path) -> Path:
-    """A heads directory with 'gender' (a swap head with gate_token_ids) for SmolLM2's tokenizer."""
+def make_heads(root: Path, model: str = "smollm2-135m") -> Path:
+    """A heads directory with 'gender' (a swap head with gate_token_ids) for ``model``'s tokenizer."""
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
     from test_serving_hf import make_served_head
 
     from refine_llm import models
 
-    make_served_head(root / "gender", models.load_tokenizer("smollm2-135m"))
+    make_served_head(root / "gender", models.load_tokenizer(model))
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=None, help="a running server (default: start scripts/serve.py)")
-    p.add_argument("--model", default="smollm2-135m", help="served model name")
+    p.add_argument("--model", default="qwen2.5-coder-1.5b-instruct",
+                   help="the model to serve (and its served name); default: the embedded default")
+    p.add_argument("--heads", default=None, help="a heads directory to serve (default: a swap head 'gender' made "
+                                                 "for the model's tokenizer); --head names one of them")
     p.add_argument("--head", default="gender", help="a head the server serves (with gate_token_ids)")
+    p.add_argument("--dtype", default="float32", help="vLLM --dtype (float32: the plain-vs-alone log-prob check "
+                                                      "needs fp32; bf16 rounding moves with the batch's shape)")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache bound on CPU (default: serve.py's)")
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--threads", type=int, default=16)
     p.add_argument("--tol", type=float, default=LOGPROB_TOL, help="log-prob tolerance, plain vs alone")
@@ -246,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             port = s.getsockname()[1]
         print(f"starting scripts/serve.py on port {port} (log {tmp / 'server.log'})", file=sys.stderr)
         t = time.perf_counter()
-        proc = start_server(make_heads(tmp / "heads"), port, tmp / "server.log")
+        heads = Path(args.heads) if args.heads else make_heads(tmp / "heads", args.model)
+        proc = start_server(heads, port, tmp / "server.log", args.model, args.dtype, args.kv_cache_gib)
         print(f"server healthy after {time.perf_counter() - t:.0f} s", file=sys.stderr)
         args.url = f"http://127.0.0.1:{port}"
     try:
@@ -270,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "plain_requests_per_s": round(plain_rps, 2), "head_requests_per_s": round(head_rps, 2),
             "rss_mib_before": rss0 and round(rss0 / 2**20), "rss_mib_after": rss1 and round(rss1 / 2**20),
             "rss_growth": rss0 and round((rss1 - rss0) / rss0, 4), "max_tokens": MAX_TOKENS,
+            "model": args.model, "dtype": args.dtype, "head": args.head,
         }
         for e in errors[:20]:
             print("FAIL", e, file=sys.stderr)
