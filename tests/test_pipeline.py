@@ -112,8 +112,9 @@ def test_compare_methods_all(tmp_path, smollm2_dir, smollm2_nf4, capsys):
     cfg = RunConfig(out=str(out), model=ModelConfig(name=smollm2_dir, quant="nf4"), questions=QuestionsConfig(max_tuples=2),
                     scoring=ScoringConfig(prompt=str(prompt)), bandit=BanditConfig(epochs=2),
                     lora=LoraConfig(steps=1, batch_size=1), extra_methods="none")  # plug-ins: test_methods.py
-    assert replace(cfg, extra_methods=None).plugin_methods == ["prompt-instruct", "self-debias", "steer"]
-    assert replace(cfg, extra_methods=None, scoring=ScoringConfig(backend="vllm")).plugin_methods == [
+    every = replace(cfg, method="all", extra_methods=None)  # --method all with no --extra-methods: the three
+    assert every.plugin_methods == ["prompt-instruct", "self-debias", "steer"]
+    assert replace(every, scoring=ScoringConfig(backend="vllm")).plugin_methods == [
         "prompt-instruct", "self-debias"]  # steer runs inside the HF model
     table = cm.compare(cfg, loaded=smollm2_nf4)
     report = json.loads((out / "report.json").read_text())
