@@ -105,7 +105,8 @@ def test_instruct_for_user_files(tmp_path):
 
 def test_self_debias_prefix_placement():
     pre = "The following text discriminates against people because of their gender:"
-    assert V.prefixes_for("gender") == [pre] and set(V.load_prefixes()) == {"gender", "nationality", "ethnicity", "religion"}
+    assert V.prefixes_for("gender") == [pre] and set(V.load_prefixes()) == {
+        "gender", "nationality", "ethnicity", "religion", "age", "disability"}  # BBQ's Age, Disability_status
     qa = V.with_prefix(prompts.load_prompt("qa"), pre)
     assert qa.text.endswith(f"{pre}\nText: [context] Question: [question] Answer:")
     assert qa.prefix().endswith(f"{pre}\nText: ") and qa.fingerprint != prompts.load_prompt("qa").fingerprint
