@@ -31,7 +31,7 @@ from refine_llm.io import atomic_write_bytes, jsonable
 from refine_llm.markdown import fmt, table
 from refine_llm.metrics import BIAS_KEYS, METRICS, UTILITY_KEYS, metric
 
-__all__ = ["methods_table", "summary_lines", "write_report"]
+__all__ = ["category_tables", "methods_table", "summary_lines", "write_report"]
 
 _PER_TUPLE_KEYS = ("abs_bias", "tuple_id", "tuples", "gamma_cells")
 MAIN_KEYS = BIAS_KEYS + UTILITY_KEYS + ("kl_unrelated", "answer_mass", "topk_miss_rate", "n_tuples", "n_specified")
@@ -72,6 +72,49 @@ def methods_table(report: dict) -> list[str]:
             + [metric(k).format(m.get(k)) for k in keys] for m in report.get("methods") or []]
     return table(["method", "trainable params", "train s", "peak MB", "extra forwards / prompt", "vLLM serves it"]
                  + _header(keys), rows)
+
+
+def _plane_cell(v: dict | None) -> str:
+    if not v or v.get("below_temperature_curve") is None:
+        return "–"
+    s = "below" if v["below_temperature_curve"] else "not below"
+    return s + (" (past the curve's end)" if v.get("past_curve_end") else "")
+
+
+def category_tables(report: dict, metrics: dict) -> list[str]:
+    """One comparison table per category (issue 23): each method row of ``report["methods"]`` with that
+    category's μ, mean|C|, η, P(gold) share and KL on specified questions, the pooled KL on unrelated prompts
+    (those prompts have no category), its verdict against that category's temperature curve
+    (``notrain.plane_verdicts``' ``per_category``) and the method's cost columns."""
+    rows_m = report.get("methods") or []
+    cats = list((metrics.get("base") or {}).get("per_category") or {})
+    if not rows_m or not cats:
+        return []
+    plane = report.get("plane") or {}
+    keys = ("mu", "mean_abs_c", "eta", "gold_share", "kl_base")
+    out = ["## Comparison per category", "",
+           "Each method on one category's test split, read against that category's temperature curve (below = "
+           "lower μ and lower mean|C| than the curve at the method's own P(gold) share; \"–\": base and the "
+           "parameter-free points, which make the plane). KL unrel.: pooled over the unrelated prompts, which have "
+           "no category. Cost: trainable parameters, training seconds (the whole run's, all categories), extra "
+           "forward passes per answered prompt at inference, whether vLLM serves it.", ""]
+    for cat in cats:
+        rows = []
+        for m in rows_m:
+            name = m.get("method")
+            b = ((metrics.get(name) or {}).get("per_category") or {}).get(cat)
+            if b is None:
+                continue
+            v = ((plane.get(name) or {}).get("per_category") or {}).get(cat)
+            rows.append([name] + [_cell(b, k) for k in keys]
+                        + [metric("kl_unrelated").format((metrics.get(name) or {}).get("kl_unrelated")), _plane_cell(v),
+                           m.get("trainable_params"), m.get("train_seconds"), m.get("extra_forwards", "–"),
+                           m.get("vllm", "–")])
+        out += [f"### {cat}", ""] + table(
+            ["method"] + _header(keys) + [metric("kl_unrelated").symbol + "↓", "vs temperature curve",
+                                          "trainable params", "train s", "extra forwards / prompt", "vLLM serves it"],
+            rows) + [""]
+    return out
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -203,6 +246,7 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
 
     if report.get("methods"):
         lines += ["## Methods", ""] + methods_table(report) + [""]
+        lines += category_tables(report, metrics)
 
     sweep = report.get("prompt_sweep") or []
     if sweep:

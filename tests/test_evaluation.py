@@ -84,6 +84,23 @@ def test_baselines_and_plane_verdicts(test_q):
     assert v["good"]["below_temperature_curve"] and v["good"]["dominates"]["top2-equal"]
     assert v["good"]["curve_mu_at_gold_share"] == pytest.approx(0.4 * (0.75 - 0.5) / 0.3)
     assert not v["flat"]["below_temperature_curve"] and not v["flat"]["dominates_all_parameter_free"]
+    # per category: each category's point is read against that category's own curve, so a head can be below the
+    # curve in one category and not in another (the report's per-category comparison tables)
+    curve_c = [dict(c, per_category={"a": dict(c), "b": dict(c, mu=c["mu"] / 4, mean_abs_c=c["mean_abs_c"] / 4)})
+               for c in curve]
+    res_c = {n: dict(r, per_category={"a": dict(r), "b": dict(r)}) for n, r in res.items()}
+    res_c["good"]["per_category"]["a"] = {"mu": 0.05, "mean_abs_c": 0.05, "gold_share": 0.75, "kl_base": 0.01}
+    res_c["good"]["per_category"]["b"] = {"mu": 0.09, "mean_abs_c": 0.09, "gold_share": 0.75, "kl_base": 0.01}
+    vc = notrain.plane_verdicts(res_c, curve_c, ["good"])["good"]["per_category"]
+    assert vc["a"]["below_temperature_curve"] and not vc["b"]["below_temperature_curve"]
+    assert vc["b"]["curve_mu_at_gold_share"] == pytest.approx(0.1 * (0.75 - 0.5) / 0.3)
+    from refine_llm.report import category_tables
+
+    rep = {"methods": [{"method": n, "trainable_params": 0, "train_seconds": 0.0, "extra_forwards": 0, "vllm": "yes"}
+                       for n in ("uniform", "good")], "plane": notrain.plane_verdicts(res_c, curve_c, ["good"])}
+    md = "\n".join(category_tables(rep, dict(res_c, base=res_c["uniform"])))
+    assert "### a" in md and "### b" in md
+    assert md.split("### b")[0].count("| below |") == 1 and "| not below |" in md.split("### b")[1]
 
 
 def test_unrelated_prompts_file():

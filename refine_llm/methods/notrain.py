@@ -94,7 +94,9 @@ def temperature_curve(evaluator, base: Scores) -> list[dict]:
     for T in TEMPERATURES:
         o = Temperature(T).apply(base)
         r = evaluator.add(f"T={T:g}", o.p_topk, o.p_full, topk_logprobs=o.topk_logprobs, keep=False)
-        out.append({"temperature": T, **{k: r.get(k) for k in PLANE_KEYS}})
+        # per category too: each category's heads are read against that category's curve (plane_verdicts)
+        cats = {c: {k: b.get(k) for k in PLANE_KEYS} for c, b in (r.get("per_category") or {}).items()}
+        out.append({"temperature": T, **{k: r.get(k) for k in PLANE_KEYS}, **({"per_category": cats} if cats else {})})
     return out
 
 
@@ -117,22 +119,37 @@ def _dominates(h: dict, p: dict) -> bool | None:
     return bool(no_worse and better)
 
 
+def _verdict(r: dict, curve: list[dict], points: dict[str, dict]) -> dict:
+    """One head's point ``r`` (plane metrics) against ``curve`` and the parameter-free ``points``."""
+    mu_c = _curve_at(curve, r.get("gold_share"), "mu")
+    abs_c = _curve_at(curve, r.get("gold_share"), "mean_abs_c")
+    below = None if mu_c is None or r.get("mu") is None else bool(r["mu"] < mu_c and r["mean_abs_c"] < abs_c)
+    dom = {p: _dominates(r, v) for p, v in points.items()}
+    # A LoRA adapter can gain utility: past the curve's most useful point (T = 1, base) the curve is read
+    # there (np.interp holds its end value), which is lenient, since sharpening (T < 1) is not on it.
+    shares = [c["gold_share"] for c in curve if c.get("gold_share") is not None]
+    past = None if not shares or r.get("gold_share") is None else bool(r["gold_share"] > max(shares) + 1e-9)
+    return {"gold_share": r.get("gold_share"), "mu": r.get("mu"), "curve_mu_at_gold_share": mu_c,
+            "past_curve_end": past,
+            "curve_mean_abs_c_at_gold_share": abs_c, "below_temperature_curve": below,
+            "dominates": dom, "dominates_all_parameter_free": bool(dom) and all(v is True for v in dom.values())}
+
+
 def plane_verdicts(results: dict[str, dict], curve: list[dict], heads: list[str]) -> dict[str, dict]:
     """For each head: the temperature curve's μ and mean|C| at the head's P(gold) share, whether the
-    head lies below it on both, and whether it dominates each parameter-free point."""
+    head lies below it on both, and whether it dominates each parameter-free point; under ``per_category``
+    the same per category, against that category's curve and points (the report's per-category comparison)."""
     out = {}
     for h in heads:
         r = results[h]
-        mu_c = _curve_at(curve, r.get("gold_share"), "mu")
-        abs_c = _curve_at(curve, r.get("gold_share"), "mean_abs_c")
-        below = None if mu_c is None or r.get("mu") is None else bool(r["mu"] < mu_c and r["mean_abs_c"] < abs_c)
-        dom = {p: _dominates(r, results[p]) for p in PARAMETER_FREE if p in results}
-        # A LoRA adapter can gain utility: past the curve's most useful point (T = 1, base) the curve is read
-        # there (np.interp holds its end value), which is lenient, since sharpening (T < 1) is not on it.
-        shares = [c["gold_share"] for c in curve if c.get("gold_share") is not None]
-        past = None if not shares or r.get("gold_share") is None else bool(r["gold_share"] > max(shares) + 1e-9)
-        out[h] = {"gold_share": r.get("gold_share"), "mu": r.get("mu"), "curve_mu_at_gold_share": mu_c,
-                  "past_curve_end": past,
-                  "curve_mean_abs_c_at_gold_share": abs_c, "below_temperature_curve": below,
-                  "dominates": dom, "dominates_all_parameter_free": bool(dom) and all(v is True for v in dom.values())}
+        out[h] = _verdict(r, curve, {p: results[p] for p in PARAMETER_FREE if p in results})
+        per = {}
+        for cat, rc in (r.get("per_category") or {}).items():
+            cc = [{"temperature": c["temperature"], **c["per_category"][cat]} for c in curve
+                  if cat in (c.get("per_category") or {})]
+            if cc:
+                per[cat] = _verdict(rc, cc, {p: results[p]["per_category"][cat] for p in PARAMETER_FREE
+                                             if cat in (results.get(p, {}).get("per_category") or {})})
+        if per:
+            out[h]["per_category"] = per
     return out

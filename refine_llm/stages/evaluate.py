@@ -32,6 +32,12 @@ def method_row(name, res, params, secs, peak_mb, extra_forwards=0, vllm: str = "
             "extra_forwards": extra_forwards, "vllm": vllm, **{k: res.get(k) for k in BIAS_KEYS + UTILITY_KEYS}}
 
 
+def plane_heads(results: dict, extra=()) -> list[str]:
+    """The conditions read against the temperature curve: the trained heads, the gate's probe, the LoRA adapters
+    and the run's plug-in methods (``extra``); base and the no-training points make the plane."""
+    return [n for n in results if n.startswith(("refine", "lora")) or n == "probe" or n in extra]
+
+
 def load_heads(cfg: RunConfig, out_s: Path, lm_w) -> dict:
     """{condition: HeadMethod} of the seed's trained heads: rank-bias, then each variant (default first)."""
     from refine_llm.methods import HeadMethod
@@ -76,12 +82,12 @@ def evaluate_seed(cfg_s: RunConfig, out_s: Path, parts: dict, base, unrelated, l
                                                  torch.as_tensor(base.topk_ids), hidden=hidden)
         rows.append(method_row(name, results[name], method.trainable_params, seconds, None,
                                vllm="yes (logits processor)"))
-    trained = [n for n in results if n.startswith("refine") or n == "probe"]
     report = {"metrics": results, "methods": [method_row(n, results[n], 0, 0.0, None)
                                               for n in ("base", "uniform", "top2-equal")] + rows,
               "heads": {n: str(out_s / "heads" / v) for v in cfg_s.head_variants
                         for n in [condition_name(v, cfg_s.head.variant)]},
-              "warnings": warnings, "temperature_curve": frontier, "plane": plane_verdicts(results, frontier, trained)}
+              "warnings": warnings, "temperature_curve": frontier,
+              "plane": plane_verdicts(results, frontier, plane_heads(results))}
     gate = next((m.config.get("gate_token_ids") for n, m in heads.items() if n != "rank-bias"), None)
     evaluation.unrelated_kl(report, ev, unrelated, {"uniform": Uniform(), **heads}, gate, base.topk_ids)
     return report, ev
@@ -118,8 +124,7 @@ def evaluate_lora(cfg: RunConfig, out: Path, out_s: Path, parts: dict, base, pro
         report["methods"].append(method_row(m, r, res.trainable_params, res.train_seconds, res.peak_memory_mb,
                                             vllm="yes (LoRA adapter, not on NF4 weights)"))
     # the adapters on the heads' bias-utility plane (against the same temperature curve and baselines)
-    report["plane"] = plane_verdicts(ev.results, report["temperature_curve"],
-                                     [n for n in ev.results if n.startswith(("refine", "lora"))])
+    report["plane"] = plane_verdicts(ev.results, report["temperature_curve"], plane_heads(ev.results))
 
 
 def evaluate_plugins(cfg: RunConfig, out: Path, out_s: Path, test_q, base, key: str, prompt_name: str, report: dict,
@@ -142,8 +147,7 @@ def evaluate_plugins(cfg: RunConfig, out: Path, out_s: Path, test_q, base, key: 
                                             info.get("train_seconds", 0.0), None,
                                             info.get("extra_forward_per_prompt", 0), info.get("served_by_vllm", "?")))
     names = [m.name or k for k, m in methods.items()]
-    report["plane"] = plane_verdicts(ev.results, report["temperature_curve"],
-                                     [n for n in ev.results if n.startswith(("refine", "lora")) or n in names])
+    report["plane"] = plane_verdicts(ev.results, report["temperature_curve"], plane_heads(ev.results, names))
 
 
 def _free_memory() -> None:
