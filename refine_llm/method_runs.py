@@ -283,23 +283,44 @@ class Steer(Method):
     def for_run(cls, cfg, run_dir) -> "Steer":
         return cls(artifact=Path(run_dir) / STEER_DIR)
 
+    @staticmethod
+    def trained_on(cfg, inputs: TrainInputs, steer_cfg: SteerConfig) -> str:
+        """What the steering is a function of: model, quantization, prompt, top-k, steering config (with its
+        seed) and the train and validation questions. A re-run with the same gets the saved steering back."""
+        import hashlib
+        import json
+        from dataclasses import asdict
+
+        what = {"model": cfg.model.name, "quant": cfg.model.quant, "prompt": inputs.prompt,
+                "top_k": cfg.scoring.top_k, "steer": asdict(steer_cfg),
+                "questions": {s: list(inputs.questions[s]["question_id"]) for s in ("train", "validation")}}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     def train(self, cfg, run_dir, inputs: TrainInputs) -> None:
         import time
 
         from refine_llm import prompts
         from refine_llm.vocab import tokenizer_fingerprint
 
+        steer_cfg = replace(self.config, seed=cfg.bandit.seed)
+        stamp = self.trained_on(cfg, inputs, steer_cfg)
+        saved = Path(run_dir) / STEER_DIR
+        if (saved / "config.json").is_file() and Steering.from_pretrained(saved).meta.get("trained_on") == stamp:
+            inputs.log(f"steer: reusing {saved} (same model, prompt, steering config and splits)")
+            self._steering = None
+            return
         t = time.time()
         model, tok = inputs.load_model()
         scfg = replace(cfg.scoring, store_hidden=False, align_to_base=False)
         steer, rep = train_steering(model, tok, prompts.load_prompt(inputs.prompt), inputs.questions["train"],
                                     inputs.scores["train"], inputs.questions["validation"],
-                                    inputs.scores["validation"], scfg, replace(self.config, seed=cfg.bandit.seed),
+                                    inputs.scores["validation"], scfg, steer_cfg,
                                     meta={"base_model": cfg.model.name, "prompt": inputs.prompt,
                                           "tokenizer_fingerprint": tokenizer_fingerprint(tok),
                                           "category": ",".join(cfg.questions.categories)}, log=inputs.log)
         steer.meta["report"] = {k: rep[k] for k in ("layer", "strength", "forward_passes")}
         steer.meta["train_seconds"] = time.time() - t
+        steer.meta["trained_on"] = stamp
         steer.save_pretrained(Path(run_dir) / STEER_DIR, card={"metrics": {"validation": rep["strengths"]}})
         self._steering = None
 
