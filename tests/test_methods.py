@@ -116,6 +116,9 @@ def test_prompt_instruct_and_self_debias_run_in_the_main_job(tmp_path, tiny_mist
     caches = {p.name for p in (tmp_path / "on" / "scores").glob("*/*")}
     assert sum(c.endswith("-aligned") for c in caches) == 1 + 4, caches  # the instruct pass, one Self-Debias
     # pass per category (its own prefix: another prompt, another cache)
+    saved = (tmp_path / "on" / "steer" / "config.json").read_bytes()
+    assert pipeline.run(cfg, loaded=loaded) == 0  # the same run again: the saved steering is reused, not retrained
+    assert (tmp_path / "on" / "steer" / "config.json").read_bytes() == saved
     off = RunConfig(out=str(tmp_path / "off"), **common)
     assert pipeline.run(off, loaded=loaded) == 0
     m_off = json.loads((tmp_path / "off" / "report.json").read_text())["metrics"]
@@ -152,6 +155,11 @@ def test_steer_runs_in_the_main_job(tmp_path, tiny_mistral_dir, monkeypatch):
     assert m["test-steer"]["kl_base"] > 1e-4  # the vector, added where the probe fires (everywhere), moves p
     row = next(r for r in rep["methods"] if r["method"] == "test-steer")
     assert row["extra_forwards"] == 0 and row["vllm"].startswith("no") and row["trainable_params"] > 0
+    for cat, v in rep["plane"]["test-steer"]["per_category"].items():  # read against each category's own curve
+        assert v["curve_mu_at_gold_share"] is not None, cat
+    md = (tmp_path / "on" / "report.md").read_text().split("## Comparison per category")[1]
+    assert all(f"### {cat}" in md for cat in m["base"]["per_category"]) and md.count("| test-steer |") == len(
+        m["base"]["per_category"])
     steer = Steering.from_pretrained(tmp_path / "on" / "steer", tokenizer=loaded[1], model=loaded[0])
     assert steer.strength == 1.0 and steer.meta["train_seconds"] > 0
     keys = {p.name for p in (tmp_path / "on" / "scores").iterdir() if p.is_dir()}
