@@ -8,6 +8,11 @@ their ratio, and the largest difference between the two arms' per-step mean |C| 
 the runs match up to float rounding).
 
     .venv/bin/python eval/bench_lora.py --steps 3 --batch-size 2
+    .venv/bin/python eval/bench_lora.py --model qwen2.5-coder-1.5b-instruct --quant bf16 --prompt chat \
+        --arms shared --steps 2 --batch-size 1          # the step time on the default model, one arm
+
+``--arms shared`` times only the shared-prefix arm (the one the main job trains with): on a model where a step
+takes minutes, the comparison would double that.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=2, help="tuples per step")
     p.add_argument("--objective", default="direct", choices=("reinforce", "direct"))
+    p.add_argument("--arms", default="both", choices=("both", "shared"),
+                   help="both: whole prompts vs shared prefix, with their ratio; shared: the main job's arm only")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -46,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     init = {n: t.detach().clone() for n, t in peft_model.named_parameters() if t.requires_grad}
 
     results = {}
-    for arm in ("whole prompts", "shared prefix"):
+    arms = ("whole prompts", "shared prefix") if args.arms == "both" else ("shared prefix",)
+    for arm in arms:
         with torch.no_grad():
             for n, t in peft_model.named_parameters():
                 if n in init:
@@ -69,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         results[arm] = (float(np.median(times)), abs_c)
         print(f"{arm:>14}: {results[arm][0]:6.2f} s/step (median of {len(times)}; shared prefix "
               f"{prefix_len} of ~{int(np.mean([len(i) for i in ts.ids]))} tokens)")
+    lcfg = LoraConfig()
+    print(f"the main job's lora-reward ({lcfg.steps} steps of {lcfg.batch_size} tuples) at this step time, scaled "
+          f"by tuples per step: ~{results['shared prefix'][0] * lcfg.steps * lcfg.batch_size / args.batch_size / 60:.0f} "
+          f"min (linear in tuples per step: an estimate)")
+    if len(arms) == 1:
+        return 0
     ratio = results["whole prompts"][0] / results["shared prefix"][0]
     diff = max(abs(a - b) for a, b in zip(results["whole prompts"][1], results["shared prefix"][1]))
     print(f"speed-up: {ratio:.1f}x; max |Δ mean|C|| between the arms over {args.steps} steps: {diff:.2e}")
