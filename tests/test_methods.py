@@ -116,9 +116,6 @@ def test_prompt_instruct_and_self_debias_run_in_the_main_job(tmp_path, tiny_mist
     caches = {p.name for p in (tmp_path / "on" / "scores").glob("*/*")}
     assert sum(c.endswith("-aligned") for c in caches) == 1 + 4, caches  # the instruct pass, one Self-Debias
     # pass per category (its own prefix: another prompt, another cache)
-    saved = (tmp_path / "on" / "steer" / "config.json").read_bytes()
-    assert pipeline.run(cfg, loaded=loaded) == 0  # the same run again: the saved steering is reused, not retrained
-    assert (tmp_path / "on" / "steer" / "config.json").read_bytes() == saved
     off = RunConfig(out=str(tmp_path / "off"), **common)
     assert pipeline.run(off, loaded=loaded) == 0
     m_off = json.loads((tmp_path / "off" / "report.json").read_text())["metrics"]
@@ -164,6 +161,9 @@ def test_steer_runs_in_the_main_job(tmp_path, tiny_mistral_dir, monkeypatch):
     assert steer.strength == 1.0 and steer.meta["train_seconds"] > 0
     keys = {p.name for p in (tmp_path / "on" / "scores").iterdir() if p.is_dir()}
     assert any(k.endswith(f"-test-steer-{steer.fingerprint}") for k in keys), keys  # its own cache key
+    saved = (tmp_path / "on" / "steer" / "config.json").read_bytes()
+    assert pipeline.run(cfg, loaded=loaded) == 0  # the same run again: the saved steering is reused, not retrained
+    assert (tmp_path / "on" / "steer" / "config.json").read_bytes() == saved
     off = RunConfig(out=str(tmp_path / "off"), **common)
     assert pipeline.run(off, loaded=loaded) == 0
     m_off = json.loads((tmp_path / "off" / "report.json").read_text())["metrics"]
