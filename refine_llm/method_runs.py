@@ -287,14 +287,13 @@ class Steer(Method):
     def trained_on(cfg, inputs: TrainInputs, steer_cfg: SteerConfig) -> str:
         """What the steering is a function of: model, quantization, prompt, top-k, steering config (with its
         seed) and the train and validation questions. A re-run with the same gets the saved steering back."""
-        import hashlib
-        import json
         from dataclasses import asdict
 
-        what = {"model": cfg.model.name, "quant": cfg.model.quant, "prompt": inputs.prompt,
-                "top_k": cfg.scoring.top_k, "steer": asdict(steer_cfg),
-                "questions": {s: list(inputs.questions[s]["question_id"]) for s in ("train", "validation")}}
-        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        from refine_llm.stages.common import config_hash
+
+        ids = {s: list(inputs.questions[s]["question_id"]) for s in ("train", "validation")}
+        return config_hash({"model": cfg.model.name, "quant": cfg.model.quant, "prompt": inputs.prompt,
+                            "top_k": cfg.scoring.top_k, "steer": asdict(steer_cfg), "questions": ids})
 
     def train(self, cfg, run_dir, inputs: TrainInputs) -> None:
         import time

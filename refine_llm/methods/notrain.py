@@ -139,17 +139,17 @@ def plane_verdicts(results: dict[str, dict], curve: list[dict], heads: list[str]
     """For each head: the temperature curve's μ and mean|C| at the head's P(gold) share, whether the
     head lies below it on both, and whether it dominates each parameter-free point; under ``per_category``
     the same per category, against that category's curve and points (the report's per-category comparison)."""
+    cats = {cat for c in curve for cat in (c.get("per_category") or {})}
+    curves = {cat: [{"temperature": c["temperature"], **c["per_category"][cat]} for c in curve
+                    if cat in (c.get("per_category") or {})] for cat in cats}
+    points = {cat: {p: results[p]["per_category"][cat] for p in PARAMETER_FREE
+                    if cat in (results.get(p, {}).get("per_category") or {})} for cat in cats}
     out = {}
     for h in heads:
         r = results[h]
         out[h] = _verdict(r, curve, {p: results[p] for p in PARAMETER_FREE if p in results})
-        per = {}
-        for cat, rc in (r.get("per_category") or {}).items():
-            cc = [{"temperature": c["temperature"], **c["per_category"][cat]} for c in curve
-                  if cat in (c.get("per_category") or {})]
-            if cc:
-                per[cat] = _verdict(rc, cc, {p: results[p]["per_category"][cat] for p in PARAMETER_FREE
-                                             if cat in (results.get(p, {}).get("per_category") or {})})
+        per = {cat: _verdict(rc, curves[cat], points[cat]) for cat, rc in (r.get("per_category") or {}).items()
+               if cat in curves}
         if per:
             out[h]["per_category"] = per
     return out
