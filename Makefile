@@ -9,8 +9,10 @@ PY := .venv/bin/python
 venv:
 	@bash scripts/bootstrap.sh
 
+# The fetch runs only for the default: with --model in ARGS the job resolves (and, for an embedded alias,
+# fetches) the model it was given, not the default's 1.1 GB.
 debias: venv
-	.venv/bin/refine-llm fetch
+	$(if $(findstring --model,$(ARGS)),,.venv/bin/refine-llm fetch)
 	$(PY) scripts/debias_llm.py $(ARGS)
 
 test: venv

@@ -1,4 +1,5 @@
-"""CI guarantees: no test can skip, and every test has a timeout.
+"""CI guarantees: no test can skip, and every test has a timeout; the Quick start's `make debias` fetches
+the default model only when the job runs it.
 
 Every test file imports its dependencies (vLLM, peft, trl, bitsandbytes, Ray, lm-eval) plainly, so a
 missing one is an import error that fails the run, with or without CI=true. This file keeps it that way:
@@ -8,6 +9,7 @@ a skip of any kind (an import-or-skip, a skip call, a skip or skipif mark) anywh
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,3 +33,13 @@ def test_the_skip_pattern_sees_every_form():
 def test_every_test_has_a_timeout(pytestconfig):
     # pyproject.toml [tool.pytest.ini_options] timeout (pytest-timeout): a hung engine cannot hang CI
     assert float(pytestconfig.getini("timeout")) > 0
+
+
+def test_make_debias_fetches_the_default_only_when_it_runs():
+    def recipe(*args):  # make -n: print the commands without running them
+        return subprocess.run(["make", "-n", "debias", *args], cwd=HERE.parent, capture_output=True, text=True,
+                              check=True).stdout
+
+    assert "refine-llm fetch" in recipe()
+    other = recipe("ARGS=--model smollm2-135m --max-tuples 2")
+    assert "refine-llm fetch" not in other and "debias_llm.py --model smollm2-135m --max-tuples 2" in other
