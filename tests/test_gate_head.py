@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from refine_llm.config import HeadConfig
+from refine_llm.errors import UserError
 from refine_llm.methods.gate import LogitSpace, equalise_groups, name_groups
 from refine_llm.methods.heads import GateHead, build_head, load_head, save_head
 
@@ -87,6 +88,12 @@ def test_fit_probe_separates_open_from_decided_and_sets_the_standardisation():
     assert torch.allclose(head.mean, h.mean(0)) and torch.allclose(head.scale, h.std(0))
     gate = head.gate(hidden=h)
     assert ((gate > 0.5) == y).float().mean() > 0.97
+    # one class only: a UserError that names the probe (the shared refine_llm.probes.fit_logistic)
+    try:
+        head.fit_probe(h, torch.zeros(400, dtype=torch.bool))
+        raise AssertionError("a probe with one class must refuse")
+    except UserError as e:
+        assert "the gate's probe needs both classes" in str(e)
 
 
 def test_the_gate_on_logits_equals_the_gate_on_the_hidden_state_under_any_shift():

@@ -66,13 +66,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from refine_llm.errors import UserError
 from refine_llm.io import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, write_artifact
+from refine_llm.probes import fit_logistic
 
 __all__ = ["SteerConfig", "Steering", "candidate_layers", "commitment", "bias_labels", "train_probe",
            "balanced_accuracy", "choose_layer", "mean_difference", "steering_vector", "choose_strength", "FORMAT"]
@@ -172,32 +172,13 @@ def bias_labels(specified, p_topk, quantile: float = 1 / 3,
 
 
 def train_probe(x, y, l2: float = 1e-2, iters: int = 100) -> tuple[np.ndarray, float]:
-    """Logistic regression P(biased | x) = sigmoid(w.x + b) on (N, d) activations and (N,) {0, 1} labels:
-    standardised features, class-balanced loss (each class weighs 1/2), L2 ``l2`` on w, full-batch
-    L-BFGS (deterministic). Returns (w (d,) float32, b) for raw activations (standardisation folded in)."""
-    X = torch.as_tensor(np.asarray(x), dtype=torch.float32)  # (N, d)
-    t = torch.as_tensor(np.asarray(y), dtype=torch.float32)  # (N,)
-    n_pos, n_neg = int(t.sum()), int((1 - t).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise UserError(f"the steering probe needs both classes, got {n_pos} biased and {n_neg} other rows: "
-                        "score more train questions")
-    mu, sd = X.mean(0), X.std(0).clamp_min(1e-6)
-    Z = (X - mu) / sd
-    wts = torch.where(t > 0, 0.5 / n_pos, 0.5 / n_neg)  # (N,)
-    w = torch.zeros(X.shape[1], requires_grad=True)
-    b = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = (wts * F.binary_cross_entropy_with_logits(Z @ w + b, t, reduction="none")).sum() + 0.5 * l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    w_raw = (w.detach() / sd)  # (d,)
-    b_raw = float(b.detach()[0] - (w_raw * mu).sum())
+    """P(biased | x) = sigmoid(w.x + b) on (N, d) activations and (N,) {0, 1} labels
+    (``refine_llm.probes.fit_logistic``): standardised features, class-balanced loss (each class weighs
+    1/2), L2 ``l2`` on w, full-batch L-BFGS (deterministic). Returns (w (d,) float32, b) for raw
+    activations (standardisation folded in)."""
+    probe = fit_logistic(np.asarray(x), np.asarray(y), l2=l2, max_iter=iters, balanced=True, min_scale=1e-6,
+                         what="the steering probe")
+    w_raw, b_raw = probe.raw()
     return w_raw.numpy().astype(np.float32), b_raw
 
 

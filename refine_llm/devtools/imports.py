@@ -42,15 +42,16 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "markdown": (),
     "vocab": (),
     "training": (),
+    "probes": ("errors",),  # torch only: the one logistic probe (gate head, steering)
     "metrics": ("errors",),  # never torch-heavy code, never a model
     "prompts": ("errors",),
     "questions": LEAVES + ("cliargs",),
     "cliargs": LEAVES,
     "forward": LEAVES,
     "rewards": ("metrics",),
-    "methods": LEAVES + ("metrics",),
+    "methods": LEAVES + ("metrics", "probes"),
     "bandit": LEAVES + ("methods", "rewards", "training", "metrics"),
-    "baselines": LEAVES + ("models", "forward", "scoring", "rewards", "metrics", "training"),
+    "baselines": LEAVES + ("models", "forward", "scoring", "rewards", "metrics", "training", "probes"),
     "scoring": LEAVES + ("forward", "prompts", "models", "model_check", "questions", "metrics", "cliargs"),
     "serving": ("methods", "config", "errors", "vocab"),  # the processors: no trainer, scorer or dataset
     "serving.launch": ("methods", "config", "errors", "vocab", "models", "model_check"),  # it resolves the model

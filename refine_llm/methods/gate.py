@@ -45,12 +45,12 @@ same gate). tests/test_gate_head.py checks that hidden= and logits= give the sam
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from refine_llm.errors import UserError
 from refine_llm.methods.topk import NEG as _NEG
 from refine_llm.methods.topk import renormalise
+from refine_llm.probes import fit_logistic
 
 __all__ = ["GateCore", "LogitSpace", "name_groups", "equalise_groups", "fit_gate"]
 
@@ -181,31 +181,17 @@ class GateCore(nn.Module):
 
     @torch.no_grad()
     def fit_probe(self, hidden: torch.Tensor, is_open: torch.Tensor, l2: float = 1.0, max_iter: int = 200) -> dict:
-        """Logistic regression of ``is_open`` (N,) bool on standardised ``hidden`` (N,d): sets mean,
-        scale, w, b. ``l2``: ridge penalty on w (sum over N of the log-loss + l2/2 |w|^2). Returns
-        {train_accuracy, n}."""
-        X = hidden.float()
-        y = is_open.float()
-        self.mean.copy_(X.mean(0))
-        self.scale.copy_(X.std(0).clamp_min(1e-4))
-        Z = (X - self.mean) / self.scale
-        w = torch.zeros(self.hidden_size, requires_grad=True)
-        b = torch.zeros(1, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            with torch.enable_grad():
-                loss = F.binary_cross_entropy_with_logits(Z @ w + b, y, reduction="sum") + 0.5 * l2 * (w * w).sum()
-                loss.backward()
-            return loss
-
-        opt.step(closure)
-        self.w.copy_(w.detach())
-        self.b.copy_(b.detach())
-        acc = float((((Z @ self.w + self.b) > 0).float() == y).float().mean())
+        """Logistic regression of ``is_open`` (N,) bool on standardised ``hidden`` (N,d)
+        (``refine_llm.probes.fit_logistic``: a sum of log-losses + l2/2 |w|^2): sets mean, scale, w, b.
+        Returns {train_accuracy, n, l2}."""
+        probe = fit_logistic(hidden, is_open, l2=l2, max_iter=max_iter, min_scale=1e-4, what="the gate's probe")
+        self.mean.copy_(probe.mean)
+        self.scale.copy_(probe.scale)
+        self.w.copy_(probe.w)
+        self.b.fill_(probe.b)
+        acc = float(((probe.score(hidden) > 0).float() == is_open.float()).float().mean())
         self.exported.fill_(False)
-        return {"train_accuracy": acc, "n": int(len(y)), "l2": l2}
+        return {"train_accuracy": acc, "n": int(len(is_open)), "l2": l2}
 
     @torch.no_grad()
     def export_logit_gate(self, space: LogitSpace) -> None:
