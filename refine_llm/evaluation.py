@@ -204,8 +204,7 @@ def unrelated_kl(report: dict, ev: Evaluator, unrelated, methods: dict, gate: li
         outs[name] = torch.as_tensor(method.apply(unrelated).topk_logprobs)
     summary = {}
     for name, new in outs.items():
-        kl, tv = metrics.distribution_shift(lp.numpy(), new.numpy())
-        summary[name] = {"kl": float(kl.mean()), "tv": float(tv.mean()), "kl_p95": float(np.quantile(kl, 0.95))}
+        summary[name] = _shift_summary(lp.numpy(), new.numpy())
         if name in ev.results:
             ev.results[name]["kl_unrelated"] = summary[name]["kl"]
     gated = {}
@@ -226,6 +225,23 @@ def unrelated_kl(report: dict, ev: Evaluator, unrelated, methods: dict, gate: li
     report["unrelated_prompts"] = {"n": len(q["question_id"]), "file": UNRELATED_PROMPTS.name, "part": "test",
                                    "families": sorted({unrelated_family(x) for x in q["question"]}),
                                    "per_condition": summary, "gated": gated}
+
+
+def _shift_summary(base_lp, new_lp) -> dict:
+    """Mean KL and TV of the (U, k) top-k distributions (renormalised, ``metrics.distribution_shift``), KL's 95th
+    percentile."""
+    kl, tv = metrics.distribution_shift(base_lp, new_lp)
+    return {"kl": float(kl.mean()), "tv": float(tv.mean()), "kl_p95": float(np.quantile(kl, 0.95))}
+
+
+def add_unrelated_kl(report: dict, ev: Evaluator, name: str, unrelated, topk_logprobs) -> None:
+    """A condition that brings its own scores of the unrelated prompts (a plug-in method's passes over them):
+    ``topk_logprobs`` (U, k), its log-probs at the base's top-k ids of ``unrelated`` (methods.Scores), goes into
+    ``kl_unrelated`` and the report's per-condition summary, as ``unrelated_kl`` does for the heads."""
+    s = _shift_summary(np.asarray(unrelated.topk_logprobs), np.asarray(topk_logprobs))
+    report["unrelated_prompts"]["per_condition"][name] = s
+    if name in ev.results:
+        ev.results[name]["kl_unrelated"] = s["kl"]
 
 
 # ---------------------------------------------------------------------------------------------

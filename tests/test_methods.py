@@ -85,6 +85,9 @@ def test_a_plug_in_method_runs_through_every_stage(tmp_path, tiny_mistral_dir, m
     assert m["test-same"]["kl_base"] == pytest.approx(0.0, abs=1e-6)  # the base's own top-k, read off again
     assert m["test-same"]["mu"] == pytest.approx(m["base"]["mu"], abs=1e-6)
     assert m["test-prefix"]["kl_base"] > 1e-6  # another prompt: another distribution over the same slots
+    # the same passes over the unrelated prompts give each plug-in its KL there (scored by the score stage)
+    assert m["test-same"]["kl_unrelated"] == pytest.approx(0.0, abs=1e-6) and m["test-prefix"]["kl_unrelated"] > 1e-6
+    assert set(report["unrelated_prompts"]["per_condition"]) >= {"test-prefix", "test-same"}
     assert TRAINED == [str(tmp_path / "run")] and (tmp_path / "run" / "test-prefix.json").is_file()
     assert {r["method"] for r in report["methods"]} >= {"test-prefix", "test-same"}
     caches = {p.name for p in (tmp_path / "run" / "scores").glob("*/*")}
@@ -113,6 +116,8 @@ def test_prompt_instruct_and_self_debias_run_in_the_main_job(tmp_path, tiny_mist
     # Self-Debias down-weights only what the prefix makes more likely; identical passes would give exactly 0).
     assert m["prompt-instruct"]["kl_base"] > 1e-6 and m["self-debias"]["kl_base"] > 1e-9
     assert np.isfinite([m[k]["mu"] for k in ("prompt-instruct", "self-debias")]).all()  # every row got its pass
+    # on the unrelated prompts (no category: Self-Debias applies all four categories' prefixes) each has its KL
+    assert m["prompt-instruct"]["kl_unrelated"] > 1e-6 and m["self-debias"]["kl_unrelated"] > 1e-9
     caches = {p.name for p in (tmp_path / "on" / "scores").glob("*/*")}
     assert sum(c.endswith("-aligned") for c in caches) == 1 + 4, caches  # the instruct pass, one Self-Debias
     # pass per category (its own prefix: another prompt, another cache)
@@ -150,6 +155,7 @@ def test_steer_runs_in_the_main_job(tmp_path, tiny_mistral_dir, monkeypatch):
     rep = json.loads((tmp_path / "on" / "report.json").read_text())
     m = rep["metrics"]
     assert m["test-steer"]["kl_base"] > 1e-4  # the vector, added where the probe fires (everywhere), moves p
+    assert m["test-steer"]["kl_unrelated"] > 1e-4  # also on the unrelated prompts (a hooked pass over them)
     row = next(r for r in rep["methods"] if r["method"] == "test-steer")
     assert row["extra_forwards"] == 0 and row["vllm"].startswith("no") and row["trainable_params"] > 0
     for cat, v in rep["plane"]["test-steer"]["per_category"].items():  # read against each category's own curve

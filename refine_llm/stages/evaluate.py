@@ -127,21 +127,28 @@ def evaluate_lora(cfg: RunConfig, out: Path, out_s: Path, parts: dict, base, pro
     report["plane"] = plane_verdicts(ev.results, report["temperature_curve"], plane_heads(ev.results))
 
 
-def evaluate_plugins(cfg: RunConfig, out: Path, out_s: Path, test_q, base, key: str, prompt_name: str, report: dict,
-                     ev, run_model) -> None:
+def evaluate_plugins(cfg: RunConfig, out: Path, out_s: Path, test_q, base, unrelated, key: str, prompt_name: str,
+                     report: dict, ev, run_model) -> None:
     """The run's plug-in methods (``RunConfig.extra_methods``): built with ``Method.for_run`` (artifacts from the
     seed's directory), given their extra passes' cached scores (a "hooked" pass: scored here, with the run's
-    model from ``run_model()``), evaluated like every other condition."""
+    model from ``run_model()``), evaluated like every other condition, with their KL on the unrelated prompts
+    (``unrelated``: their base Scores) from the same passes over those prompts."""
+    from refine_llm import evaluation
     from refine_llm.methods.notrain import plane_verdicts
     from refine_llm.stages.passes import plugins, read_passes, score_hooked
 
+    unrel_q = evaluation.unrelated_questions(part="test")
     methods = plugins(cfg, out_s)
     for kind, method in methods.items():
-        own = read_passes(cfg, out, method, key, prompt_name, test_q, base)
-        if any(sp.model == "hooked" for sp in method.passes()):
-            own.update(score_hooked(cfg, out, method, *run_model(), key, prompt_name, test_q, base))
-        o = method.apply(base, own)
+        outputs = []
+        for q, sc in ((test_q, base), (unrel_q, unrelated)):
+            own = read_passes(cfg, out, method, key, prompt_name, q, sc)
+            if any(sp.model == "hooked" for sp in method.passes()):
+                own.update(score_hooked(cfg, out, method, *run_model(), key, prompt_name, q, sc))
+            outputs.append(method.apply(sc, own))
+        o, o_unrel = outputs
         r = ev.add(method.name or kind, o.p_topk, o.p_full, topk_logprobs=o.topk_logprobs)
+        evaluation.add_unrelated_kl(report, ev, method.name or kind, unrelated, o_unrel.topk_logprobs)
         info = method.info()
         report["methods"].append(method_row(method.name or kind, r, method.trainable_params,
                                             info.get("train_seconds", 0.0), None,
@@ -239,8 +246,8 @@ def run(cfg: RunConfig, out: Path, questions, loaded=None) -> dict:
             if lora_runs(cfg):
                 evaluate_lora(cfg, out, out_s, parts, base, prompt_name, report, ev)
         if cfg.plugin_methods:
-            evaluate_plugins(cfg_s, out, out_s, parts["test"], base, info["model_key"], prompt_name, report, ev,
-                             run_model)
+            evaluate_plugins(cfg_s, out, out_s, parts["test"], base, unrelated, info["model_key"], prompt_name, report,
+                             ev, run_model)
         report["significance"] = evaluation.significance(report["metrics"], seed=cfg.seed)
         ev.write_predictions(out_s / "predictions.parquet")
         timing["evaluate"] = time.time() - t

@@ -2,7 +2,8 @@
 their question rows, scored by the score stage (through the one driver and cache, next to everything else),
 read back by the evaluate stage as the ``own`` scores of ``Method.apply``.
 
-A pass scores the test split. Its rows keep the questions' fields; ``prefix`` goes before each context and
+A pass scores the test split and the report's unrelated prompts (its KL there: what the method does to
+prompts with nothing to debias). Its rows keep the questions' fields; ``prefix`` goes before each context and
 the ids become ``<pass name>|<question id>`` (another prompt text, another cache row); an aligned pass
 (``ScorePass.align``) also carries each row's base top-k ids (``base_topk_ids``), so its scores hold its
 log-probs of the base's top-k on the same question and the method's KL is taken against them.
@@ -17,6 +18,7 @@ import numpy as np
 
 from refine_llm.config import RunConfig
 from refine_llm.scoring.plan import QUESTION_COLUMNS
+from refine_llm.stages.common import UNRELATED
 
 __all__ = ["plugins", "concrete_passes", "pass_rows", "pass_scoring", "pass_columns", "score_passes", "read_passes",
            "score_hooked"]
@@ -30,10 +32,12 @@ def plugins(cfg: RunConfig, run_dir: Path) -> dict:
     return {kind: methods[kind].for_run(cfg, run_dir) for kind in cfg.plugin_methods}
 
 
-def concrete_passes(sp, questions, prompt_name: str) -> list[tuple[str, object, np.ndarray]]:
+def concrete_passes(sp, questions, prompt_name: str, categories=()) -> list[tuple[str, object, np.ndarray]]:
     """What one ``ScorePass`` scores: [(pass name, PromptTemplate, row indices of ``questions``)]. A plain pass
     is one entry over every row; ``instruct`` swaps in the run's prompt with the instruction; ``bias_prefixes``
-    expands into ``<name>#<i>`` per prefix i, one entry per category (its rows, its i-th prefix)."""
+    expands into ``<name>#<i>`` per prefix i, one entry per category (its rows, its i-th prefix). The unrelated
+    prompts have no category: they get every prefix of the run's ``categories``, as a Self-Debias served for
+    those categories would apply them all."""
     from refine_llm import prompt_variants as V
     from refine_llm import prompts
 
@@ -43,7 +47,9 @@ def concrete_passes(sp, questions, prompt_name: str) -> list[tuple[str, object, 
     if sp.bias_prefixes is None:
         return [(sp.name, template, np.arange(n))]
     cats = np.asarray(questions["category"], dtype=object)
-    table = {c: V.prefixes_for(c, sp.bias_prefixes or None) for c in dict.fromkeys(cats.tolist())}
+    path = sp.bias_prefixes or None
+    every = [p for k in categories for p in V.prefixes_for(k, path)]
+    table = {c: every if c == UNRELATED else V.prefixes_for(c, path) for c in dict.fromkeys(cats.tolist())}
     return [(f"{sp.name}#{i}", V.with_prefix(template, table[c][i]), np.flatnonzero(cats == c))
             for i in range(max((len(p) for p in table.values()), default=0)) for c in table if i < len(table[c])]
 
@@ -71,14 +77,15 @@ def pass_columns(sp) -> tuple[str, ...]:
 
 
 def score_passes(cfg: RunConfig, out: Path, model, tokenizer, key: str, prompt_name: str, questions, base) -> None:
-    """Score stage: every base-model pass of every plug-in method, on the test split."""
+    """Score stage: every base-model pass of every plug-in method, on ``questions`` (the test split or the
+    unrelated prompts) with their base ``Scores``."""
     from refine_llm import scoring
 
     for method in plugins(cfg, out).values():
         for sp in method.passes():
             if sp.model != "base":
                 continue
-            for _, template, idx in concrete_passes(sp, questions, prompt_name):
+            for _, template, idx in concrete_passes(sp, questions, prompt_name, cfg.questions.categories):
                 scoring.score(model, tokenizer, pass_rows(sp, questions, base, idx), template, pass_scoring(cfg, sp),
                               cache_dir=out / "scores", model_key=key, columns=pass_columns(sp))
 
@@ -114,7 +121,7 @@ def read_passes(cfg: RunConfig, out: Path, method, key: str, prompt_name: str, q
     parts: dict[str, list] = {}
     for sp in method.passes():
         if sp.model == "base":
-            for name, template, idx in concrete_passes(sp, questions, prompt_name):
+            for name, template, idx in concrete_passes(sp, questions, prompt_name, cfg.questions.categories):
                 ds = read_cached(pass_rows(sp, questions, base, idx), template, pass_scoring(cfg, sp), out / "scores",
                                  key, columns=pass_columns(sp))
                 parts.setdefault(name, []).append((idx, Scores.from_table(ds)))

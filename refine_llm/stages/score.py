@@ -4,7 +4,7 @@ In order (the order matters only for which batches a row is first scored in, so 
 sweep on validation (``--prompt auto``), then the train, validation and test splits (train and validation
 when heads train), the anchor prompts (the heads' anchor term), the unrelated prompts the report measures,
 BBQ's cloze and lettered requests (``--bbq``), the test split in bf16 (``--compare-quant``) and every
-method's extra pass on the test split (``Method.passes()``; none of today's conditions has one). The record
+plug-in method's extra pass on the test split and the unrelated prompts (``Method.passes()``). The record
 of what ran, the chosen prompt and the cache's model key go to ``scores/score.json``; the model is freed.
 """
 
@@ -150,8 +150,9 @@ def run(cfg: RunConfig, out: Path, questions, loaded=None, info_only: bool = Fal
         from refine_llm.stages import passes
 
         t = time.time()
-        base = Scores.from_table(scorer(parts["test"], prompt_name))
-        passes.score_passes(cfg, out, model, tokenizer, key, prompt_name, parts["test"], base)
+        for q in (parts["test"], evaluation.unrelated_questions(part="test")):  # + their KL on unrelated prompts
+            base = Scores.from_table(scorer(q, prompt_name))
+            passes.score_passes(cfg, out, model, tokenizer, key, prompt_name, q, base)
         timing["method_passes"] = time.time() - t
     record = {"prompt": prompt_name, "prompt_sweep": sweep, "model": info, "model_key": key,
               "vllm_dtype": vdtype, "timing": timing}
