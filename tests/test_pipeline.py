@@ -125,6 +125,9 @@ def test_compare_methods_all(tmp_path, smollm2_dir, smollm2_nf4, capsys):
         assert r["trainable_params"] > 0 and r["train_seconds"] > 0 and r["peak_memory_mb"] > 0, r
         assert 0 <= r["mu"] <= 1 and 0 <= r["specified_accuracy"] <= 1, r
         assert m in report["metrics"] and m in report["significance"]
+        # KL over the base's top-k slots (the adapter's aligned pass), on specified and on unrelated prompts
+        assert r["kl_base"] >= 0 and report["metrics"][m]["kl_unrelated"] >= 0, r
+        assert m in report["unrelated_prompts"]["per_condition"]
         assert (out / "adapters" / m / "adapter_model.safetensors").is_file()
     assert rows["lora-reward"]["trainable_params"] == rows["lora-cda"]["trainable_params"]
     info = json.loads((out / "adapters" / "lora-reward-direct" / "refine_llm_lora.json").read_text())

@@ -2,8 +2,10 @@
 
 The adapter changes the model, so its scores come from an extra pass of the one scoring driver on the
 adapted model (``ScorePass(model="adapter")``: the evaluate stage runs it once the adapter exists, cached
-under the adapter's fingerprint). Its top-k is its own, not the base's: no KL/TV to base is reported
-(``Output.topk_logprobs`` is None). Trained by refine_llm.baselines.lora.
+under the adapter's fingerprint). Its top-k is its own, not the base's; the pass is aligned, as the
+instruction's and steering's are: it also reads the adapted model's log-probs at the base's top-k ids
+(``Scores.aligned_logprobs``), so KL(base ‖ adapter) is taken over the base's top-k slots on the same
+prompt (``Output.topk_logprobs``; None for scores without that column). Trained by refine_llm.baselines.lora.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ class Adapter(Method):
     def apply(self, base: Scores, own: dict[str, Scores] | None = None) -> Output:
         if not own or "adapter" not in own:
             raise ValueError(f"{self.name}: the adapter's own scores are missing (ScorePass 'adapter')")
-        out = Base().apply(own["adapter"])
-        return Output(out.p_topk, out.p_full, None)
+        mine = own["adapter"]
+        out = Base().apply(mine)  # the adapted model's own top-k, renormalised: what a user of it gets
+        return Output(out.p_topk, out.p_full, mine.aligned_logprobs)  # KL: over the base's top-k ids
 
     @property
     def trainable_params(self) -> int:

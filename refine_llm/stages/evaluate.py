@@ -13,6 +13,7 @@ the bias-utility plane, significance against base. The first seed's directory al
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from refine_llm.config import CONTEXT_VARIANTS, RunConfig
@@ -93,20 +94,21 @@ def evaluate_seed(cfg_s: RunConfig, out_s: Path, parts: dict, base, unrelated, l
     return report, ev
 
 
-def evaluate_lora(cfg: RunConfig, out: Path, out_s: Path, parts: dict, base, prompt_name: str, report: dict,
+def evaluate_lora(cfg: RunConfig, out: Path, out_s: Path, parts: dict, base, unrelated, prompt_name: str, report: dict,
                   ev) -> None:
-    """Each LoRA adapter's own scores on the test split (the adapted model through the one driver, cached under
-    the adapter's fingerprint) as a condition (methods.Adapter: no KL to the base's top-k)."""
-    from dataclasses import replace
-
-    from refine_llm import prompts, scoring
+    """Each LoRA adapter's own scores on the test split and the unrelated prompts (``unrelated``: their base
+    Scores): the adapted model through the one driver, cached under the adapter's fingerprint, aligned to the
+    base's top-k ids (methods.Adapter: KL to base over the base's slots, as for the plug-in methods)."""
+    from refine_llm import evaluation, prompts, scoring
     from refine_llm.baselines import lora
     from refine_llm.methods import Adapter, Scores
     from refine_llm.methods.notrain import plane_verdicts
+    from refine_llm.stages.passes import pass_columns, pass_rows, pass_scoring
     from refine_llm.stages.train import lora_runs
 
     mcfg = cfg.model
     prompt = prompts.load_prompt(prompt_name)
+    unrel_q = evaluation.unrelated_questions(part="test")
     for m, kind, lcfg in lora_runs(cfg):
         res = lora.reusable(out_s / "adapters" / m, kind, lcfg, mcfg.name, mcfg.quant, prompt, parts["train"],
                             pronouns=cfg.scoring.pronouns)
@@ -114,13 +116,18 @@ def evaluate_lora(cfg: RunConfig, out: Path, out_s: Path, parts: dict, base, pro
             raise UserError(f"{out_s / 'adapters' / m}: no adapter of this config yet: run `refine-llm train --out {out}`")
         model, tok = lora.load_adapted(mcfg.name, res.adapter_dir, quant=mcfg.quant)
         key = lora.model_key(mcfg.name, res.adapter_dir, mcfg.quant)
+        method = Adapter(m, res.adapter_dir, res.trainable_params)
+        (sp,) = method.passes()
         # backend hf: the adapted model in memory (vLLM would score the base weights directory, without the adapter)
-        own = Scores.from_table(scoring.score(model, tok, parts["test"], prompt, replace(cfg.scoring, backend="hf"),
-                                              cache_dir=out / "scores", model_key=key))
+        outputs = [method.apply(sc, {"adapter": Scores.from_table(scoring.score(
+            model, tok, pass_rows(sp, q, sc), prompt, replace(pass_scoring(cfg, sp), backend="hf"),
+            cache_dir=out / "scores", model_key=key, columns=pass_columns(sp)))})
+            for q, sc in ((parts["test"], base), (unrel_q, unrelated))]
         del model
         _free_memory()
-        o = Adapter(m, res.adapter_dir, res.trainable_params).apply(base, {"adapter": own})
-        r = ev.add(m, o.p_topk, o.p_full)  # its own top-k tokens: no KL to base over the same slots
+        o, o_unrel = outputs
+        r = ev.add(m, o.p_topk, o.p_full, topk_logprobs=o.topk_logprobs)
+        evaluation.add_unrelated_kl(report, ev, m, unrelated, o_unrel.topk_logprobs)
         report["methods"].append(method_row(m, r, res.trainable_params, res.train_seconds, res.peak_memory_mb,
                                             vllm="yes (LoRA adapter, not on NF4 weights)"))
     # the adapters on the heads' bias-utility plane (against the same temperature curve and baselines)
@@ -192,8 +199,6 @@ def evaluate_bbq(cfg: RunConfig, out: Path, out_s: Path, report: dict, key: str,
 
 def quant_shift(cfg: RunConfig, out: Path, test_q, prompt_name: str, bf16_key: str, base_block: dict) -> dict:
     """--compare-quant: how much the quantization moved the bias (the test split scored again in bf16)."""
-    from dataclasses import replace
-
     import numpy as np
 
     from refine_llm import metrics
@@ -244,7 +249,7 @@ def run(cfg: RunConfig, out: Path, questions, loaded=None) -> dict:
             from refine_llm.stages.train import lora_runs
 
             if lora_runs(cfg):
-                evaluate_lora(cfg, out, out_s, parts, base, prompt_name, report, ev)
+                evaluate_lora(cfg, out, out_s, parts, base, unrelated, prompt_name, report, ev)
         if cfg.plugin_methods:
             evaluate_plugins(cfg_s, out, out_s, parts["test"], base, unrelated, info["model_key"], prompt_name, report,
                              ev, run_model)
