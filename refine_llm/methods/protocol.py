@@ -14,7 +14,7 @@ turns a question set's cached scores into candidate probabilities:
   pass whose model exists only after training (an adapter) runs when the evaluate stage asks for it, through
   the same driver and cache. KL is taken against the base model's top-k on the same prompt: a method that
   brings its own scores reports its log-probs over the *base's* top-k slots in ``Output.topk_logprobs``
-  (or None: then no KL, as for a LoRA adapter's own top-k).
+  (or None: then no KL; the LoRA adapter, steering and the instruction read theirs off an aligned pass).
 
 A method that acts inside the model (activation steering) trains on the run's model (``TrainInputs.load_model``)
 and asks for a ``ScorePass(model="hooked")``: the evaluate stage scores it with ``Method.hooks(model)`` active,
