@@ -217,8 +217,8 @@ def _markdown(report: dict, metrics: dict, warnings: list[str], plots: list[str]
                 for h, v in plane.items()]
         lines += ["Each trained head and LoRA adapter against the curve (at its own P(gold) share) and the "
                   "parameter-free points (dominates = no worse on μ, mean|C|, P(gold) share and KL, better on one; "
-                  "KL over the base's top-k slots for every condition). \"Past the curve's end\": more P(gold) share than "
-                  "base, where the curve is read at T = 1.", ""]
+                  "KL over the base's top-k slots for every condition). \"Past the curve's end\": more P(gold) "
+                  "share than base, where the curve is read at T = 1.", ""]
         lines += table(["head", "P(gold) share", "μ", "curve μ there", "below curve (μ and mean|C|)", "dominates"],
                         rows) + [""]
 
