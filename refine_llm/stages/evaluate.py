@@ -94,8 +94,8 @@ def evaluate_seed(cfg_s: RunConfig, out_s: Path, parts: dict, base, unrelated, l
     return report, ev
 
 
-def evaluate_lora(cfg: RunConfig, out: Path, out_s: Path, parts: dict, base, unrelated, prompt_name: str, report: dict,
-                  ev) -> None:
+def evaluate_lora(cfg: RunConfig, out: Path, out_s: Path, parts: dict, base, unrelated, prompt_name: str,
+                  report: dict, ev) -> None:
     """Each LoRA adapter's own scores on the test split and the unrelated prompts (``unrelated``: their base
     Scores): the adapted model through the one driver, cached under the adapter's fingerprint, aligned to the
     base's top-k ids (methods.Adapter: KL to base over the base's slots, as for the plug-in methods)."""

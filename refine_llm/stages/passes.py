@@ -48,8 +48,8 @@ def concrete_passes(sp, questions, prompt_name: str, categories=()) -> list[tupl
         return [(sp.name, template, np.arange(n))]
     cats = np.asarray(questions["category"], dtype=object)
     path = sp.bias_prefixes or None
-    every = [p for k in categories for p in V.prefixes_for(k, path)]
-    table = {c: every if c == UNRELATED else V.prefixes_for(c, path) for c in dict.fromkeys(cats.tolist())}
+    table = {c: [p for k in categories for p in V.prefixes_for(k, path)] if c == UNRELATED else V.prefixes_for(c, path)
+             for c in dict.fromkeys(cats.tolist())}  # a question set is the test split or the unrelated prompts
     return [(f"{sp.name}#{i}", V.with_prefix(template, table[c][i]), np.flatnonzero(cats == c))
             for i in range(max((len(p) for p in table.values()), default=0)) for c in table if i < len(table[c])]
 
